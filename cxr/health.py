@@ -1,0 +1,61 @@
+"""A tiny HTTP endpoint: ``/metrics`` (Prometheus text format) and ``/healthz`` (JSON)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+log = logging.getLogger(__name__)
+
+_checks: dict[str, Callable[[], bool]] = {}
+
+
+def register_health_check(name: str, check: Callable[[], bool]) -> None:
+    """Add a named check to /healthz (e.g. 'database', 'broker', 'scp')."""
+    _checks[name] = check
+
+
+def health_report() -> tuple[bool, dict[str, bool]]:
+    results: dict[str, bool] = {}
+    for name, check in list(_checks.items()):
+        try:
+            results[name] = bool(check())
+        except Exception:
+            results[name] = False
+    return all(results.values()), results
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/metrics"):
+            body = generate_latest(REGISTRY)
+            self._send(200, body, CONTENT_TYPE_LATEST)
+        elif self.path.startswith("/healthz"):
+            ok, checks = health_report()
+            body = json.dumps({"status": "ok" if ok else "fail", "checks": checks}).encode()
+            self._send(200 if ok else 503, body, "application/json")
+        else:
+            self._send(404, b"not found\n", "text/plain")
+
+    def _send(self, code: int, body: bytes, ctype: str) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        log.debug("http %s", format % args)
+
+
+def serve_metrics_and_health(host: str, port: int) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    log.info("metrics and health on http://%s:%d/metrics", host, server.server_address[1])
+    return server

@@ -1,0 +1,51 @@
+"""Prometheus metrics shared by the node and the workers (prometheus-client).
+
+Every process serves ``/metrics`` and ``/healthz`` on ``CXR_METRICS_PORT`` (see
+:func:`start_metrics_server`). Label values are fixed vocabularies (reasons, states,
+statuses), never UIDs or patient data.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+INSTANCES_RECEIVED = Counter(
+    "cxr_instances_received_total", "C-STORE requests received by the node", ["calling_ae"]
+)
+INSTANCES_ACCEPTED = Counter(
+    "cxr_instances_accepted_total", "Instances stored durably and queued/recorded for triage"
+)
+INSTANCES_IGNORED = Counter(
+    "cxr_instances_ignored_total", "Instances acknowledged but not classified", ["reason"]
+)
+INSTANCES_REFUSED = Counter(
+    "cxr_instances_refused_total", "C-STORE requests refused with a failure status", ["reason"]
+)
+INSTANCES_DUPLICATE = Counter(
+    "cxr_instances_duplicate_total", "Identical re-sends acknowledged without reprocessing"
+)
+ASSOCIATIONS = Counter(
+    "cxr_associations_total", "Association requests by outcome", ["outcome"]
+)
+ACTIVE_ASSOCIATIONS = Gauge("cxr_associations_active", "Associations currently open")
+QUEUE_DEPTH = Gauge("cxr_queue_depth", "Instances waiting for a worker (received+queued)")
+STAGE_SECONDS = Histogram(
+    "cxr_stage_seconds",
+    "Latency per pipeline stage",
+    ["stage"],  # decode, preprocess, forward, cam, build, send, end_to_end, store
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+INFERENCES = Counter("cxr_inferences_total", "Classified instances", ["verdict"])
+TASK_OUTCOMES = Counter("cxr_tasks_total", "Worker task outcomes", ["outcome"])
+DELIVERIES = Counter(
+    "cxr_deliveries_total", "C-STORE deliveries of results by status", ["status"]
+)  # success, warning, failure, unreachable
+
+
+def start_metrics_server(host: str, port: int) -> object | None:
+    """Serve /metrics and /healthz in a daemon thread; port 0 disables it."""
+    if not port:
+        return None
+    from cxr.health import serve_metrics_and_health
+
+    return serve_metrics_and_health(host, port)

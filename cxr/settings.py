@@ -1,0 +1,284 @@
+"""The one typed settings object for every component (node, worker, CLI).
+
+Every field is read from a ``CXR_``-prefixed environment variable (or an optional ``.env``
+file in the working directory). Lists are comma-separated strings, e.g.
+``CXR_DESTINATIONS="PACS@10.0.0.5:104,ARCHIVE@10.0.0.6:11112"``.
+
+An invalid value stops start-up with a one-line error naming the variable
+(:func:`load_settings`).
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "CXR_"
+_AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash/control chars
+_DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+
+
+def default_model_dir() -> Path:
+    """The shipped default model artifact inside the ``ml`` package."""
+    return Path(__file__).resolve().parent.parent / "ml" / "models" / "cxr-densenet169-v1"
+
+
+class Destination(BaseModel):
+    """A DICOM C-STORE destination, written ``AET@host:port``."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Destination:
+        m = _DEST_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"{text!r} is not AET@host:port")
+        port = int(m["port"])
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range in {text!r}")
+        aet = m["aet"].strip()
+        if not _AET_RE.match(aet):
+            raise ValueError(f"invalid AE title {aet!r}")
+        return cls(ae_title=aet, host=m["host"], port=port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class AllowedPeer(BaseModel):
+    """One allow-list entry: ``AET`` or ``AET@ip`` (the IP check is optional)."""
+
+    ae_title: str
+    host: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> AllowedPeer:
+        text = text.strip()
+        aet, _, host = text.partition("@")
+        aet = aet.strip()
+        if not _AET_RE.match(aet):
+            raise ValueError(f"invalid AE title {aet!r}")
+        return cls(ae_title=aet, host=host.strip() or None)
+
+    def matches(self, ae_title: str, host: str | None) -> bool:
+        if ae_title.strip() != self.ae_title:
+            return False
+        return self.host is None or self.host == host
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All ``CXR_*`` settings. Field names are the variable names without the prefix."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    # --- DICOM node -------------------------------------------------------------------
+    ae_title: str = Field("CXR_WORKER", description="Our AE title (called AE must match).")
+    dicom_host: str = Field("0.0.0.0", description="Address the Storage SCP binds to.")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="Port of the Storage SCP.")
+    allowed_calling_aets: Annotated[list[AllowedPeer], NoDecode] = Field(
+        default_factory=list,
+        description="Calling-AE allow-list, `AET` or `AET@ip`, comma-separated; empty = any.",
+    )
+    max_associations: int = Field(10, ge=1, le=1000, description="Concurrent associations.")
+    max_instance_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Largest accepted encoded instance (bytes)."
+    )
+    max_pixels: int = Field(
+        100_000_000, ge=1, description="Largest Rows x Columns x Frames accepted (bomb guard)."
+    )
+    tls_cert: Path | None = Field(None, description="PEM certificate: enables DICOM TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key for CXR_TLS_CERT.")
+    tls_ca: Path | None = Field(
+        None, description="PEM CA bundle: when set, peers must present a certificate it signs."
+    )
+    acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout (s).")
+    dimse_timeout: float = Field(60.0, gt=0, description="DIMSE timeout (s).")
+    network_timeout: float = Field(60.0, gt=0, description="Idle network timeout (s).")
+
+    # --- filtering rules ---------------------------------------------------------------
+    chest_body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CHEST", "THORAX", "LUNG", ""],
+        description="BodyPartExamined values treated as chest ('' = empty/absent).",
+    )
+    frontal_views: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["PA", "AP", ""],
+        description="ViewPosition values treated as frontal ('' = empty/absent).",
+    )
+    accepted_modalities: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["CR", "DX", "OT", ""],
+        description="Modality values classified; others are ignored.",
+    )
+
+    # --- storage and audit -------------------------------------------------------------
+    spool_dir: Path = Field(Path("var/spool"), description="Durable spool of received files.")
+    database_url: str = Field(
+        "sqlite:///var/cxr.db", description="SQLAlchemy URL of the audit database."
+    )
+    patient_id_storage: Literal["hash", "plain"] = Field(
+        "hash", description="Store PatientID hashed (default) or in clear."
+    )
+    patient_id_salt: str = Field(
+        "cxr-default-salt", description="Salt (pepper) for the PatientID hash."
+    )
+    spool_retention_days: int = Field(
+        30, ge=0, description="Days a finished instance's spool file is kept (0 = forever)."
+    )
+
+    # --- queue / worker ----------------------------------------------------------------
+    broker_url: str = Field(
+        "",
+        description="Celery broker, e.g. redis://redis:6379/0. Empty = embedded SQLite broker.",
+    )
+    embedded_broker_path: Path = Field(
+        Path("var/broker.sqlite"), description="File of the embedded broker (no server)."
+    )
+    worker_concurrency: int = Field(1, ge=1, le=64, description="Processes per worker.")
+    task_soft_time_limit: int = Field(120, ge=1, description="Soft time limit per task (s).")
+    task_time_limit: int = Field(180, ge=1, description="Hard time limit per task (s).")
+    task_max_retries: int = Field(5, ge=0, description="Retries for transient failures.")
+    retry_backoff_max: int = Field(300, ge=1, description="Largest retry backoff (s).")
+    requeue_interval: float = Field(
+        30.0, gt=0, description="Seconds between re-queue sweeps of stranded instances."
+    )
+    requeue_stale_after: float = Field(
+        600.0, gt=0, description="A queued/processing instance older than this is re-queued."
+    )
+
+    # --- model -------------------------------------------------------------------------
+    model_dir: Path = Field(default_factory=default_model_dir, description="Model artifact.")
+    inference_engine: Literal["auto", "onnx", "keras"] = Field(
+        "auto", description="auto = ONNX Runtime when available (faster on CPU), else Keras."
+    )
+    model_cache_dir: Path = Field(
+        Path("var/model-cache"), description="Where the ONNX export of the model is cached."
+    )
+
+    # --- results and delivery ----------------------------------------------------------
+    destinations: Annotated[list[Destination], NoDecode] = Field(
+        default_factory=list, description="Result destinations `AET@host:port`, comma-separated."
+    )
+    send_sr: bool = Field(True, description="Also send the Structured Report.")
+    delivery_max_attempts: int = Field(5, ge=1, description="Delivery attempts per result.")
+    institution_name: str = Field("", description="Optional InstitutionName on outputs.")
+
+    # --- observability -----------------------------------------------------------------
+    metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Prometheus /metrics and /healthz port (0 = off)."
+    )
+    metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")
+    log_json: bool = Field(False, description="JSON log lines.")
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _parse_peers(cls, v: object) -> object:
+        v = _split_csv(v)
+        if isinstance(v, list):
+            return [AllowedPeer.parse(x) if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("destinations", mode="before")
+    @classmethod
+    def _parse_dests(cls, v: object) -> object:
+        v = _split_csv(v)
+        if isinstance(v, list):
+            return [Destination.parse(x) if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("chest_body_parts", "frontal_views", "accepted_modalities", mode="before")
+    @classmethod
+    def _parse_upper_list(cls, v: object) -> object:
+        if isinstance(v, str):
+            # keep empty entries meaningful: "CHEST,,THORAX" or a trailing comma means ''
+            return [x.strip().upper() for x in v.split(",")]
+        if isinstance(v, list):
+            return [str(x).strip().upper() for x in v]
+        return v
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_aet(cls, v: str) -> str:
+        if not _AET_RE.match(v) or not v.strip():
+            raise ValueError("must be 1-16 printable characters without backslash")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> Settings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("CXR_TLS_CERT and CXR_TLS_KEY must be set together")
+        for name in ("tls_cert", "tls_key", "tls_ca"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: file {p} does not exist")
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise ValueError("CXR_TASK_SOFT_TIME_LIMIT must be below CXR_TASK_TIME_LIMIT")
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def effective_broker_url(self) -> str:
+        """The Celery broker: CXR_BROKER_URL, or the embedded SQLite transport."""
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{Path(self.embedded_broker_path).resolve()}"
+
+
+class SettingsError(SystemExit):
+    """Raised by :func:`load_settings`; its message is one line naming the variable."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(x) for x in err.get("loc", ()) if not isinstance(x, int)]
+        var = f"{ENV_PREFIX}{loc[0].upper()}" if loc else "settings"
+        msg = err.get("msg", "invalid")
+        parts.append(f"{var}: {msg}")
+    return "invalid setting: " + "; ".join(parts)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings, turning a validation error into a one-line :class:`SettingsError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings (cached). Tests call ``get_settings.cache_clear()``."""
+    return load_settings()
+
+
+def settings_table() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, for the README/doctor."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default_factory() if field.default_factory else field.default
+        if isinstance(default, list):
+            default = ",".join(str(x) for x in default)
+        rows.append((f"{ENV_PREFIX}{name.upper()}", str(default), field.description or ""))
+    return rows

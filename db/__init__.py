@@ -1,0 +1,1 @@
+"""SQL audit trail: schema (models), sessions and Alembic migrations."""

@@ -1,0 +1,1 @@
+"""The classifier: preprocessing, DenseNet169 model, training, evaluation, Grad-CAM, runtime."""

@@ -1,0 +1,1 @@
+"""Celery workers: classify queued instances, build SC/SR results, deliver them, audit."""

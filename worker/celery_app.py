@@ -1,0 +1,67 @@
+"""The Celery application (broker from CXR_BROKER_URL, embedded SQLite broker otherwise).
+
+Task guide choices: tasks carry audit row IDs (never pixel data), ``acks_late`` with
+``reject_on_worker_lost`` (a killed worker's task is redelivered), prefetch 1, time limits,
+no result backend (the audit DB is the result store).
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+
+from celery import Celery
+
+from cxr.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+TASK_CLASSIFY = "cxr.classify_instance"
+TASK_DELIVER = "cxr.deliver_instance"
+QUEUE = "cxr"
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    broker = s.effective_broker_url
+    if broker.startswith("sqla+sqlite"):
+        s.embedded_broker_path.parent.mkdir(parents=True, exist_ok=True)
+    app = Celery("cxr", broker=broker, include=["worker.tasks"])
+    transport_options: dict[str, object] = {}
+    if broker.startswith(("redis://", "rediss://")):
+        # unacked (killed-worker) messages come back after this long; our own re-queue
+        # sweep covers stuck rows sooner, and tasks are idempotent
+        transport_options["visibility_timeout"] = max(2 * s.task_time_limit, 300)
+    if broker.startswith("sqla+"):
+        transport_options["polling_interval"] = 0.2
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_acks_on_failure_or_timeout=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=s.task_time_limit,
+        task_soft_time_limit=s.task_soft_time_limit,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+@lru_cache(maxsize=4)
+def _cached_app(broker: str) -> Celery:
+    return make_celery()
+
+
+def get_app(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    if settings is not None:
+        return make_celery(settings)
+    return _cached_app(s.effective_broker_url)
