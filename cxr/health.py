@@ -20,6 +20,11 @@ def register_health_check(name: str, check: Callable[[], bool]) -> None:
     _checks[name] = check
 
 
+def unregister_health_check(name: str) -> None:
+    """Remove a named check (e.g. when an embedded component stops)."""
+    _checks.pop(name, None)
+
+
 def health_report() -> tuple[bool, dict[str, bool]]:
     results: dict[str, bool] = {}
     for name, check in list(_checks.items()):

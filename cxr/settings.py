@@ -178,6 +178,11 @@ class Settings(BaseSettings):
     )
     send_sr: bool = Field(True, description="Also send the Structured Report.")
     delivery_max_attempts: int = Field(5, ge=1, description="Delivery attempts per result.")
+    delivery_tls: bool = Field(
+        False,
+        description="Deliver results over DICOM TLS (client cert CXR_TLS_CERT/KEY if set; "
+        "the PACS certificate is verified against CXR_TLS_CA if set).",
+    )
     institution_name: str = Field("", description="Optional InstitutionName on outputs.")
 
     # --- observability -----------------------------------------------------------------

@@ -163,8 +163,29 @@ def load_display(path: str | Path) -> np.ndarray:
         import pydicom
 
         ds = pydicom.dcmread(str(path), force=True)
+        _ensure_transfer_syntax(ds)
         return dicom_to_display(ds)
     return read_image_file(path)
+
+
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """A file without a Part 10 header has no Transfer Syntax UID: take the encoding
+    pydicom detected while reading (only uncompressed syntaxes can lack the header)."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:  # not read from a file: the common default
+        implicit, little = True, True
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
 # --------------------------------------------------------------------------- geometry/contrast

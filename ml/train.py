@@ -42,7 +42,8 @@ class TrainConfig:
     image_size: int = 256
     epochs: int = 60
     batch_size: int = 16
-    weights: str | None = None  # None = from scratch, "imagenet", or a weights file
+    weights: str | None = None  # backbone: None = from scratch, "imagenet", or a weights file
+    init_from: str | None = None  # whole-model weights to start from (e.g. a GPU run)
     head: str = "gap"
     trainable: str = "all"
     loss: str = "focal"  # focal | ce
@@ -93,6 +94,9 @@ def build_training_model(cfg: TrainConfig) -> tuple[keras.Model, keras.Model]:
         dropout=cfg.dropout,
         backbone=cfg.backbone,
     )
+    if cfg.init_from:
+        model.load_weights(cfg.init_from)
+        log.info("initialised from %s", cfg.init_from)
     inp = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     x = build_augmenter(cfg.seed)(inp) if cfg.augment else inp
     trainer = keras.Model(inp, model(x), name="trainer")

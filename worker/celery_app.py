@@ -33,7 +33,11 @@ def make_celery(settings: Settings | None = None) -> Celery:
         # sweep covers stuck rows sooner, and tasks are idempotent
         transport_options["visibility_timeout"] = max(2 * s.task_time_limit, 300)
     if broker.startswith("sqla+"):
-        transport_options["polling_interval"] = 0.2
+        # kombu's SQLAlchemy transport passes its transport options to create_engine(),
+        # which rejects 'polling_interval': set the poll period on the transport class
+        import kombu.transport.sqlalchemy
+
+        kombu.transport.sqlalchemy.Transport.polling_interval = 0.2
     app.conf.update(
         task_default_queue=QUEUE,
         task_acks_late=True,

@@ -1,0 +1,310 @@
+"""Ingest throughput of the DICOM node vs. a bare pynetdicom storescp (baseline).
+
+Generates realistic CR images (12/16-bit, uncompressed and compressed: RLE, JPEG-LS, JPEG 2000
+lossless) of 2-20 MB each, then pushes the SAME files, in one run, to
+
+* ``cxr node`` (fsync'ed spool write + audit commit to SQLite + hand-off to the embedded
+  broker, all on), and
+* ``python -m pynetdicom storescp --ignore`` (accepts and discards: the baseline),
+
+over 1 and over N concurrent associations (one sender process per association). Each target
+runs in its own process, started fresh for each measurement. Prints instances/s, MB/s and the
+node/baseline ratio (target >= 0.8x).
+
+    python benchmarks/ingest.py --count 200 --concurrency 1 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("benchmarks.ingest")
+REPO = Path(__file__).resolve().parent.parent
+AET = "CXR_WORKER"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- images
+def _pixels(rows: int, cols: int, bits: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
+    lungs = np.exp(-(((xx - cols * 0.32) / (cols * 0.16)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2))
+    lungs += np.exp(-(((xx - cols * 0.68) / (cols * 0.16)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2))
+    img = 0.65 - 0.35 * lungs + 0.05 * np.sin(yy / 9.0) + 0.04 * rng.standard_normal((rows, cols))
+    return (img.clip(0, 1) * (2**bits - 1)).astype(np.uint16)
+
+
+def _base_dataset(rows: int, cols: int, bits: int, seed: int):  # type: ignore[no-untyped-def]
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ComputedRadiographyImageStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComputedRadiographyImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Bench^Mark"
+    ds.PatientID = f"BENCH{seed:04d}"
+    ds.StudyDate, ds.StudyTime = "20260101", "120000"
+    ds.AccessionNumber = f"A{seed:06d}"
+    ds.Modality = "CR"
+    ds.BodyPartExamined = "CHEST"
+    ds.ViewPosition = "PA"
+    ds.Manufacturer = "BenchCR"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, bits, bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = _pixels(rows, cols, bits, seed).tobytes()
+    return ds
+
+
+#: (rows, cols, bits, transfer syntax keyword or None = uncompressed)
+BASES = [
+    (1024, 1024, 12, None),  # 2 MB
+    (2048, 2048, 12, None),  # 8 MB
+    (2500, 2048, 16, None),  # 10 MB
+    (3000, 3000, 12, None),  # 18 MB
+    (2048, 2048, 16, "RLELossless"),
+    (2500, 2048, 12, "JPEGLSLossless"),
+    (3000, 3000, 16, "JPEG2000Lossless"),
+    (2048, 2500, 16, "JPEGLSLossless"),
+]
+
+
+def generate(out: Path, count: int, min_mb: float, max_mb: float) -> list[Path]:
+    import pydicom.uid as u
+    from pydicom.uid import generate_uid
+
+    out.mkdir(parents=True, exist_ok=True)
+    bases = []
+    for i, (rows, cols, bits, ts) in enumerate(BASES):
+        ds = _base_dataset(rows, cols, bits, seed=i)
+        if ts is not None:
+            kw = {"encoding_plugin": "pylibjpeg"} if ts == "RLELossless" else {}
+            try:
+                ds.compress(getattr(u, ts), **kw)
+            except Exception as exc:  # encoder missing: keep the uncompressed base
+                log.warning("cannot encode %s (%s); skipping that base", ts, exc)
+                continue
+        size_mb = len(ds.PixelData) / 1e6
+        if not min_mb <= size_mb <= max_mb:
+            log.warning("base %dx%d %s is %.1f MB, outside range: skipped", rows, cols, ts, size_mb)
+            continue
+        bases.append(ds)
+    files = []
+    for k in range(count):
+        ds = bases[k % len(bases)]
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.InstanceNumber = k + 1
+        p = out / f"img{k:04d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        files.append(p)
+    return files
+
+
+# ----------------------------------------------------------------------------- sending
+def _send_chunk(address: tuple[str, int], paths: list[str]) -> tuple[int, int, int]:
+    """One association: C-STORE every path. Returns (ok, failed, bytes)."""
+    import pydicom
+    from pynetdicom import AE
+
+    logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    ae = AE(ae_title="BENCH")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    ae.maximum_pdu_size = 0
+    cx = set()
+    for p in paths:
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        cx.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
+    for sop, ts in sorted(cx):
+        ae.add_requested_context(sop, ts)
+    assoc = ae.associate(*address, ae_title=AET)
+    if not assoc.is_established:
+        return 0, len(paths), 0
+    ok = failed = nbytes = 0
+    for p in paths:
+        st = assoc.send_c_store(p)
+        if getattr(st, "Status", None) == 0x0000:  # Success, PS3.4 B.2.3
+            ok += 1
+            nbytes += os.path.getsize(p)
+        else:
+            failed += 1
+    assoc.release()
+    return ok, failed, nbytes
+
+
+def _echo_ok(address: tuple[str, int]) -> bool:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    ae = AE(ae_title="BENCH")
+    ae.acse_timeout = 2
+    ae.add_requested_context(Verification)
+    a = ae.associate(*address, ae_title=AET)
+    if not a.is_established:
+        return False
+    a.send_c_echo()
+    a.release()
+    return True
+
+
+@dataclass
+class Result:
+    target: str
+    concurrency: int
+    ok: int
+    failed: int
+    nbytes: int
+    seconds: float
+
+    @property
+    def ips(self) -> float:
+        return self.ok / self.seconds
+
+    @property
+    def mbps(self) -> float:
+        return self.nbytes / 1e6 / self.seconds
+
+
+def _start(target: str, port: int, work: Path) -> subprocess.Popen:
+    logf = open(work / f"{target}-{port}.log", "w")  # noqa: SIM115 - closed with the process
+    if target == "node":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+        env.update(
+            CXR_DICOM_HOST="127.0.0.1",
+            CXR_DICOM_PORT=str(port),
+            CXR_AE_TITLE=AET,
+            CXR_SPOOL_DIR=str(work / f"spool-{port}"),
+            CXR_DATABASE_URL=f"sqlite:///{work / f'audit-{port}.db'}",
+            CXR_BROKER_URL="",  # embedded broker in the temp dir: nothing leaks into Redis
+            CXR_EMBEDDED_BROKER_PATH=str(work / f"broker-{port}.sqlite"),
+            CXR_METRICS_PORT="0",
+            CXR_MAX_ASSOCIATIONS="16",
+            PYTHONPATH=str(REPO),
+        )
+        cmd = [sys.executable, "-m", "cxr.cli", "node"]
+    else:
+        env = dict(os.environ)
+        cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "--ignore",
+               "-aet", AET, "--max-pdu", "0"]
+    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=logf, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not _echo_ok(("127.0.0.1", port)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{target} did not start; see {logf.name}")
+        time.sleep(0.2)
+    return proc
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def run_target(target: str, files: list[Path], concurrency: int, work: Path) -> Result:
+    port = free_port()
+    proc = _start(target, port, work)
+    try:
+        chunks = [[str(p) for p in files[i::concurrency]] for i in range(concurrency)]
+        with ProcessPoolExecutor(max_workers=concurrency) as pool:
+            # warm the worker processes (imports) outside the timed region
+            list(pool.map(_noop, range(concurrency)))
+            t0 = time.perf_counter()
+            futures = [pool.submit(_send_chunk, ("127.0.0.1", port), c) for c in chunks]
+            parts = [f.result() for f in futures]
+            dt = time.perf_counter() - t0
+    finally:
+        _stop(proc)
+    ok = sum(p[0] for p in parts)
+    res = Result(target, concurrency, ok, sum(p[1] for p in parts), sum(p[2] for p in parts), dt)
+    if target == "node":
+        _check_node(work, port, ok)
+    return res
+
+
+def _noop(_: int) -> None:
+    import pynetdicom  # noqa: F401
+
+
+def _check_node(work: Path, port: int, ok: int) -> None:
+    """Every Success must be a durable file + committed audit row."""
+    import sqlite3
+
+    db = sqlite3.connect(work / f"audit-{port}.db")
+    n_rows = db.execute("select count(*) from instances").fetchone()[0]
+    states = dict(db.execute("select state, count(*) from instances group by state").fetchall())
+    db.close()
+    n_files = sum(1 for _ in (work / f"spool-{port}" / "incoming").rglob("*.dcm"))
+    print(f"    node check: {ok} acknowledged, {n_rows} audit rows {states}, {n_files} spool files")
+    if not (n_rows == n_files == ok):
+        print("    WARNING: acknowledged / rows / files differ")
+    shutil.rmtree(work / f"spool-{port}", ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--count", type=int, default=200, help="images per run (>= 200 for the record)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--min-mb", type=float, default=2.0)
+    ap.add_argument("--max-mb", type=float, default=20.0)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="cxr-ingest-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t = time.perf_counter()
+        files = generate(work / "images", args.count, args.min_mb, args.max_mb)
+        sizes = np.array([p.stat().st_size for p in files]) / 1e6
+        print(f"generated {len(files)} images in {time.perf_counter() - t:.1f}s: "
+              f"{sizes.sum():.0f} MB, {sizes.min():.1f}-{sizes.max():.1f} MB each "
+              f"(mean {sizes.mean():.1f} MB); CPUs: {os.cpu_count()}")
+        print(f"{'target':<10}{'assocs':>7}{'ok':>6}{'fail':>6}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
+              f"{'ratio':>8}")
+        for conc in args.concurrency:
+            base = run_target("storescp", files, conc, work)
+            node = run_target("node", files, conc, work)
+            for r in (base, node):
+                ratio = f"{r.mbps / base.mbps:.2f}x" if r is node else "1.00x"
+                print(f"{r.target:<10}{r.concurrency:>7}{r.ok:>6}{r.failed:>6}{r.seconds:>9.2f}"
+                      f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}")
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

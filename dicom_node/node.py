@@ -1,0 +1,668 @@
+"""The DICOM Storage SCP: association policy, C-ECHO, C-STORE, audit and hand-off to the queue.
+
+Public API::
+
+    node = StorageNode(settings)        # settings: cxr.settings.Settings
+    node.start(block=False)             # bind, serve in background threads
+    node.address                        # (host, port) actually bound
+    node.flush(timeout)                 # wait until queued hand-offs are done (tests/benchmarks)
+    node.sweep(received_older_than=5)   # one re-queue sweep now
+    node.stop(timeout=None)             # stop accepting, let associations finish, stop threads
+
+A C-STORE answers Success only after the encoded data set is durable in the spool
+(tmp + fsync + atomic rename) and its audit row is committed. The instance is handed to the
+broker afterwards by a dispatcher thread; if the broker is down it stays ``received`` and the
+periodic re-queue sweep sends it later. No inference runs in the node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import queue
+import ssl
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import encode_file_meta
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from cxr import metrics
+from cxr.logconfig import register_phi
+from cxr.settings import Settings
+from cxr.storage import Spool
+from db.models import Association, Event, Instance, State, utcnow
+from db.session import init_db, session_scope
+from dicom_node import filters
+from dicom_node.status import (
+    SUCCESS,
+    DoesNotMatchSOPClass,
+    OutOfResources,
+    StoreRefused,
+    dimse_status,
+    status_hex,
+    status_name,
+)
+from dicom_node.syntaxes import supported_contexts
+
+if TYPE_CHECKING:  # pragma: no cover
+    from celery import Celery
+
+log = logging.getLogger(__name__)
+
+# A-ASSOCIATE-RJ parameters, PS3.8 Section 9.3.4 (result, source, diagnostic)
+RJ_PERMANENT, RJ_TRANSIENT = 0x01, 0x02
+RJ_SOURCE_USER, RJ_SOURCE_PRESENTATION = 0x01, 0x03
+RJ_CALLING_AE_NOT_RECOGNISED = 0x03
+RJ_CALLED_AE_NOT_RECOGNISED = 0x07
+RJ_LOCAL_LIMIT_EXCEEDED = 0x02
+
+JUNK_CONNECTION_HEADROOM = 100
+_STOP = object()
+
+
+def encoded_parts(event: Any) -> tuple[bytes, memoryview]:
+    """``event.encoded_dataset()`` as two chunks, without joining (copying) them: the
+    preamble + 'DICM' + file meta, and a zero-copy view of the data set exactly as received.
+    ``b"".join(encoded_parts(e)) == e.encoded_dataset()``. Release the view when done."""
+    stream = event.request.DataSet
+    if not isinstance(stream, io.BytesIO):  # pragma: no cover - chunked-to-file mode
+        data = event.encoded_dataset()
+        return b"", memoryview(data)
+    head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
+    return head, stream.getbuffer()
+
+
+def hash_patient_id(settings: Settings, patient_id: str) -> str | None:
+    """PatientID as stored in the audit DB: salted SHA-256 (default) or plain."""
+    if not patient_id:
+        return None
+    if settings.patient_id_storage == "plain":
+        return patient_id
+    return hashlib.sha256((settings.patient_id_salt + "\x00" + patient_id).encode()).hexdigest()
+
+
+@dataclass
+class _AssocState:
+    """Per-association bookkeeping (an association serves one DIMSE message at a time)."""
+
+    db_id: int | None
+    calling_ae: str
+    called_ae: str
+    host: str | None
+    port: int | None
+    counts: Counter[str] = field(default_factory=Counter)
+    current: dict[str, Any] = field(default_factory=dict)  # the C-STORE being handled
+    rejected: bool = False
+
+
+class StorageNode:
+    """A pynetdicom Storage SCP wired to the spool, the audit DB and the queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        celery_app: Celery | None = None,
+        *,
+        init_database: bool = True,
+        sweep: bool = True,
+        metrics_server: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.rules = filters.FilterRules.from_settings(settings)
+        self.spool = Spool(settings.spool_dir)
+        self._celery_app = celery_app
+        self._init_database = init_database
+        self._sweep_enabled = sweep
+        self._metrics_enabled = metrics_server
+        self.ae = AE(ae_title=settings.ae_title)
+        self.ae.supported_contexts = supported_contexts()
+        # pynetdicom's own limit also counts connections that have not (yet) sent an
+        # A-ASSOCIATE-RQ (garbage, port scans: they hold a thread until the ACSE timeout), so
+        # it is only a backstop with headroom; CXR_MAX_ASSOCIATIONS is enforced on requested
+        # associations in handle_requested, where the rejection is also recorded.
+        self.ae.maximum_associations = settings.max_associations + JUNK_CONNECTION_HEADROOM
+        self.ae.acse_timeout = settings.acse_timeout
+        self.ae.dimse_timeout = settings.dimse_timeout
+        self.ae.network_timeout = settings.network_timeout
+        self.ae.maximum_pdu_size = 0  # no limit on what we receive per P-DATA PDU
+        self.server: Any = None
+        self._dispatch_q: queue.Queue[object] = queue.Queue()
+        self._dispatch_thread: threading.Thread | None = None
+        self._sweep_thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._metrics_http: Any = None
+        self._pending = 0
+        self._pending_cv = threading.Condition()
+        self._assoc_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def celery_app(self) -> Celery:
+        if self._celery_app is None:
+            from worker.celery_app import make_celery
+
+            self._celery_app = make_celery(self.settings)
+        return self._celery_app
+
+    @celery_app.setter
+    def celery_app(self, app: Celery) -> None:
+        self._celery_app = app
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self.server is None:
+            raise RuntimeError("node not started")
+        host, port = self.server.server_address[:2]
+        return str(host), int(port)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        s = self.settings
+        if not s.tls_enabled:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(s.tls_cert), str(s.tls_key))
+        if s.tls_ca is not None:
+            ctx.load_verify_locations(cafile=str(s.tls_ca))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        else:
+            ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+
+    def start(self, block: bool = False) -> None:
+        """Bind and serve. ``block=True`` serves until :meth:`stop` (from another thread or a
+        signal handler) and then returns after the shutdown completed."""
+        import pydicom.config
+
+        # value-validation warnings would quote raw element values (possibly PHI) in logs
+        pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+        s = self.settings
+        if self._init_database:
+            init_db(s.database_url)
+        self.spool.clean_tmp()
+        if not s.allowed_calling_aets:
+            log.warning(
+                "CXR_ALLOWED_CALLING_AETS is empty: associations from ANY calling AE are accepted"
+            )
+        handlers = [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_ESTABLISHED, self.handle_established),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_CONN_CLOSE, self.handle_closed),
+        ]
+        self._stopping.clear()
+        self._dispatch_thread = threading.Thread(
+            target=self._dispatch_loop, name="cxr-dispatch", daemon=True
+        )
+        self._dispatch_thread.start()
+        self.server = self.ae.start_server(
+            (s.dicom_host, s.dicom_port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context(),
+        )
+        if self._sweep_enabled:
+            self._sweep_thread = threading.Thread(
+                target=self._sweep_loop, name="cxr-requeue-sweep", daemon=True
+            )
+            self._sweep_thread.start()
+        if self._metrics_enabled and s.metrics_port:
+            self._metrics_http = metrics.start_metrics_server(s.metrics_host, s.metrics_port)
+            from cxr.health import register_health_check
+
+            register_health_check("scp", lambda: self.server is not None)
+        host, port = self.address
+        log.info(
+            "listening on %s@%s:%d%s", s.ae_title, host, port, " (TLS)" if s.tls_enabled else ""
+        )
+        if block:
+            self._stopping.wait()
+            self._shutdown_rest()
+
+    def request_stop(self) -> None:
+        """Ask a blocking :meth:`start` to shut down (safe from a signal handler)."""
+        self._stopping.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop accepting, wait (up to ``timeout``, default DIMSE timeout) for associations in
+        flight to finish, drain the hand-off queue, stop the sweep."""
+        self._stopping.set()
+        self._shutdown_rest(timeout)
+
+    def _shutdown_rest(self, timeout: float | None = None) -> None:
+        if self.server is None:
+            return
+        server, self.server = self.server, None
+        server.shutdown()  # stops accepting; running associations keep their sockets
+        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.dimse_timeout)
+        def in_flight() -> list[Any]:  # requested, not rejected (junk connections hold nothing)
+            return [
+                a
+                for a in server.active_associations
+                if a.is_alive()
+                and getattr(a, "_cxr_state", None) is not None
+                and not a._cxr_state.rejected
+            ]
+
+        while in_flight():
+            if time.monotonic() > deadline:
+                log.warning("aborting associations still open at shutdown")
+                for a in in_flight():
+                    a.abort()
+                break
+            time.sleep(0.05)
+        self._dispatch_q.put(_STOP)
+        if self._dispatch_thread is not None:
+            self._dispatch_thread.join(timeout=30)
+        if self._sweep_thread is not None:
+            self._sweep_thread.join(timeout=30)
+        if self._metrics_enabled and self.settings.metrics_port:
+            from cxr.health import unregister_health_check
+
+            unregister_health_check("scp")
+        if self._metrics_http is not None:
+            try:
+                self._metrics_http.shutdown()
+                self._metrics_http.server_close()
+            except Exception:  # pragma: no cover
+                pass
+            self._metrics_http = None
+        log.info("node stopped")
+
+    # ------------------------------------------------------------------ queue hand-off
+    def _dispatch(self, instance_id: int) -> None:
+        with self._pending_cv:
+            self._pending += 1
+        self._dispatch_q.put(instance_id)
+
+    def _dispatch_loop(self) -> None:
+        from worker.dispatch import enqueue_instance
+
+        while True:
+            item = self._dispatch_q.get()
+            if item is _STOP:
+                return
+            try:
+                assert isinstance(item, int)
+                enqueue_instance(self.settings, self.celery_app, item)
+            except Exception as exc:  # the sweep will retry
+                log.warning("hand-off of instance %s failed: %s", item, type(exc).__name__)
+            finally:
+                with self._pending_cv:
+                    self._pending -= 1
+                    self._pending_cv.notify_all()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every hand-off so far was attempted. True when done in time."""
+        with self._pending_cv:
+            return self._pending_cv.wait_for(lambda: self._pending == 0, timeout)
+
+    def sweep(self, received_older_than: float = 5.0) -> int:
+        from worker.dispatch import requeue_stranded
+
+        return requeue_stranded(self.settings, self.celery_app, received_older_than)
+
+    def _sweep_loop(self) -> None:
+        first = True
+        while first or not self._stopping.wait(self.settings.requeue_interval):
+            first = False
+            try:
+                self.sweep()
+            except Exception as exc:
+                log.warning("re-queue sweep failed: %s", type(exc).__name__)
+
+    # ------------------------------------------------------------------ association policy
+    def _state(self, assoc: Any) -> _AssocState:
+        st = getattr(assoc, "_cxr_state", None)
+        if st is None:  # an event before EVT_REQUESTED: should not happen
+            st = _AssocState(None, "", "", None, None)
+            assoc._cxr_state = st
+        return st
+
+    def _rejection(self, assoc: Any, st: _AssocState) -> tuple[str, tuple[int, int, int]] | None:
+        s = self.settings
+        if st.called_ae != s.ae_title:
+            return (
+                f"called AE {st.called_ae!r} is not {s.ae_title!r}",
+                (RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLED_AE_NOT_RECOGNISED),
+            )
+        if s.allowed_calling_aets and not any(
+            p.matches(st.calling_ae, st.host) for p in s.allowed_calling_aets
+        ):
+            return (
+                f"calling AE {st.calling_ae!r} from {st.host} is not allowed",
+                (RJ_PERMANENT, RJ_SOURCE_USER, RJ_CALLING_AE_NOT_RECOGNISED),
+            )
+        active = [
+            a
+            for a in assoc.ae.active_associations
+            if a is not assoc
+            and a.is_acceptor
+            and getattr(a, "_cxr_state", None) is not None
+            and not a._cxr_state.rejected
+            and not a.is_released
+            and not a.is_aborted
+        ]
+        if len(active) >= s.max_associations:
+            return (
+                f"too many associations ({len(active)} open, limit {s.max_associations})",
+                (RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, RJ_LOCAL_LIMIT_EXCEEDED),
+            )
+        return None
+
+    def handle_requested(self, event: Any) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor
+        called = str(rq.primitive.called_ae_title or "").strip()
+        st = _AssocState(
+            None,
+            str(rq.primitive.calling_ae_title or "").strip(),
+            called,
+            rq.address,
+            rq.port,
+        )
+        with self._assoc_lock:
+            rejection = self._rejection(assoc, st)
+            st.rejected = rejection is not None
+            assoc._cxr_state = st
+        outcome = "rejected" if rejection else "open"
+        try:
+            with session_scope(self.settings.database_url) as sess:
+                row = Association(
+                    calling_ae=st.calling_ae[:16],
+                    called_ae=st.called_ae[:16],
+                    peer_host=st.host,
+                    peer_port=st.port,
+                    tls=self.settings.tls_enabled,
+                    outcome=outcome,
+                    reason=rejection[0] if rejection else None,
+                    ended_at=utcnow() if rejection else None,
+                )
+                sess.add(row)
+                sess.flush()
+                st.db_id = row.id
+        except Exception as exc:
+            log.warning("could not record association (%s)", type(exc).__name__)
+        if rejection:
+            metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
+            log.warning("association rejected: %s", rejection[0])
+            assoc.acse.send_reject(*rejection[1])
+
+    def handle_established(self, event: Any) -> None:
+        metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
+        metrics.ACTIVE_ASSOCIATIONS.inc()
+        st = self._state(event.assoc)
+        st.counts["_established"] = 1
+        log.info(
+            "association %s accepted from %s (%s)", st.db_id, st.calling_ae, st.host
+        )
+
+    def handle_closed(self, event: Any) -> None:
+        assoc = event.assoc
+        st = getattr(assoc, "_cxr_state", None)
+        if st is None or st.rejected:
+            return
+        if st.counts.get("_established"):
+            metrics.ACTIVE_ASSOCIATIONS.dec()
+        if assoc.is_released:
+            outcome = "released"
+        elif assoc.is_aborted:
+            outcome = "aborted"
+        elif st.counts.get("_established"):
+            outcome = "closed"
+        else:
+            outcome = "failed"
+        reason = None
+        try:
+            rejected_cx = sorted(
+                {str(cx.abstract_syntax) for cx in assoc.rejected_contexts if cx.abstract_syntax}
+            )
+        except Exception:  # pragma: no cover - negotiation never happened
+            rejected_cx = []
+        if rejected_cx:
+            reason = "rejected presentation contexts (SOP class or transfer syntax not supported): "
+            reason += ", ".join(rejected_cx)
+            log.info("association %s: %s", st.db_id, reason)
+        if st.db_id is None:
+            return
+        try:
+            with session_scope(self.settings.database_url) as sess:
+                row = sess.get(Association, st.db_id)
+                if row is not None:
+                    row.outcome = outcome
+                    row.ended_at = utcnow()
+                    row.reason = reason
+                    row.n_stored = st.counts["stored"]
+                    row.n_ignored = st.counts["ignored"]
+                    row.n_duplicate = st.counts["duplicate"]
+                    row.n_refused = st.counts["refused"]
+                    row.n_echo = st.counts["echo"]
+        except Exception as exc:
+            log.warning("could not close association %s record (%s)", st.db_id, type(exc).__name__)
+        log.info(
+            "association %s %s: stored=%d ignored=%d duplicate=%d refused=%d",
+            st.db_id, outcome, st.counts["stored"], st.counts["ignored"],
+            st.counts["duplicate"], st.counts["refused"],
+        )
+
+    # ------------------------------------------------------------------ DIMSE services
+    def handle_echo(self, event: Any) -> int:
+        self._state(event.assoc).counts["echo"] += 1
+        return SUCCESS
+
+    @dimse_status
+    def handle_store(self, event: Any) -> int:
+        """C-STORE: refuse, ignore, detect duplicates, or store durably + record + hand off.
+        Failures are raised; :func:`dimse_status` turns them into the status."""
+        t0 = time.monotonic()
+        st = self._state(event.assoc)
+        req = event.request
+        cur: dict[str, Any] = {
+            "sop_instance_uid": str(req.AffectedSOPInstanceUID or ""),
+            "sop_class_uid": str(req.AffectedSOPClassUID or ""),
+            "transfer_syntax_uid": str(event.context.transfer_syntax),
+        }
+        st.current = cur
+        metrics.INSTANCES_RECEIVED.labels(calling_ae=st.calling_ae or "?").inc()
+
+        head, body = encoded_parts(event)
+        try:
+            return self._store(event, st, cur, head, body, t0)
+        finally:
+            body.release()
+
+    def _store(self, event: Any, st: _AssocState, cur: dict[str, Any], head: bytes,
+               body: memoryview, t0: float) -> int:
+        size = len(head) + len(body)
+        cur["size_bytes"] = size
+        if size > self.settings.max_instance_bytes:
+            raise OutOfResources(
+                f"{size} bytes exceeds CXR_MAX_INSTANCE_BYTES={self.settings.max_instance_bytes}",
+                "size_limit",
+            )
+        digest = hashlib.sha256(head)
+        digest.update(body)
+        cur["sha256"] = digest.hexdigest()
+        header = filters.parse_header(head, body)
+        ds = header.ds
+        register_phi(ds.get("PatientName"), ds.get("PatientID"))
+        sop_uid = header.text("SOPInstanceUID")
+        if not sop_uid:
+            raise DoesNotMatchSOPClass("no SOP Instance UID in the data set", "missing_uid")
+        if cur["sop_instance_uid"] and sop_uid != cur["sop_instance_uid"]:
+            raise DoesNotMatchSOPClass(
+                "SOP Instance UID differs from the C-STORE request", "uid_mismatch"
+            )
+        if cur["sop_class_uid"] and header.text("SOPClassUID") != cur["sop_class_uid"]:
+            raise DoesNotMatchSOPClass("SOP Class UID differs from the C-STORE request", "class_mismatch")
+        cur.update(self._header_fields(header))
+
+        reason = filters.ignore_reason(header, self.rules)
+        if reason is not None:
+            kind = self._record_final(st, cur, State.IGNORED, reason)
+            st.counts[kind] += 1
+            if kind == "duplicate":
+                metrics.INSTANCES_DUPLICATE.inc()
+            else:
+                metrics.INSTANCES_IGNORED.labels(reason=reason.split(":")[0]).inc()
+                log.info("ignored %s: %s", sop_uid, reason)
+            return SUCCESS
+        filters.check_integrity(header, self.rules)
+
+        # durable first: the encoded bytes as received (event.encoded_dataset()), no
+        # decode/re-encode, written as chunks without joining them
+        target = self.spool.incoming_path(cur["sha256"])
+        existed = target.exists()
+        path, _ = self.spool.store_incoming([head, body], cur["sha256"])
+        cur["spool_path"] = self.spool.relative(path)
+        try:
+            kind, instance_id = self._record_received(st, cur)
+        except Exception:
+            if not existed:
+                self.spool.delete(path)
+            raise
+        st.counts[kind] += 1
+        metrics.STAGE_SECONDS.labels(stage="store").observe(time.monotonic() - t0)
+        if kind == "duplicate":
+            metrics.INSTANCES_DUPLICATE.inc()
+            log.info("duplicate %s (instance %d) acknowledged", sop_uid, instance_id)
+            return SUCCESS
+        metrics.INSTANCES_ACCEPTED.inc()
+        log.info("stored %s as instance %d (version %d)", sop_uid, instance_id, cur["version"])
+        self._dispatch(instance_id)  # after the commit; the answer does not wait for the broker
+        return SUCCESS
+
+    def on_refused(self, event: Any, refusal: StoreRefused) -> None:
+        """Count and record a refused C-STORE (called by :func:`dimse_status`)."""
+        st = self._state(event.assoc)
+        st.counts["refused"] += 1
+        metrics.INSTANCES_REFUSED.labels(reason=refusal.reason).inc()
+        if refusal.reason in ("database",):
+            return  # cannot record in an unreachable database; the log line says why
+        cur = st.current
+        if not cur.get("sop_instance_uid"):
+            return
+        cur.setdefault("sha256", "")
+        detail = f"refused {status_hex(refusal.status)} ({status_name(refusal.status)}): {refusal.detail}"
+        try:
+            self._record_final(st, cur, State.FAILED, detail, event_kind="refused")
+        except Exception as exc:
+            log.warning("could not record refusal (%s)", type(exc).__name__)
+
+    # ------------------------------------------------------------------ audit rows
+    def _header_fields(self, h: filters.Header) -> dict[str, Any]:
+        def cut(v: str, n: int) -> str | None:
+            return v[:n] if v else None
+
+        return {
+            "sop_class_uid": h.text("SOPClassUID") or None,
+            "study_instance_uid": cut(h.text("StudyInstanceUID"), 64),
+            "series_instance_uid": cut(h.text("SeriesInstanceUID"), 64),
+            "accession_number": cut(h.text("AccessionNumber"), 64),
+            "patient_id_hash": hash_patient_id(self.settings, h.text("PatientID")),
+            "modality": cut(h.text("Modality"), 16),
+            "body_part": cut(h.text("BodyPartExamined"), 64),
+            "view_position": cut(h.text("ViewPosition"), 16),
+            "rows": h.integer("Rows") or None,
+            "columns": h.integer("Columns") or None,
+        }
+
+    _INSTANCE_KEYS = (
+        "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
+        "transfer_syntax_uid", "accession_number", "patient_id_hash", "modality", "body_part",
+        "view_position", "rows", "columns", "size_bytes", "spool_path",
+    )
+
+    def _instance(self, st: _AssocState, cur: dict[str, Any], state: State, reason: str | None,
+                  version: int) -> Instance:
+        fields = {k: cur.get(k) for k in self._INSTANCE_KEYS}
+        fields["sop_instance_uid"] = (fields["sop_instance_uid"] or "")[:64]
+        return Instance(
+            **fields,
+            content_sha256=cur.get("sha256", ""),
+            version=version,
+            calling_ae=st.calling_ae[:16] or None,
+            association_id=st.db_id,
+            state=state.value,
+            reason=reason,
+            finished_at=utcnow() if state in (State.IGNORED, State.FAILED) else None,
+        )
+
+    def _find(self, sess: Any, cur: dict[str, Any]) -> Instance | None:
+        return sess.execute(
+            select(Instance).where(
+                Instance.sop_instance_uid == cur["sop_instance_uid"][:64],
+                Instance.content_sha256 == cur.get("sha256", ""),
+            )
+        ).scalar_one_or_none()
+
+    def _next_version(self, sess: Any, uid: str) -> int:
+        v = sess.execute(
+            select(func.max(Instance.version)).where(Instance.sop_instance_uid == uid[:64])
+        ).scalar()
+        return int(v or 0) + 1
+
+    def _duplicate_event(self, st: _AssocState, cur: dict[str, Any], kind: str, detail: str) -> int:
+        with session_scope(self.settings.database_url) as sess:
+            existing = self._find(sess, cur)
+            if existing is None:  # pragma: no cover - deleted between the two transactions
+                raise OutOfResources("audit row vanished", "database")
+            sess.add(Event(instance_id=existing.id, kind=kind, detail=detail,
+                           association_id=st.db_id))
+            return existing.id
+
+    def _record_received(self, st: _AssocState, cur: dict[str, Any]) -> tuple[str, int]:
+        """Commit a new ``received`` row (or a duplicate event). Returns (kind, instance id)."""
+        dup_detail = f"identical re-send from {st.calling_ae}"
+        try:
+            with session_scope(self.settings.database_url) as sess:
+                existing = self._find(sess, cur)
+                if existing is not None:
+                    sess.add(Event(instance_id=existing.id, kind="duplicate", detail=dup_detail,
+                                   association_id=st.db_id))
+                    return "duplicate", existing.id
+                version = self._next_version(sess, cur["sop_instance_uid"])
+                cur["version"] = version
+                inst = self._instance(st, cur, State.RECEIVED, None, version)
+                sess.add(inst)
+                sess.flush()
+                sess.add(Event(
+                    instance_id=inst.id, kind=State.RECEIVED.value, association_id=st.db_id,
+                    detail=f"stored, version {version}" + (" (new content under a known UID)"
+                                                           if version > 1 else ""),
+                ))
+                return "stored", inst.id
+        except IntegrityError:  # the same content committed concurrently
+            return "duplicate", self._duplicate_event(st, cur, "duplicate", dup_detail)
+
+    def _record_final(self, st: _AssocState, cur: dict[str, Any], state: State, reason: str,
+                      event_kind: str | None = None) -> str:
+        """Record an ignored/refused instance; a repeat of the same content adds an event.
+        Returns 'ignored', 'refused' or 'duplicate'."""
+        kind = "ignored" if state == State.IGNORED else "refused"
+        try:
+            with session_scope(self.settings.database_url) as sess:
+                existing = self._find(sess, cur)
+                if existing is not None:
+                    ev = "duplicate" if state == State.IGNORED else (event_kind or kind)
+                    sess.add(Event(instance_id=existing.id, kind=ev, detail=reason,
+                                   association_id=st.db_id))
+                    return "duplicate" if state == State.IGNORED else kind
+                version = self._next_version(sess, cur["sop_instance_uid"])
+                inst = self._instance(st, cur, state, reason, version)
+                sess.add(inst)
+                sess.flush()
+                sess.add(Event(instance_id=inst.id, kind=event_kind or state.value,
+                               detail=reason, association_id=st.db_id))
+                return kind
+        except IntegrityError:
+            self._duplicate_event(st, cur, "duplicate" if state == State.IGNORED else kind, reason)
+            return "duplicate" if state == State.IGNORED else kind

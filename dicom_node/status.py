@@ -1,0 +1,153 @@
+"""DIMSE status codes used by the node, and the ONE place where exceptions become statuses.
+
+Status values (never bare hex in logic):
+
+* PS3.7 Annex C (general status codes) and PS3.4 Annex B.2.3 (Storage SOP Class statuses),
+  PS3.4 C.4.2.1.5 lists the same Storage statuses for C-STORE.
+* Verification (C-ECHO) uses the general codes, PS3.4 Annex A.
+
+The C-STORE handler never returns a failure code itself: it raises a :class:`StoreRefused`
+subclass (or lets an unexpected exception escape) and :func:`status_for_exception`, applied
+by the :func:`dimse_status` decorator, answers. This mirrors pynetdicom's
+``ServiceClass.attempt`` pattern.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+log = logging.getLogger(__name__)
+
+# --- PS3.7 Annex C.1 / PS3.4 B.2.3: Success ---------------------------------------------
+SUCCESS = 0x0000
+# --- PS3.4 Annex B.2.3, Table B.2-1: Storage failures --------------------------------------
+OUT_OF_RESOURCES = 0xA700  # "Refused: Out of Resources" (A7xx)
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # "Error: Data Set Does Not Match SOP Class" (A9xx)
+CANNOT_UNDERSTAND = 0xC000  # "Error: Cannot Understand" (Cxxx)
+# --- PS3.4 Annex B.2.3, Table B.2-1: Storage warnings (not emitted by this node) ------
+COERCION_OF_DATA_ELEMENTS = 0xB000
+ELEMENTS_DISCARDED = 0xB006
+DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
+# --- PS3.7 Annex C.4: general failures --------------------------------------------------
+PROCESSING_FAILURE = 0x0110  # C.4.2 "Processing failure": an unexpected internal error
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # C.4.6 "Refused: SOP Class not supported"
+
+STATUS_NAMES: dict[int, str] = {
+    SUCCESS: "Success",
+    OUT_OF_RESOURCES: "Refused: Out of Resources",
+    DATASET_DOES_NOT_MATCH_SOP_CLASS: "Error: Data Set Does Not Match SOP Class",
+    CANNOT_UNDERSTAND: "Error: Cannot Understand",
+    COERCION_OF_DATA_ELEMENTS: "Warning: Coercion of Data Elements",
+    ELEMENTS_DISCARDED: "Warning: Elements Discarded",
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING: "Warning: Data Set Does Not Match SOP Class",
+    PROCESSING_FAILURE: "Failure: Processing Failure",
+    SOP_CLASS_NOT_SUPPORTED: "Refused: SOP Class Not Supported",
+}
+
+
+def status_name(code: int) -> str:
+    return STATUS_NAMES.get(code, f"0x{code:04X}")
+
+
+def status_hex(code: int) -> str:
+    return f"0x{code:04X}"
+
+
+# --- typed refusals -------------------------------------------------------------------------
+class StoreRefused(Exception):  # noqa: N818 - it is a refusal, not an error of ours
+    """Base of every deliberate C-STORE refusal. ``reason`` is a short fixed vocabulary
+    label (used as a metrics label); ``detail`` is free text for the audit trail (no PHI)."""
+
+    status: int = PROCESSING_FAILURE
+    reason: str = "processing_failure"
+
+    def __init__(self, detail: str, reason: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if reason is not None:
+            self.reason = reason
+
+
+class OutOfResources(StoreRefused):
+    """PS3.4 B.2.3 A700: disk full, database unreachable, instance or pixel count over limit."""
+
+    status = OUT_OF_RESOURCES
+    reason = "out_of_resources"
+
+
+class DoesNotMatchSOPClass(StoreRefused):
+    """PS3.4 B.2.3 A900: e.g. an image SOP class without (or with empty/short) pixel data."""
+
+    status = DATASET_DOES_NOT_MATCH_SOP_CLASS
+    reason = "does_not_match_sop_class"
+
+
+class CannotUnderstand(StoreRefused):
+    """PS3.4 B.2.3 C000: the data set cannot be parsed."""
+
+    status = CANNOT_UNDERSTAND
+    reason = "cannot_understand"
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    try:
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, SQLAlchemyError)
+
+
+def classify_exception(exc: BaseException) -> StoreRefused:
+    """Turn any exception into the refusal it means for the sender (the single mapping)."""
+    if isinstance(exc, StoreRefused):
+        return exc
+    if _is_database_error(exc):
+        return OutOfResources(f"audit database unavailable ({type(exc).__name__})", "database")
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return OutOfResources("spool disk full", "disk_full")
+        return OutOfResources(f"spool I/O error ({exc.errno})", "io_error")
+    if isinstance(exc, MemoryError):
+        return OutOfResources("out of memory", "memory")
+    return StoreRefused(f"internal error ({type(exc).__name__})", "processing_failure")
+
+
+def status_for_exception(exc: BaseException) -> int:
+    return classify_exception(exc).status
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def dimse_status(fn: F) -> F:
+    """Decorate a DIMSE handler method ``(self, event) -> int``: exceptions become a status
+    here and nowhere else. If ``self`` has ``on_refused(event, refusal)`` it is called to
+    record/count the refusal; a failure there never changes the status returned."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            refusal = classify_exception(exc)
+            unexpected = refusal is not exc
+            log.log(
+                logging.WARNING if unexpected else logging.INFO,
+                "C-STORE refused: %s (%s)",
+                refusal.detail,
+                status_hex(refusal.status),
+                exc_info=unexpected and refusal.reason == "processing_failure",
+            )
+            recorder = getattr(args[0], "on_refused", None) if args else None
+            if recorder is not None:
+                try:
+                    recorder(args[-1], refusal)
+                except Exception as rec_exc:
+                    log.warning("could not record the refusal (%s)", type(rec_exc).__name__)
+            return refusal.status
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,144 @@
+"""Grad-CAM on the logits at the last convolutional block (:data:`ml.model.FEATURE_LAYER`).
+
+With the default GAP -> Dropout -> Dense head the logit of class c is
+``y_c = b_c + sum_k w_kc * mean_ij A_ijk``, so Grad-CAM's channel weights
+``alpha_kc = mean_ij dy_c/dA_ijk = w_kc / (h*w)`` and Grad-CAM equals CAM up to a
+positive factor (Selvaraju et al. 2017, section 3.1). :func:`cam_from_features` uses that:
+no backward pass, only the features the forward pass already produced.
+:func:`gradcam_gradient` is the general version (any head), with ``tf.GradientTape``.
+
+All maps are ReLU'd and scaled to [0, 1] (a map with no positive evidence is all zero).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ALPHA = 0.4
+
+
+def normalise_cam(cam: np.ndarray) -> np.ndarray:
+    """ReLU, then divide by the maximum: float32 in [0, 1]."""
+    cam = np.maximum(np.asarray(cam, dtype=np.float32), 0.0)
+    peak = float(cam.max()) if cam.size else 0.0
+    if not np.isfinite(peak) or peak <= 0.0:
+        return np.zeros(cam.shape, np.float32)
+    return (cam / peak).astype(np.float32)
+
+
+def cam_from_features(
+    features: np.ndarray, weights_of_logits_layer: np.ndarray, class_idx: int
+) -> np.ndarray:
+    """CAM (== Grad-CAM for GAP->linear heads) at the feature resolution, in [0, 1].
+
+    ``features``: (h, w, C) last-conv activations of one image; ``weights_of_logits_layer``:
+    the logits Dense kernel (C, K) (a (kernel, bias) pair is accepted).
+    """
+    kernel = weights_of_logits_layer
+    if isinstance(kernel, list | tuple):
+        kernel = kernel[0]
+    kernel = np.asarray(kernel, dtype=np.float32)
+    f = np.asarray(features, dtype=np.float32)
+    if f.ndim == 4:
+        if f.shape[0] != 1:
+            raise ValueError("cam_from_features takes one image's features")
+        f = f[0]
+    if f.shape[-1] != kernel.shape[0]:
+        raise ValueError(f"features have {f.shape[-1]} channels, kernel {kernel.shape}")
+    return normalise_cam(f @ kernel[:, class_idx])
+
+
+def gradcam_gradient(model: Any, x: np.ndarray, class_idx: int) -> np.ndarray:
+    """Grad-CAM with a real backward pass (TensorFlow backend), in [0, 1].
+
+    ``model``: the Keras classifier (logits output) or its
+    :func:`ml.model.feature_logit_model`; ``x``: one input (S, S, 3) or (1, S, S, 3).
+    """
+    import tensorflow as tf
+
+    from ml.model import feature_logit_model
+
+    fl = model if len(model.outputs) == 2 else feature_logit_model(model)
+    xb = np.asarray(x, dtype=np.float32)
+    if xb.ndim == 3:
+        xb = xb[None]
+    xt = tf.convert_to_tensor(xb)
+    with tf.GradientTape() as tape:
+        features, logits = fl([xt], training=False)
+        score = logits[:, class_idx]
+    grads = tape.gradient(score, features)[0].numpy()  # (h, w, C)
+    alpha = grads.mean(axis=(0, 1))  # global-average-pooled gradients
+    return normalise_cam(features[0].numpy() @ alpha)
+
+
+def upsample(cam: np.ndarray, size: int) -> np.ndarray:
+    """Feature-resolution map -> (size, size) model-input frame (bilinear), in [0, 1]."""
+    if cam.shape == (size, size):
+        return cam.astype(np.float32)
+    out = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def cam_to_display(cam: np.ndarray, display_shape: tuple[int, ...]) -> np.ndarray:
+    """Map a square model-frame CAM onto the original (H, W) display image.
+
+    Preprocessing pads the display symmetrically to a square (``ml.preprocess.pad_to_square``)
+    and resizes it; this resizes the map to the padded square and crops the padding away.
+    """
+    h, w = int(display_shape[0]), int(display_shape[1])
+    s = max(h, w)
+    full = cv2.resize(cam.astype(np.float32), (s, s), interpolation=cv2.INTER_LINEAR)
+    top, left = (s - h) // 2, (s - w) // 2
+    return np.clip(full[top : top + h, left : left + w], 0.0, 1.0)
+
+
+def overlay(
+    display_uint8: np.ndarray,
+    cam: np.ndarray,
+    alpha: float = DEFAULT_ALPHA,
+    text: str | None = None,
+) -> np.ndarray:
+    """Colour-mapped CAM alpha-blended on a grey display image -> RGB uint8 (H, W, 3).
+
+    ``cam`` is either already in the display frame (same H, W) or a square model-frame
+    map (it is then mapped with :func:`cam_to_display`). ``text`` is burnt in at the top.
+    """
+    grey = np.asarray(display_uint8)
+    if grey.ndim == 3:
+        grey = cv2.cvtColor(grey, cv2.COLOR_RGB2GRAY)
+    if grey.dtype != np.uint8:
+        from ml.preprocess import to_uint8
+
+        grey = to_uint8(grey)
+    h, w = grey.shape
+    m = cam if cam.shape == (h, w) else cam_to_display(cam, (h, w))
+    heat = cv2.applyColorMap(np.clip(m * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)
+    base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
+    # weight the heat by the map itself so cold regions keep the radiograph visible
+    a = (alpha * np.clip(m, 0, 1))[..., None]
+    out = np.clip(base * (1 - a) + heat * a + 0.5, 0, 255).astype(np.uint8)
+    if text:
+        out = burn_text(out, text)
+    return out
+
+
+def burn_text(rgb: np.ndarray, text: str) -> np.ndarray:
+    """Write ``text`` in a black band at the top of an RGB image (scaled to its width)."""
+    out = np.ascontiguousarray(rgb.copy())
+    h, w = out.shape[:2]
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    (tw, th), _ = cv2.getTextSize(text, font, 1.0, 2)
+    scale = max(0.25, min(1.5, 0.95 * w / max(tw, 1)))
+    thick = max(1, int(round(scale * 1.5)))
+    (tw, th), base = cv2.getTextSize(text, font, scale, thick)
+    band = min(h, th + base + 6)
+    out[:band] = (out[:band] * 0.2).astype(np.uint8)
+    cv2.putText(out, text, (max(0, (w - tw) // 2), th + 3), font, scale, (255, 255, 0), thick, cv2.LINE_AA)
+    return out

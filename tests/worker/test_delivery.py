@@ -1,0 +1,425 @@
+"""Delivery SCU against real pynetdicom Storage SCPs on free loopback ports: Success,
+Warning, Failure, no response, rejected association, closed port, unsupported SOP class,
+and DICOM TLS."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+
+from cxr.settings import Destination, Settings, load_settings
+from dicom_node.status import (
+    CANNOT_UNDERSTAND,
+    COERCION_OF_DATA_ELEMENTS,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING,
+    ELEMENTS_DISCARDED,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
+from ml.preprocess import dicom_to_display
+from tests.conftest import free_port, make_chest_dataset
+from tests.worker.conftest import FakePrediction
+from worker.delivery import (
+    FAILURE_OUTCOME,
+    SUCCESS_OUTCOME,
+    UNREACHABLE_OUTCOME,
+    WARNING_OUTCOME,
+    classify_status,
+    store_datasets,
+)
+from worker.results import (
+    SC_SOP_CLASS_UID,
+    SR_SOP_CLASS_UID,
+    VERDICT_TRACKING_ID,
+    ModelInfo,
+    build_secondary_capture,
+    build_structured_report,
+)
+from worker.uids import output_uids
+
+SCP_AET = "TEST_PACS"
+OUR_AET = "CXR_TEST_SCU"
+
+
+class StorageSCP:
+    """A real pynetdicom Storage SCP answering a fixed status."""
+
+    def __init__(
+        self,
+        status: int = SUCCESS,
+        sop_classes: tuple[str, ...] = (SC_SOP_CLASS_UID, SR_SOP_CLASS_UID),
+        syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
+        delay: float = 0.0,
+        ssl_context=None,  # type: ignore[no-untyped-def]
+    ) -> None:
+        self.status = status
+        self.delay = delay
+        self.port = free_port()
+        self.received: list[tuple[str, Dataset]] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title=SCP_AET)
+        ae.require_called_aet = True
+        for uid in sop_classes:
+            ae.add_supported_context(uid, list(syntaxes))
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            ssl_context=ssl_context,
+        )
+
+    def _on_store(self, event) -> Dataset:  # type: ignore[no-untyped-def]
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self._lock:
+            self.received.append((event.assoc.requestor.ae_title, ds))
+        if self.delay:
+            time.sleep(self.delay)
+        rsp = Dataset()
+        rsp.Status = self.status
+        if self.status != SUCCESS:
+            rsp.ErrorComment = "test scp says so"
+        return rsp
+
+    def destination(self, aet: str = SCP_AET) -> Destination:
+        return Destination(ae_title=aet, host="127.0.0.1", port=self.port)
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def scp_factory() -> Iterator:  # type: ignore[type-arg]
+    started: list[StorageSCP] = []
+
+    def make(**kw) -> StorageSCP:  # type: ignore[no-untyped-def]
+        scp = StorageSCP(**kw)
+        started.append(scp)
+        return scp
+
+    try:
+        yield make
+    finally:
+        for scp in started:
+            scp.stop()
+
+
+@pytest.fixture(scope="module")
+def results() -> list[Dataset]:
+    src = make_chest_dataset(rows=80, cols=64)
+    model = ModelInfo(name="cxr-test-model", version="9.9", sha256="cd" * 32)
+    uids = output_uids(src.SOPInstanceUID, model.version)
+    pred = FakePrediction()
+    sc = build_secondary_capture(src, dicom_to_display(src), pred, model, uids)
+    sr = build_structured_report(src, pred, model, uids, sc=sc)
+    return [sc, sr]
+
+
+def _settings(workdir: Path, **kw) -> Settings:  # type: ignore[no-untyped-def]
+    base = {"ae_title": OUR_AET, "acse_timeout": 5, "dimse_timeout": 5, "network_timeout": 5}
+    base.update(kw)
+    return load_settings(**base)
+
+
+def test_classify_status_named_codes() -> None:
+    assert classify_status(SUCCESS) == SUCCESS_OUTCOME
+    for code in (
+        COERCION_OF_DATA_ELEMENTS,
+        DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING,
+        ELEMENTS_DISCARDED,
+    ):
+        assert classify_status(code) == WARNING_OUTCOME
+    for code in (
+        OUT_OF_RESOURCES,
+        0xA7FF,
+        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        CANNOT_UNDERSTAND,
+        0xC123,
+    ):
+        assert classify_status(code) == FAILURE_OUTCOME
+
+
+def test_success(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory()
+    out = store_datasets(scp.destination(), results, _settings(workdir))
+    assert [o.category for o in out] == [SUCCESS_OUTCOME, SUCCESS_OUTCOME]
+    assert all(o.delivered and o.status == SUCCESS and o.status_text == "0x0000" for o in out)
+    assert [o.sop_instance_uid for o in out] == [ds.SOPInstanceUID for ds in results]
+    assert [o.sop_class_uid for o in out] == [SC_SOP_CLASS_UID, SR_SOP_CLASS_UID]
+    assert {aet for aet, _ in scp.received} == {OUR_AET}  # calling AE = CXR_AE_TITLE
+    got = {ds.SOPInstanceUID: ds for _, ds in scp.received}
+    assert set(got) == {ds.SOPInstanceUID for ds in results}
+    sc = got[results[0].SOPInstanceUID]
+    assert (sc.pixel_array == results[0].pixel_array).all()  # the image arrived intact
+
+
+@pytest.mark.parametrize(
+    "status",
+    [COERCION_OF_DATA_ELEMENTS, DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING, ELEMENTS_DISCARDED],
+)
+def test_warning_counts_as_delivered(workdir: Path, scp_factory, results, status: int) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(status=status)
+    out = store_datasets(scp.destination(), results, _settings(workdir))
+    assert [o.category for o in out] == [WARNING_OUTCOME] * 2
+    assert all(o.delivered and o.status == status for o in out)
+    assert out[0].status_text == f"0x{status:04X}"
+    assert "Warning" in (out[0].error or "") and "test scp says so" in (out[0].error or "")
+    assert len(scp.received) == 2
+
+
+@pytest.mark.parametrize(
+    "status", [OUT_OF_RESOURCES, DATASET_DOES_NOT_MATCH_SOP_CLASS, CANNOT_UNDERSTAND]
+)
+def test_failure_is_not_delivered(workdir: Path, scp_factory, results, status: int) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(status=status)
+    out = store_datasets(scp.destination(), results, _settings(workdir))
+    assert [o.category for o in out] == [FAILURE_OUTCOME] * 2
+    assert not any(o.delivered for o in out)
+    assert out[0].status == status and out[0].error
+
+
+def test_closed_port_is_unreachable(workdir: Path, results) -> None:  # type: ignore[no-untyped-def]
+    dest = Destination(ae_title=SCP_AET, host="127.0.0.1", port=free_port())
+    t0 = time.monotonic()
+    out = store_datasets(dest, results, _settings(workdir))
+    assert time.monotonic() - t0 < 5
+    assert [o.category for o in out] == [UNREACHABLE_OUTCOME] * 2
+    assert all(o.status is None and not o.delivered and o.error for o in out)
+
+
+def test_rejected_association_is_unreachable(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory()
+    out = store_datasets(scp.destination("WRONG_AET"), results, _settings(workdir))
+    assert [o.category for o in out] == [UNREACHABLE_OUTCOME] * 2
+    assert "rejected" in (out[0].error or "")
+    assert scp.received == []
+
+
+def test_no_response_is_unreachable(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(delay=2.5)
+    out = store_datasets(scp.destination(), results[:1], _settings(workdir, dimse_timeout=1))
+    assert [o.category for o in out] == [UNREACHABLE_OUTCOME]
+    assert out[0].status is None
+
+
+def test_unsupported_sop_class_is_a_failure(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(sop_classes=(SC_SOP_CLASS_UID,))
+    out = store_datasets(scp.destination(), results, _settings(workdir))
+    assert [o.category for o in out] == [SUCCESS_OUTCOME, FAILURE_OUTCOME]
+    assert "not accepted" in (out[1].error or "")
+    assert [ds.SOPInstanceUID for _, ds in scp.received] == [results[0].SOPInstanceUID]
+
+
+def test_implicit_vr_only_peer(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(syntaxes=(ImplicitVRLittleEndian,))
+    out = store_datasets(scp.destination(), results, _settings(workdir))
+    assert [o.category for o in out] == [SUCCESS_OUTCOME] * 2
+    assert {ds.SOPInstanceUID for _, ds in scp.received} == {ds.SOPInstanceUID for ds in results}
+
+
+def test_empty_list_opens_nothing(workdir: Path) -> None:
+    dest = Destination(ae_title=SCP_AET, host="127.0.0.1", port=free_port())
+    assert store_datasets(dest, [], _settings(workdir)) == []
+
+
+# ------------------------------------------------------------------------------ TLS
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throw-away CA, a server (PACS) and a client (worker) certificate."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+        cwd=d,
+    )
+    for name in ("server", "client"):
+        _openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+            cwd=d,
+        )
+        _openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            cwd=d,
+        )
+    return d
+
+
+def _server_ctx(pki: Path):  # type: ignore[no-untyped-def]
+    import ssl
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # the PACS demands our client certificate
+    ctx.load_cert_chain(str(pki / "server.pem"), str(pki / "server.key"))
+    return ctx
+
+
+def test_tls_delivery(workdir: Path, scp_factory, results, pki: Path) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(ssl_context=_server_ctx(pki))
+    s = _settings(
+        workdir,
+        delivery_tls=True,
+        tls_cert=pki / "client.pem",
+        tls_key=pki / "client.key",
+        tls_ca=pki / "ca.pem",
+    )
+    out = store_datasets(scp.destination(), results, s)
+    assert [o.category for o in out] == [SUCCESS_OUTCOME] * 2
+    assert len(scp.received) == 2
+
+
+def test_tls_peer_without_tls_settings_is_unreachable(
+    workdir: Path, scp_factory, results, pki: Path
+) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory(ssl_context=_server_ctx(pki))
+    out = store_datasets(scp.destination(), results, _settings(workdir))  # plain TCP
+    assert [o.category for o in out] == [UNREACHABLE_OUTCOME] * 2
+    assert scp.received == []
+
+
+def test_tls_untrusted_server_is_unreachable(
+    workdir: Path, scp_factory, results, pki: Path, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    # our CA bundle is another CA: the PACS certificate must not be accepted
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=other-ca",
+        cwd=tmp_path,
+    )
+    scp = scp_factory(ssl_context=_server_ctx(pki))
+    s = _settings(
+        workdir,
+        delivery_tls=True,
+        tls_cert=pki / "client.pem",
+        tls_key=pki / "client.key",
+        tls_ca=tmp_path / "other.pem",
+    )
+    out = store_datasets(scp.destination(), results, s)
+    assert [o.category for o in out] == [UNREACHABLE_OUTCOME] * 2
+    assert scp.received == []
+
+
+def test_received_objects_parse(workdir: Path, scp_factory, results, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """What the PACS got is a readable Part 10 object (written out and read back)."""
+    scp = scp_factory()
+    store_datasets(scp.destination(), results, _settings(workdir))
+    for _, ds in scp.received:
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        back = pydicom.dcmread(path)
+        assert back.SeriesDescription.startswith("AI TRIAGE")
+
+
+# ------------------------------------------------------------------ a real PACS (Orthanc)
+@pytest.mark.orthanc
+def test_orthanc_stores_results_in_the_study_once(
+    workdir: Path, orthanc, tmp_path: Path, model_info
+) -> None:  # type: ignore[no-untyped-def]
+    """Orthanc accepts both objects into the source's study; a re-run (same UIDs, e.g. a
+    redelivered task) is acknowledged and does not duplicate: still exactly one SC and one
+    SR instance, each in its own series."""
+    src = make_chest_dataset(rows=96, cols=80, seed=7)
+    path = tmp_path / "src.dcm"
+    src.save_as(path, enforce_file_format=True)
+    orthanc.upload(path)
+    dest = Destination(ae_title="ORTHANC", host="127.0.0.1", port=orthanc.dicom_port)
+    uids = output_uids(src.SOPInstanceUID, model_info.version)
+    for run, label in enumerate(("COVID", "Normal")):
+        pred = FakePrediction(
+            label=label, probs=(0.7, 0.2, 0.1) if label == "COVID" else (0.1, 0.8, 0.1)
+        )
+        sc = build_secondary_capture(src, dicom_to_display(src), pred, model_info, uids)
+        sr = build_structured_report(src, pred, model_info, uids, sc=sc)
+        out = store_datasets(dest, [sc, sr], _settings(workdir))
+        assert [o.category for o in out] == [SUCCESS_OUTCOME] * 2, (run, out)
+    series = orthanc.series_of_study(src.StudyInstanceUID)
+    by_uid = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in series}
+    assert set(by_uid) == {src.SeriesInstanceUID, uids.sc_series, uids.sr_series}
+    assert all(len(by_uid[u]["Instances"]) == 1 for u in (uids.sc_series, uids.sr_series))
+    assert by_uid[uids.sc_series]["MainDicomTags"]["SeriesDescription"].startswith("AI TRIAGE")
+    sc_tags = orthanc.tags(by_uid[uids.sc_series]["Instances"][0])
+    assert sc_tags["SOPInstanceUID"] == uids.sc_sop
+    sr_file = pydicom.dcmread(io.BytesIO(orthanc.file(by_uid[uids.sr_series]["Instances"][0])))
+    verdict = [
+        c.ConceptCodeSequence[0].CodeValue
+        for g in _walk(sr_file.ContentSequence)
+        if g.ValueType == "CONTAINER"
+        and any(
+            getattr(c, "TextValue", None) == VERDICT_TRACKING_ID
+            for c in g.get("ContentSequence", [])
+        )
+        for c in g.ContentSequence
+        if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeValue == "121071"
+    ]
+    # one verdict: the first run's (Orthanc's default OverwriteInstances=false keeps the
+    # stored copy) or the second's (when the PACS overwrites); never both
+    assert verdict in (["840539006"], ["17621005"]), verdict
+
+
+def _walk(seq):  # type: ignore[no-untyped-def]
+    for item in seq:
+        yield item
+        yield from _walk(item.get("ContentSequence", []))

@@ -1,0 +1,227 @@
+"""The worker pipeline (worker.pipeline) and its Celery tasks (worker.tasks), against a real
+audit database (SQLite and PostgreSQL), real sample files and a real PACS (Orthanc) as the
+destination. The full multi-process flow is in test_e2e_*.py."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select, update
+
+from cxr.settings import load_settings
+from db.models import Delivery, Event, Inference, Instance, State, utcnow
+from db.session import init_db, session_scope
+from tests.conftest import free_port, make_chest_dataset
+from tests.worker.conftest import dataset_bytes, insert_instance
+from worker import pipeline
+
+pytestmark = pytest.mark.orthanc
+
+
+def _settings(tmp_path: Path, db_url: str, model_dir: Path, dest: str = "", **kw):  # type: ignore[no-untyped-def]
+    s = load_settings(
+        database_url=db_url,
+        spool_dir=tmp_path / "spool",
+        model_dir=model_dir,
+        model_cache_dir=tmp_path / "model-cache",
+        destinations=dest,
+        metrics_port=0,
+        **kw,
+    )
+    init_db(s.database_url)
+    return s
+
+
+def _dest(orthanc) -> str:  # type: ignore[no-untyped-def]
+    return f"ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+
+
+def _sample(dicom_samples: Path, name: str = "dx_thorax_monochrome1.dcm") -> Path:
+    return dicom_samples / "chest" / name
+
+
+def _state(settings, iid: int) -> Instance:  # type: ignore[no-untyped-def]
+    with session_scope(settings.database_url) as s:
+        inst = s.get(Instance, iid)
+        assert inst is not None
+        s.expunge(inst)
+        return inst
+
+
+def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc, dicom_samples):  # type: ignore[no-untyped-def]
+    s = _settings(tmp_path, db_url, tiny_model_dir, _dest(orthanc))
+    src = _sample(dicom_samples)
+    iid = insert_instance(s, src)
+    out = pipeline.process_instance(s, iid)
+    assert out.action == "delivered", out
+    assert {"decode", "preprocess", "forward", "cam", "build", "send", "total"} <= set(out.timings_ms)
+
+    source = pydicom.dcmread(src, stop_before_pixels=True)
+    with session_scope(s.database_url) as ss:
+        inst = ss.get(Instance, iid)
+        assert inst.state == State.DELIVERED.value and inst.finished_at is not None
+        infs = ss.execute(select(Inference).where(Inference.instance_id == iid)).scalars().all()
+        assert len(infs) == 1
+        inf = infs[0]
+        assert inf.p_covid + inf.p_normal + inf.p_other == pytest.approx(1.0, abs=1e-4)
+        assert inf.verdict in ("COVID", "Normal", "Other")
+        for col in ("t_decode_ms", "t_preprocess_ms", "t_forward_ms", "t_cam_ms", "t_build_ms",
+                    "t_send_ms", "t_total_ms"):
+            assert getattr(inf, col) is not None and getattr(inf, col) >= 0, col
+        dels = ss.execute(select(Delivery).where(Delivery.instance_id == iid)).scalars().all()
+        assert sorted(d.kind for d in dels) == ["SC", "SR"]
+        assert all(d.state == "delivered" and d.last_status == "0x0000" for d in dels)
+        kinds = [e.kind for e in ss.execute(
+            select(Event).where(Event.instance_id == iid).order_by(Event.id)).scalars()]
+        assert kinds == ["queued", "processing", "classified", "delivered"]
+        sc_uid, sr_uid = inf.sc_sop_instance_uid, inf.sr_sop_instance_uid
+
+    # the PACS holds exactly what we sent - the SC and the SR - in the source's study
+    tags = {t["SOPInstanceUID"]: t for t in orthanc.all_instance_tags()}
+    assert set(tags) == {sc_uid, sr_uid}
+    for uid in (sc_uid, sr_uid):
+        assert tags[uid]["StudyInstanceUID"] == source.StudyInstanceUID
+        assert tags[uid]["SeriesInstanceUID"] != source.SeriesInstanceUID
+    assert tags[sr_uid]["Modality"] == "SR"
+    sc = pydicom.dcmread(io.BytesIO(orthanc.file(tags[sc_uid]["_id"])))
+    assert sc.BurnedInAnnotation == "YES"
+    assert "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription.upper()
+    refs = [r.ReferencedSOPInstanceUID for r in sc.SourceImageSequence]
+    assert refs == [source.SOPInstanceUID]
+
+
+def test_rerun_replaces_not_duplicates(tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples):  # type: ignore[no-untyped-def]
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc))
+    iid = insert_instance(s, _sample(dicom_samples))
+    assert pipeline.process_instance(s, iid).action == "delivered"
+    first = sorted(orthanc.instances())
+    # a second message for a final instance is skipped, nothing is sent
+    again = pipeline.process_instance(s, iid)
+    assert again.action == "skipped" and again.state == State.DELIVERED.value
+    # a forced re-run (admin) rebuilds, re-sends the same UIDs and upserts the rows
+    # (mark the deliveries not done so that the results really go out a second time)
+    with session_scope(s.database_url) as ss:
+        ss.execute(update(Delivery).where(Delivery.instance_id == iid).values(state="failed"))
+    forced = pipeline.process_instance(s, iid, force=True)
+    assert forced.action == "delivered"
+    assert sorted(orthanc.instances()) == first  # same SOP Instance UIDs: replaced
+    with session_scope(s.database_url) as ss:
+        assert ss.query(Inference).filter_by(instance_id=iid).count() == 1
+        dels = ss.query(Delivery).filter_by(instance_id=iid).all()
+        assert len(dels) == 2 and all(d.attempts == 2 for d in dels)
+
+
+def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, tiny_model_dir, dicom_samples):  # type: ignore[no-untyped-def]
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, requeue_stale_after=60)
+    iid = insert_instance(s, _sample(dicom_samples), state="queued")
+    # a worker claimed it (task A) and is alive: another task must not take it
+    assert pipeline.claim(s, iid, task_id="task-A") == ("classify", "processing")
+    assert pipeline.process_instance(s, iid, task_id="task-B").action == "skipped"
+    # the same message redelivered (worker killed, same task id) resumes at once
+    out = pipeline.process_instance(s, iid, task_id="task-A")
+    assert out.action == "classified" and out.reason == pipeline.NO_DESTINATIONS
+    # a claim older than CXR_REQUEUE_STALE_AFTER is taken over by any task
+    iid2 = insert_instance(s, dataset_bytes(make_chest_dataset(rows=96, cols=80)))
+    assert pipeline.claim(s, iid2, task_id="task-C")[0] == "classify"
+    with session_scope(s.database_url) as ss:
+        ss.execute(update(Instance).where(Instance.id == iid2)
+                   .values(updated_at=utcnow() - timedelta(seconds=120)))
+    assert pipeline.process_instance(s, iid2, task_id="task-D").action == "classified"
+    with session_scope(s.database_url) as ss:
+        kinds = [e.kind for e in ss.query(Event).filter_by(instance_id=iid2).order_by(Event.id)]
+    assert "takeover" in kinds and kinds[-1] == "classified"
+
+
+def test_no_destinations_ends_classified_and_final(tmp_path, sqlite_url, tiny_model_dir, dicom_samples):  # type: ignore[no-untyped-def]
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir)
+    iid = insert_instance(s, _sample(dicom_samples))
+    out = pipeline.process_instance(s, iid)
+    assert out.action == "classified"
+    inst = _state(s, iid)
+    assert inst.state == State.CLASSIFIED.value and inst.reason == pipeline.NO_DESTINATIONS
+    assert pipeline.is_finished(inst.state, inst.finished_at)
+    assert pipeline.process_instance(s, iid).action == "skipped"
+    # the results were still built and kept in the spool
+    with session_scope(s.database_url) as ss:
+        inf = ss.query(Inference).filter_by(instance_id=iid).one()
+    from cxr.storage import Spool
+
+    assert Spool(s.spool_dir).result_path(inf.sc_sop_instance_uid).is_file()
+
+
+def test_undecodable_instance_fails_with_reason(tmp_path, sqlite_url, tiny_model_dir):  # type: ignore[no-untyped-def]
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir)
+    ds = make_chest_dataset(rows=64, cols=64)
+    ds.PixelData = ds.PixelData[:100]  # truncated pixel data
+    iid = insert_instance(s, dataset_bytes(ds))
+    out = pipeline.process_instance(s, iid)
+    assert out.action == "failed"
+    inst = _state(s, iid)
+    assert inst.state == State.FAILED.value
+    assert inst.reason and "decode" in inst.reason
+    # and it is final: not retried by another message
+    assert pipeline.process_instance(s, iid).action == "skipped"
+
+
+def test_unreachable_destination_then_delivery_failed_then_resend(tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples):  # type: ignore[no-untyped-def]
+    dead = f"DEAD@127.0.0.1:{free_port()}"  # nobody listens there
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, f"{dead},{_dest(orthanc)}")
+    iid = insert_instance(s, _sample(dicom_samples))
+    with pytest.raises(pipeline.DeliveryIncomplete):
+        pipeline.process_instance(s, iid)
+    assert _state(s, iid).state == State.CLASSIFIED.value
+    # Orthanc got both results on the first attempt; it is not sent to again
+    n_orthanc = len(orthanc.instances())
+    assert n_orthanc == 2
+    out = pipeline.deliver(s, iid, final_attempt=True)
+    assert out.action == "delivery_failed"
+    inst = _state(s, iid)
+    assert inst.state == State.DELIVERY_FAILED.value and "DEAD" in (inst.reason or "")
+    with session_scope(s.database_url) as ss:
+        rows = {(d.destination.split("@")[0], d.kind): d for d in ss.query(Delivery).filter_by(instance_id=iid)}
+    assert rows[("DEAD", "SC")].state == "failed" and rows[("DEAD", "SC")].attempts == 2
+    assert rows[("ORTHANC", "SC")].state == "delivered" and rows[("ORTHANC", "SC")].attempts == 1
+    # an admin re-send once the destination is fixed: only to the missing one
+    s2 = _settings(tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc))
+    assert pipeline.deliver(s2, iid, final_attempt=True).action == "delivered"
+    assert _state(s2, iid).state == State.DELIVERED.value
+
+
+def test_celery_task_eager_runs_pipeline(tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples, workdir, monkeypatch):  # type: ignore[no-untyped-def]
+    """The registered task names run the pipeline (eager apply: same code path as a worker)."""
+    monkeypatch.setenv("CXR_DATABASE_URL", sqlite_url)
+    monkeypatch.setenv("CXR_SPOOL_DIR", str(tmp_path / "spool"))
+    monkeypatch.setenv("CXR_MODEL_DIR", str(tiny_model_dir))
+    monkeypatch.setenv("CXR_DESTINATIONS", _dest(orthanc))
+    monkeypatch.setenv("CXR_METRICS_PORT", "0")
+    from cxr.settings import get_settings
+    from worker.celery_app import TASK_CLASSIFY, TASK_DELIVER, make_celery
+
+    get_settings.cache_clear()
+    s = get_settings()
+    init_db(s.database_url)
+    app = make_celery(s)
+    import worker.tasks  # noqa: F401
+
+    app.loader.import_default_modules()
+    assert {TASK_CLASSIFY, TASK_DELIVER} <= set(app.tasks)
+    iid = insert_instance(s, _sample(dicom_samples))
+    res = app.tasks[TASK_CLASSIFY].apply(args=[iid])
+    assert res.get() == "delivered"
+    assert _state(s, iid).state == State.DELIVERED.value
+    assert app.tasks[TASK_DELIVER].apply(args=[iid]).get() == "skipped"
+
+
+def test_backoff_is_exponential_and_capped(tmp_path, sqlite_url, tiny_model_dir):  # type: ignore[no-untyped-def]
+    from worker.tasks import backoff_seconds
+
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, retry_backoff_max=8)
+    for retries in range(8):
+        cap = min(8, 2**retries)
+        vals = {backoff_seconds(retries, s) for _ in range(50)}
+        assert all(1 <= v <= cap for v in vals), (retries, vals)
+    assert max(backoff_seconds(10, s) for _ in range(200)) <= 8

@@ -1,0 +1,126 @@
+"""``cxr worker``: run a real Celery worker (prefork pool) on queue ``cxr``.
+
+Besides the Celery worker itself, the command
+
+* upgrades the audit schema (idempotent) so a fresh database works;
+* runs the re-queue sweep at start and then every ``CXR_REQUEUE_INTERVAL`` seconds in a
+  daemon thread of the main process: instances stranded in ``received`` (broker was down
+  at receipt), stuck in ``queued``/``processing`` for longer than
+  ``CXR_REQUEUE_STALE_AFTER`` (a worker was killed), or left ``classified`` without
+  delivery for as long, are sent to the queue again (tasks are idempotent);
+* serves Prometheus ``/metrics`` and ``/healthz`` on ``CXR_METRICS_PORT`` (0 = off).
+
+SIGTERM is Celery's warm shutdown: the task in flight finishes and is acknowledged, then
+the worker exits. (A second SIGTERM/SIGQUIT is a cold shutdown; an unacknowledged task is
+then redelivered, or re-sent by the sweep.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+import threading
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        name,
+        help="run a Celery worker that classifies queued instances",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--concurrency", type=int, default=None, help="pool processes (default CXR_WORKER_CONCURRENCY)"
+    )
+    p.add_argument("--hostname", default=None, help="Celery node name (default cxr@<host>-<pid>)")
+    p.add_argument(
+        "--no-sweep", action="store_true", help="do not run the re-queue sweep in this worker"
+    )
+    p.set_defaults(func=run_worker)
+
+
+def sweep_once(settings: object, app: object) -> int:
+    """One pass of both sweeps (stranded/stale instances and undelivered results)."""
+    from worker.dispatch import requeue_stranded
+    from worker.tasks import requeue_undelivered
+
+    n = 0
+    try:
+        n += requeue_stranded(settings, app)  # type: ignore[arg-type]
+        n += requeue_undelivered(settings, app)  # type: ignore[arg-type]
+    except Exception as exc:  # DB down: try again next time
+        log.warning("re-queue sweep failed: %s", type(exc).__name__)
+    return n
+
+
+def _sweeper(settings: object, app: object, interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        sweep_once(settings, app)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    from cxr.logconfig import configure_logging
+    from cxr.metrics import start_metrics_server
+    from cxr.settings import load_settings
+    from db.session import dispose_engines, init_db
+    from worker.celery_app import QUEUE, make_celery
+
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    init_db(settings.database_url)
+    app = make_celery(settings)
+    import worker.tasks  # noqa: F401  (registers the tasks on the app)
+
+    concurrency = args.concurrency or settings.worker_concurrency
+    hostname = args.hostname or f"cxr@{socket.gethostname()}-{os.getpid()}"
+
+    from cxr.health import register_health_check
+
+    def _db_ok() -> bool:
+        from sqlalchemy import text
+
+        from db.session import get_engine
+
+        with get_engine(settings.database_url).connect() as c:
+            c.execute(text("SELECT 1"))
+        return True
+
+    register_health_check("database", _db_ok)
+    start_metrics_server(settings.metrics_host, settings.metrics_port)
+
+    stop = threading.Event()
+    if not args.no_sweep:
+        sweep_once(settings, app)
+        threading.Thread(
+            target=_sweeper,
+            args=(settings, app, settings.requeue_interval, stop),
+            name="requeue-sweep",
+            daemon=True,
+        ).start()
+    dispose_engines()  # nothing pooled is inherited by the forked pool processes
+    log.info(
+        "worker %s: %d process(es), queue %s, model %s",
+        hostname,
+        concurrency,
+        QUEUE,
+        settings.model_dir,
+    )
+    w = app.Worker(
+        hostname=hostname,
+        concurrency=concurrency,
+        pool="prefork",
+        queues=[QUEUE],
+        loglevel=settings.log_level,
+        without_gossip=True,
+        without_mingle=True,
+        optimization="fair",
+    )
+    try:
+        w.start()
+    finally:
+        stop.set()
+    return int(getattr(w, "exitcode", 0) or 0)

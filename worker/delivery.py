@@ -1,0 +1,246 @@
+"""Delivery of the results to the PACS: a C-STORE SCU (pynetdicom).
+
+:func:`store_datasets` opens one association to one destination, proposes a
+presentation context for the SOP class of every dataset (Secondary Capture Image Storage,
+Comprehensive SR Storage) with Explicit and Implicit VR Little Endian, sends every
+dataset and classifies what came back:
+
+``success``
+    status 0x0000 (PS3.4 B.2.3).
+``warning``
+    a Warning status (PS3.4 B.2.3: B000 Coercion of Data Elements, B007 Data Set Does Not
+    Match SOP Class, B006 Elements Discarded; PS3.7 C: 0001, 0107, 0116): the PACS *kept*
+    the object, so it counts as delivered, recorded "with warning".
+``failure``
+    a Failure status (A7xx Refused: Out of Resources, A9xx Data Set Does Not Match SOP
+    Class, Cxxx Cannot Understand, PS3.7 01xx/02xx...) or no presentation context for the
+    SOP class (the PACS refuses it). Not delivered.
+``unreachable``
+    no association: connection refused or timed out, association rejected or aborted,
+    no response to the C-STORE (DIMSE timeout, link lost). Not delivered.
+
+The caller (the deliver task) decides on retries: ``failure`` and ``unreachable`` are both
+retried with backoff, then the instance ends ``delivery_failed``.
+
+The calling AE title is ``CXR_AE_TITLE``. With ``CXR_DELIVERY_TLS`` the association uses
+DICOM TLS: the client certificate ``CXR_TLS_CERT``/``CXR_TLS_KEY`` when set, and the
+server certificate is verified against ``CXR_TLS_CA`` when set.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydicom import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, build_context
+from pynetdicom.status import code_to_category
+
+from dicom_node.status import (
+    COERCION_OF_DATA_ELEMENTS,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING,
+    ELEMENTS_DISCARDED,
+    SUCCESS,
+    status_hex,
+    status_name,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr.settings import Destination, Settings
+
+log = logging.getLogger(__name__)
+
+# outcome categories (the caller counts them in cxr_deliveries_total{status=...})
+SUCCESS_OUTCOME = "success"
+WARNING_OUTCOME = "warning"
+FAILURE_OUTCOME = "failure"
+UNREACHABLE_OUTCOME = "unreachable"
+
+# the PS3.4 B.2.3 storage warnings, named in logs/audit (other warnings are still warnings)
+STORAGE_WARNINGS = frozenset(
+    {COERCION_OF_DATA_ELEMENTS, DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING, ELEMENTS_DISCARDED}
+)
+_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+
+
+@dataclass
+class StoreOutcome:
+    """What happened to one dataset sent to one destination."""
+
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    category: str  # success / warning / failure / unreachable
+    status: int | None = None  # the DIMSE status, None when there was no response
+    error: str | None = None  # a short reason (no PHI)
+    elapsed_ms: float = 0.0
+
+    @property
+    def delivered(self) -> bool:
+        """The PACS holds the object (Success or Warning)."""
+        return self.category in (SUCCESS_OUTCOME, WARNING_OUTCOME)
+
+    @property
+    def status_text(self) -> str | None:
+        """``0xB000``-style text for the audit row (``Delivery.last_status``)."""
+        return None if self.status is None else status_hex(self.status)
+
+
+def classify_status(status: int) -> str:
+    """success / warning / failure for a C-STORE response status (PS3.4 B.2.3, PS3.7 C)."""
+    if status == SUCCESS:
+        return SUCCESS_OUTCOME
+    category = code_to_category(status)
+    if category == "Warning":
+        return WARNING_OUTCOME
+    if category == "Success":  # pragma: no cover - only 0x0000 is Success
+        return SUCCESS_OUTCOME
+    return FAILURE_OUTCOME  # Failure, Cancel, Pending (not valid for C-STORE), Unknown
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext:
+    """Client-side TLS context for result delivery."""
+    if settings.tls_ca:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(settings.tls_ca))
+        ctx.check_hostname = False  # PACS are usually addressed by IP; the CA is ours
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        log.warning("delivery over TLS without CXR_TLS_CA: the PACS certificate is not verified")
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.tls_cert and settings.tls_key:
+        ctx.load_cert_chain(str(settings.tls_cert), str(settings.tls_key))
+    return ctx
+
+
+def _make_ae(settings: Settings, sop_classes: Iterable[str]) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    ae.acse_timeout = settings.acse_timeout
+    ae.dimse_timeout = settings.dimse_timeout
+    ae.network_timeout = settings.network_timeout
+    ae.connection_timeout = min(settings.acse_timeout, 30.0)
+    ae.requested_contexts = [build_context(uid, _TRANSFER_SYNTAXES) for uid in sop_classes]
+    return ae
+
+
+def _outcome(
+    dest: str,
+    ds: Dataset,
+    category: str,
+    status: int | None = None,
+    error: str | None = None,
+    elapsed_ms: float = 0.0,
+) -> StoreOutcome:
+    return StoreOutcome(
+        destination=dest,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        category=category,
+        status=status,
+        error=error,
+        elapsed_ms=elapsed_ms,
+    )
+
+
+def store_datasets(
+    destination: Destination, datasets: Sequence[Dataset], settings: Settings
+) -> list[StoreOutcome]:
+    """C-STORE every dataset to one destination; one :class:`StoreOutcome` per dataset, in
+    order. Never raises for network or peer problems (they are outcomes)."""
+    dest = str(destination)
+    datasets = list(datasets)
+    if not datasets:
+        return []
+    sop_classes = list(dict.fromkeys(str(ds.SOPClassUID) for ds in datasets))
+    ae = _make_ae(settings, sop_classes)
+    tls_args = None
+    if settings.delivery_tls:
+        tls_args = (tls_context(settings), destination.host)
+    t0 = time.perf_counter()
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            ae_title=destination.ae_title,
+            tls_args=tls_args,
+        )
+    except Exception as exc:  # e.g. TLS set-up errors, bad host names
+        log.warning("delivery to %s: cannot associate (%s)", dest, type(exc).__name__)
+        outs = [
+            _outcome(
+                dest, ds, UNREACHABLE_OUTCOME, error=f"association error: {type(exc).__name__}"
+            )
+            for ds in datasets
+        ]
+        return outs
+    if not assoc.is_established:
+        if assoc.is_rejected:
+            why = "association rejected"
+        elif assoc.is_aborted:
+            why = "association aborted"
+        else:
+            why = "no connection"
+        log.warning("delivery to %s: %s", dest, why)
+        outs = [_outcome(dest, ds, UNREACHABLE_OUTCOME, error=why) for ds in datasets]
+        return outs
+
+    outcomes: list[StoreOutcome] = []
+    try:
+        for ds in datasets:
+            if not assoc.is_established:
+                outcomes.append(_outcome(dest, ds, UNREACHABLE_OUTCOME, error="association lost"))
+                continue
+            t1 = time.perf_counter()
+            try:
+                rsp = assoc.send_c_store(ds)
+            except ValueError as exc:
+                # no accepted presentation context for this SOP class / transfer syntax
+                log.warning("delivery to %s: %s refused: %s", dest, ds.SOPClassUID, exc)
+                outcomes.append(
+                    _outcome(dest, ds, FAILURE_OUTCOME, error="SOP class not accepted by peer")
+                )
+                continue
+            except Exception as exc:
+                outcomes.append(
+                    _outcome(
+                        dest, ds, UNREACHABLE_OUTCOME, error=f"send error: {type(exc).__name__}"
+                    )
+                )
+                continue
+            ms = (time.perf_counter() - t1) * 1000.0
+            status = rsp.get("Status") if rsp is not None else None
+            if status is None:
+                # no response: DIMSE timeout, abort or link lost
+                outcomes.append(
+                    _outcome(
+                        dest, ds, UNREACHABLE_OUTCOME, error="no C-STORE response", elapsed_ms=ms
+                    )
+                )
+                continue
+            status = int(status)
+            category = classify_status(status)
+            error = None if category == SUCCESS_OUTCOME else status_name(status)
+            comment = rsp.get("ErrorComment")
+            if comment and category != SUCCESS_OUTCOME:
+                error = f"{error}: {str(comment)[:200]}"
+            if category == WARNING_OUTCOME:
+                log.info("delivery to %s: stored with warning %s", dest, status_hex(status))
+            elif category == FAILURE_OUTCOME:
+                log.warning("delivery to %s: refused with %s", dest, status_hex(status))
+            outcomes.append(_outcome(dest, ds, category, status, error, ms))
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    log.debug(
+        "delivery to %s: %d dataset(s) in %.0f ms",
+        dest,
+        len(datasets),
+        (time.perf_counter() - t0) * 1000,
+    )
+    return outcomes

@@ -1,0 +1,585 @@
+"""Per-instance processing: claim -> decode -> classify -> build SC/SR -> deliver -> audit.
+
+This module is the whole worker logic, callable without Celery (the Celery tasks in
+:mod:`worker.tasks` are thin wrappers around it, and ``benchmarks/pipeline.py`` calls it
+directly). Every step is idempotent:
+
+* output UIDs are derived from the source SOP Instance UID and the model version
+  (:mod:`worker.uids`), so a re-run builds the *same* objects and the PACS replaces them;
+* the ``inferences`` row is upserted by ``(instance_id, model_version)``;
+* ``deliveries`` rows are unique by ``(instance, destination, SOP Instance UID)`` and a
+  result already acknowledged by a destination is not sent there again;
+* an instance in a final state is skipped; one in ``processing`` is taken over when its
+  claim is stale (older than ``CXR_REQUEUE_STALE_AFTER``, i.e. left by a killed worker) or
+  was made by the same Celery task (a redelivery or retry of the same message).
+
+State machine (``instances.state``)::
+
+    received -> queued -> processing -> classified -> delivered
+                                    \\-> failed       \\-> delivery_failed (admin: cxr audit retry)
+
+With **no destinations configured** the instance stays ``classified`` with
+``finished_at`` set and reason ``"no destinations configured"``: that is its final state
+(see :func:`is_finished`); nothing was delivered, so it is never reported as delivered.
+
+Test hook (off by default): ``CXR_TEST_STAGE_DELAY`` = seconds to sleep after the
+instance is claimed (``processing``) and before decoding. It exists only so that the
+end-to-end tests can SIGKILL a worker while a task is certainly in flight; it is read
+from the environment only, is not a documented setting, and is 0 unless set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+
+from cxr import metrics
+from cxr.settings import Destination, Settings
+from cxr.storage import Spool
+from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
+from db.session import session_scope
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydicom import Dataset
+
+log = logging.getLogger(__name__)
+
+TEST_DELAY_ENV = "CXR_TEST_STAGE_DELAY"
+NO_DESTINATIONS = "no destinations configured"
+
+# Delivery row states (deliveries.state)
+D_PENDING = "pending"
+D_DELIVERED = "delivered"
+D_WARNING = "delivered_with_warning"
+D_FAILED = "failed"
+_DELIVERED_STATES = (D_DELIVERED, D_WARNING)
+
+
+class PermanentError(Exception):
+    """The instance cannot be processed, and retrying will not help (-> ``failed``)."""
+
+
+class DeliveryIncomplete(Exception):
+    """At least one result was not acknowledged by a destination (retry with backoff)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+@dataclass
+class Outcome:
+    """What one call of :func:`process_instance` / :func:`deliver_instance` did."""
+
+    instance_id: int
+    action: str  # skipped / classified / delivered / delivery_pending / failed / ignored
+    state: str | None = None
+    reason: str | None = None
+    verdict: str | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is not None and dt.tzinfo is None:  # SQLite returns naive datetimes (stored UTC)
+        return dt.replace(tzinfo=UTC)
+    return dt
+
+
+def is_finished(state: str, finished_at: datetime | None) -> bool:
+    """Final for good: a FINAL_STATES state, or ``classified`` closed for lack of
+    destinations (``finished_at`` set)."""
+    if state in {s.value for s in FINAL_STATES}:
+        return True
+    return state == State.CLASSIFIED.value and finished_at is not None
+
+
+def _test_delay() -> float:
+    try:
+        return max(0.0, float(os.environ.get(TEST_DELAY_ENV, "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+# --------------------------------------------------------------------------- classifier
+_classifier: Any = None
+
+
+def get_classifier(settings: Settings) -> Any:
+    """The process-wide classifier, loaded on first use (never in the prefork parent)."""
+    global _classifier
+    if _classifier is None:
+        from ml.runtime import get_classifier as _load
+
+        t0 = time.perf_counter()
+        _classifier = _load(settings)
+        log.info(
+            "model %s %s loaded (%s) in %.1f s",
+            getattr(_classifier, "name", "?"),
+            getattr(_classifier, "version", "?"),
+            getattr(_classifier, "engine", "?"),
+            time.perf_counter() - t0,
+        )
+    return _classifier
+
+
+def reset_classifier() -> None:
+    """Forget the loaded model (after fork, or in tests)."""
+    global _classifier
+    _classifier = None
+
+
+def model_info(classifier: Any) -> Any:
+    from worker.results import ModelInfo
+
+    if hasattr(ModelInfo, "from_classifier"):
+        return ModelInfo.from_classifier(classifier)
+    return ModelInfo(
+        name=classifier.name, version=classifier.version, sha256=classifier.sha256
+    )
+
+
+# --------------------------------------------------------------------------- claim
+def _event(s: Any, instance_id: int, kind: str, detail: str | None = None) -> None:
+    s.add(Event(instance_id=instance_id, kind=kind, detail=detail))
+
+
+def _claimed_by(s: Any, instance_id: int) -> str | None:
+    """The task id of the last ``processing`` claim of this instance (from its events)."""
+    row = s.execute(
+        select(Event.detail)
+        .where(Event.instance_id == instance_id, Event.kind == State.PROCESSING.value)
+        .order_by(Event.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if row and row.startswith("task "):
+        return row[5:].split(" ", 1)[0]
+    return None
+
+
+def claim(
+    settings: Settings, instance_id: int, task_id: str | None = None, force: bool = False
+) -> tuple[str, str | None]:
+    """Take an instance for classification. Returns ``(decision, state)`` with decision
+    ``classify`` (we now hold it in ``processing``), ``deliver`` (already classified),
+    or ``skip`` (final, missing, or held by another live worker)."""
+    now = utcnow()
+    with session_scope(settings.database_url) as s:
+        inst = s.execute(
+            select(Instance).where(Instance.id == instance_id).with_for_update()
+        ).scalar_one_or_none()
+        if inst is None:
+            log.warning("instance %d not found: skipped", instance_id)
+            return "skip", None
+        state = inst.state
+        if is_finished(state, _aware(inst.finished_at)) and not force:
+            log.info("instance %d already final (%s): skipped", instance_id, state)
+            return "skip", state
+        if state == State.CLASSIFIED.value and not force:
+            return "deliver", state
+        if state == State.IGNORED.value:
+            return "skip", state  # deliberately not classified, even when forced
+        if state == State.PROCESSING.value and not force:
+            updated = _aware(inst.updated_at) or now
+            stale = updated <= now - timedelta(seconds=settings.requeue_stale_after)
+            mine = task_id is not None and _claimed_by(s, instance_id) == task_id
+            if not (stale or mine):
+                log.info("instance %d is being processed by another worker: skipped", instance_id)
+                return "skip", state
+            detail = "stale claim taken over" if stale else "redelivered task resumes"
+            _event(s, instance_id, "takeover", detail)
+        inst.state = State.PROCESSING.value
+        inst.attempts = (inst.attempts or 0) + 1
+        inst.updated_at = now
+        inst.finished_at = None
+        inst.reason = None
+        _event(s, instance_id, State.PROCESSING.value, f"task {task_id or '-'} attempt {inst.attempts}")
+        return "classify", State.PROCESSING.value
+
+
+def mark_failed(settings: Settings, instance_id: int, reason: str, state: State = State.FAILED) -> None:
+    """Close an instance for good with its reason (``failed`` or ``delivery_failed``)."""
+    reason = reason[:2000]
+    with session_scope(settings.database_url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None:
+            return
+        if is_finished(inst.state, _aware(inst.finished_at)) and inst.state != State.DELIVERY_FAILED.value:
+            return  # another attempt finished it meanwhile
+        inst.state = state.value
+        inst.reason = reason
+        inst.finished_at = utcnow()
+        inst.updated_at = utcnow()
+        _event(s, instance_id, state.value, reason)
+    metrics.TASK_OUTCOMES.labels(state.value).inc()
+    log.warning("instance %d %s: %s", instance_id, state.value, reason)
+
+
+def release_claim(settings: Settings, instance_id: int, detail: str) -> None:
+    """Put a ``processing`` instance back to ``queued`` before a retry (best effort)."""
+    try:
+        with session_scope(settings.database_url) as s:
+            inst = s.get(Instance, instance_id)
+            if inst is not None and inst.state == State.PROCESSING.value:
+                inst.state = State.QUEUED.value
+                inst.updated_at = utcnow()
+                _event(s, instance_id, "retry", detail[:2000])
+    except Exception as exc:  # the DB itself may be what is down
+        log.warning("could not release instance %d before retry: %s", instance_id, type(exc).__name__)
+
+
+# --------------------------------------------------------------------------- classify
+@dataclass
+class _Built:
+    sc_uid: str
+    sr_uid: str | None
+    verdict: str
+
+
+def classify(
+    settings: Settings, instance_id: int, classifier: Any | None = None
+) -> tuple[_Built, dict[str, float]]:
+    """Decode, classify, build SC (+SR), store them in the spool, upsert the inference and
+    move the instance to ``classified``. The caller holds the ``processing`` claim."""
+    from ml.preprocess import PreprocessError, dicom_to_display
+    from worker.results import build_secondary_capture, build_structured_report
+    from worker.uids import output_uids
+
+    timings: dict[str, float] = {}
+    delay = _test_delay()
+    if delay:
+        log.warning("%s=%s: test hook sleeping", TEST_DELAY_ENV, delay)
+        time.sleep(delay)
+
+    with session_scope(settings.database_url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None:
+            raise PermanentError("instance row vanished")
+        spool_path = inst.spool_path
+        sop_uid = inst.sop_instance_uid
+    if not spool_path:
+        raise PermanentError("no spool file recorded for this instance")
+    spool = Spool(settings.spool_dir)
+
+    t0 = time.perf_counter()
+    try:
+        ds = spool.read_dataset(spool_path)
+    except FileNotFoundError as exc:
+        raise PermanentError(f"spool file missing: {spool.resolve(spool_path).name}") from exc
+    except Exception as exc:
+        raise PermanentError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+    try:
+        display = dicom_to_display(ds, max_pixels=settings.max_pixels)
+    except PreprocessError as exc:
+        raise PermanentError(f"cannot decode image: {exc}") from exc
+    timings["decode"] = (time.perf_counter() - t0) * 1000
+
+    clf = classifier if classifier is not None else get_classifier(settings)
+    try:
+        pred = clf.predict_display(display)
+    except PreprocessError as exc:
+        raise PermanentError(f"cannot preprocess image: {exc}") from exc
+    for k in ("preprocess", "forward", "cam"):
+        timings[k] = float(pred.timings_ms.get(k, 0.0))
+
+    t1 = time.perf_counter()
+    model = model_info(clf)
+    uids = output_uids(sop_uid, clf.version)
+    sc = build_secondary_capture(ds, display, pred, model, uids, settings)
+    spool.store_result(uids.sc_sop, sc)
+    sr_uid = None
+    if settings.send_sr:
+        sr = build_structured_report(ds, pred, model, uids, sc)
+        spool.store_result(uids.sr_sop, sr)
+        sr_uid = uids.sr_sop
+    timings["build"] = (time.perf_counter() - t1) * 1000
+
+    probs = {k: float(v) for k, v in pred.probabilities.items()}
+    no_dest = not settings.destinations
+    now = utcnow()
+    with session_scope(settings.database_url) as s:
+        inf = s.execute(
+            select(Inference).where(
+                Inference.instance_id == instance_id, Inference.model_version == clf.version
+            )
+        ).scalar_one_or_none()
+        if inf is None:
+            inf = Inference(instance_id=instance_id, model_version=clf.version)
+            s.add(inf)
+        inf.created_at = now
+        inf.model_sha256 = clf.sha256
+        inf.engine = getattr(clf, "engine", None)
+        inf.p_covid = probs.get("COVID", 0.0)
+        inf.p_normal = probs.get("Normal", 0.0)
+        inf.p_other = probs.get("Other", 0.0)
+        inf.verdict = pred.label
+        inf.sc_series_uid = uids.sc_series
+        inf.sc_sop_instance_uid = uids.sc_sop
+        inf.sr_series_uid = uids.sr_series if sr_uid else None
+        inf.sr_sop_instance_uid = sr_uid
+        inf.t_decode_ms = timings["decode"]
+        inf.t_preprocess_ms = timings["preprocess"]
+        inf.t_forward_ms = timings["forward"]
+        inf.t_cam_ms = timings["cam"]
+        inf.t_build_ms = timings["build"]
+        inf.t_send_ms = None
+        inf.t_total_ms = sum(timings.values())  # processing so far; deliver() adds send
+        inst = s.get(Instance, instance_id)
+        assert inst is not None
+        inst.state = State.CLASSIFIED.value
+        inst.updated_at = now
+        inst.reason = NO_DESTINATIONS if no_dest else None
+        inst.finished_at = now if no_dest else None
+        _event(
+            s,
+            instance_id,
+            State.CLASSIFIED.value,
+            f"{pred.label} (model {clf.version})" + (f"; {NO_DESTINATIONS}" if no_dest else ""),
+        )
+    metrics.INFERENCES.labels(pred.label).inc()
+    for k, v in timings.items():
+        metrics.STAGE_SECONDS.labels(k).observe(v / 1000)
+    return _Built(sc_uid=uids.sc_sop, sr_uid=sr_uid, verdict=pred.label), timings
+
+
+# --------------------------------------------------------------------------- deliver
+def _results_of(s: Any, instance_id: int) -> tuple[Inference | None, list[tuple[str, str]]]:
+    inf = s.execute(
+        select(Inference)
+        .where(Inference.instance_id == instance_id)
+        .order_by(Inference.created_at.desc(), Inference.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if inf is None:
+        return None, []
+    out = [("SC", inf.sc_sop_instance_uid)] if inf.sc_sop_instance_uid else []
+    if inf.sr_sop_instance_uid:
+        out.append(("SR", inf.sr_sop_instance_uid))
+    return inf, out
+
+
+def _status_text(outcome: Any) -> str | None:
+    st = getattr(outcome, "status", None)
+    if st is None:
+        return None
+    if isinstance(st, int):
+        return f"0x{st:04X}"
+    return str(st)
+
+
+def deliver(settings: Settings, instance_id: int, final_attempt: bool = True) -> Outcome:
+    """Send the stored results of a classified instance to every destination.
+
+    Results already acknowledged by a destination are not re-sent to it. When all are
+    acknowledged the instance becomes ``delivered``; otherwise :class:`DeliveryIncomplete`
+    is raised (the caller retries with backoff) unless ``final_attempt``, in which case the
+    instance becomes ``delivery_failed``.
+    """
+    t0 = time.perf_counter()
+    spool = Spool(settings.spool_dir)
+    with session_scope(settings.database_url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None:
+            return Outcome(instance_id, "skipped", None, "instance not found")
+        if inst.state == State.DELIVERED.value:
+            return Outcome(instance_id, "skipped", inst.state, "already delivered")
+        if inst.state not in (State.CLASSIFIED.value, State.DELIVERY_FAILED.value):
+            return Outcome(instance_id, "skipped", inst.state, "not classified")
+        inf, results = _results_of(s, instance_id)
+        received_at = _aware(inst.received_at)
+        done: set[tuple[str, str]] = {
+            (d.destination, d.sop_instance_uid)
+            for d in s.execute(
+                select(Delivery).where(Delivery.instance_id == instance_id)
+            ).scalars()
+            if d.state in _DELIVERED_STATES
+        }
+    if inf is None or not results:
+        mark_failed(settings, instance_id, "classified but no inference/results recorded")
+        return Outcome(instance_id, "failed", State.FAILED.value, "no results")
+    if not settings.destinations:
+        with session_scope(settings.database_url) as s:
+            inst = s.get(Instance, instance_id)
+            if inst is not None and inst.finished_at is None:
+                inst.finished_at = utcnow()
+                inst.reason = NO_DESTINATIONS
+                inst.state = State.CLASSIFIED.value
+                _event(s, instance_id, State.CLASSIFIED.value, NO_DESTINATIONS)
+        return Outcome(instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS)
+
+    datasets: dict[str, Dataset] = {}
+    problems: list[str] = []
+    for dest in settings.destinations:
+        pending = [(k, uid) for k, uid in results if (str(dest), uid) not in done]
+        if not pending:
+            continue
+        to_send = []
+        for _kind, uid in pending:
+            if uid not in datasets:
+                path = spool.result_path(uid)
+                if not path.exists():
+                    mark_failed(settings, instance_id, f"result file missing from spool: {path.name}")
+                    return Outcome(instance_id, "failed", State.FAILED.value, "result missing")
+                datasets[uid] = spool.read_dataset(path)
+            to_send.append(datasets[uid])
+        outcomes = _send(dest, to_send, settings)
+        _record(settings, instance_id, dest, pending, outcomes, problems)
+
+    send_ms = (time.perf_counter() - t0) * 1000
+    metrics.STAGE_SECONDS.labels("send").observe(send_ms / 1000)
+    now = utcnow()
+    with session_scope(settings.database_url) as s:
+        inf_row = s.get(Inference, inf.id)
+        if inf_row is not None:
+            inf_row.t_send_ms = send_ms  # the last delivery attempt
+            parts = [
+                inf_row.t_decode_ms,
+                inf_row.t_preprocess_ms,
+                inf_row.t_forward_ms,
+                inf_row.t_cam_ms,
+                inf_row.t_build_ms,
+                inf_row.t_send_ms,
+            ]
+            inf_row.t_total_ms = sum(p or 0.0 for p in parts)  # processing, no queue wait
+        inst = s.get(Instance, instance_id)
+        assert inst is not None
+        if not problems:
+            inst.state = State.DELIVERED.value
+            inst.reason = None
+            inst.finished_at = now
+            inst.updated_at = now
+            _event(
+                s,
+                instance_id,
+                State.DELIVERED.value,
+                f"{len(results)} result(s) to {len(settings.destinations)} destination(s)",
+            )
+        elif final_attempt:
+            inst.state = State.DELIVERY_FAILED.value
+            inst.reason = "; ".join(problems)[:2000]
+            inst.finished_at = now
+            inst.updated_at = now
+            _event(s, instance_id, State.DELIVERY_FAILED.value, inst.reason)
+        else:
+            inst.state = State.CLASSIFIED.value  # an admin re-send from delivery_failed
+            inst.updated_at = now
+            _event(s, instance_id, "retry", "delivery: " + "; ".join(problems)[:1900])
+    if not problems:
+        if received_at is not None:
+            metrics.STAGE_SECONDS.labels("end_to_end").observe(
+                max(0.0, (now - received_at).total_seconds())
+            )
+        metrics.TASK_OUTCOMES.labels(State.DELIVERED.value).inc()
+        return Outcome(instance_id, "delivered", State.DELIVERED.value, timings_ms={"send": send_ms})
+    if final_attempt:
+        metrics.TASK_OUTCOMES.labels(State.DELIVERY_FAILED.value).inc()
+        log.warning("instance %d delivery_failed: %s", instance_id, "; ".join(problems))
+        return Outcome(instance_id, "delivery_failed", State.DELIVERY_FAILED.value, "; ".join(problems))
+    raise DeliveryIncomplete("; ".join(problems))
+
+
+def _send(dest: Destination, datasets: list[Dataset], settings: Settings) -> list[Any]:
+    from worker.delivery import store_datasets
+
+    try:
+        return list(store_datasets(dest, datasets, settings))
+    except Exception as exc:  # delivery should classify, but never let one crash us
+        log.warning("delivery to %s raised %s", dest, type(exc).__name__)
+        return [_Unreachable(f"{type(exc).__name__}: {exc}") for _ in datasets]
+
+
+@dataclass
+class _Unreachable:
+    error: str
+    category: str = "unreachable"
+    status: int | None = None
+
+
+def _record(
+    settings: Settings,
+    instance_id: int,
+    dest: Destination,
+    pending: list[tuple[str, str]],
+    outcomes: list[Any],
+    problems: list[str],
+) -> None:
+    now = utcnow()
+    with session_scope(settings.database_url) as s:
+        for (kind, uid), out in zip(pending, outcomes, strict=False):
+            cat = str(getattr(out, "category", "failure"))
+            metrics.DELIVERIES.labels(cat).inc()
+            row = s.execute(
+                select(Delivery).where(
+                    Delivery.instance_id == instance_id,
+                    Delivery.destination == str(dest),
+                    Delivery.sop_instance_uid == uid,
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                row = Delivery(
+                    instance_id=instance_id, destination=str(dest), kind=kind, sop_instance_uid=uid
+                )
+                row.attempts = 0
+                s.add(row)
+            row.attempts = (row.attempts or 0) + 1
+            row.last_status = _status_text(out)
+            err = getattr(out, "error", None) or getattr(out, "detail", None)
+            if cat == "success":
+                row.state, row.delivered_at, row.last_error = D_DELIVERED, now, None
+            elif cat == "warning":
+                row.state, row.delivered_at, row.last_error = D_WARNING, now, err and str(err)
+            else:
+                row.state = D_FAILED
+                row.last_error = (str(err) if err else cat)[:2000]
+                problems.append(f"{kind} to {dest.ae_title}: {cat} {row.last_status or ''}".strip())
+        if len(outcomes) < len(pending):
+            problems.append(f"{dest.ae_title}: {len(pending) - len(outcomes)} result(s) unanswered")
+
+
+# --------------------------------------------------------------------------- all in one
+def process_instance(
+    settings: Settings,
+    instance_id: int,
+    *,
+    task_id: str | None = None,
+    classifier: Any | None = None,
+    force: bool = False,
+    final_delivery_attempt: bool = False,
+) -> Outcome:
+    """Claim, classify and deliver one instance (raises :class:`DeliveryIncomplete` when a
+    destination did not take the results and ``final_delivery_attempt`` is False; transient
+    infrastructure errors propagate for the caller to retry; :class:`PermanentError`
+    closes the instance as ``failed``)."""
+    # load the model BEFORE claiming: a first task in a fresh process may spend seconds
+    # here, and must not look like a stale claim meanwhile
+    clf = classifier if classifier is not None else get_classifier(settings)
+    t_start = time.perf_counter()
+    decision, state = claim(settings, instance_id, task_id=task_id, force=force)
+    if decision == "skip":
+        metrics.TASK_OUTCOMES.labels("skipped").inc()
+        return Outcome(instance_id, "skipped", state)
+    timings: dict[str, float] = {}
+    verdict = None
+    if decision == "classify":
+        try:
+            built, timings = classify(settings, instance_id, clf)
+        except PermanentError as exc:
+            mark_failed(settings, instance_id, str(exc))
+            return Outcome(instance_id, "failed", State.FAILED.value, str(exc))
+        verdict = built.verdict
+        if not settings.destinations:
+            metrics.TASK_OUTCOMES.labels(State.CLASSIFIED.value).inc()
+            timings["total"] = (time.perf_counter() - t_start) * 1000
+            return Outcome(
+                instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS, verdict, timings
+            )
+    out = deliver(settings, instance_id, final_attempt=final_delivery_attempt)
+    out.verdict = verdict
+    out.timings_ms = {**timings, **out.timings_ms}
+    out.timings_ms["total"] = (time.perf_counter() - t_start) * 1000
+    return out

@@ -1,0 +1,250 @@
+"""Celery tasks: ``cxr.classify_instance`` and ``cxr.deliver_instance`` (args: [instance_id]).
+
+Thin wrappers around :mod:`worker.pipeline`, which holds the idempotent logic. What the
+tasks add is the retry policy:
+
+* transient infrastructure errors (database ``OperationalError``/``InterfaceError``,
+  broker/network errors, timeouts) are retried with exponential backoff (1 s, 2 s, 4 s ...
+  with full jitter, capped at ``CXR_RETRY_BACKOFF_MAX``) up to ``CXR_TASK_MAX_RETRIES``
+  times, after which the instance ends ``failed`` with the reason;
+* a destination that refuses or cannot be reached is retried by ``cxr.deliver_instance``
+  with the same backoff, up to ``CXR_DELIVERY_MAX_ATTEMPTS`` attempts in all, after which
+  the instance ends ``delivery_failed`` (``cxr audit retry`` sends ``cxr.deliver_instance``
+  again for it);
+* any other error is permanent: the instance ends ``failed`` with the reason.
+
+Both tasks accept an optional keyword ``force`` (default False): ``classify_instance(id,
+force=True)`` re-classifies an instance even in a final state (an admin re-run; output
+UIDs are the same, so the PACS replaces the results).
+
+The model is loaded lazily, once per worker process (:func:`worker.pipeline.get_classifier`);
+each forked pool process drops the database connections it inherited
+(``worker_process_init``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task, shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_process_init
+from celery.utils.time import get_exponential_backoff_interval
+
+from cxr import metrics
+from cxr.settings import Settings, get_settings
+from db.models import State
+from worker import pipeline
+from worker.celery_app import QUEUE, TASK_CLASSIFY, TASK_DELIVER
+
+log = logging.getLogger(__name__)
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    import kombu.exceptions
+    import sqlalchemy.exc
+
+    errs: list[type[BaseException]] = [
+        sqlalchemy.exc.OperationalError,
+        sqlalchemy.exc.InterfaceError,
+        sqlalchemy.exc.TimeoutError,
+        kombu.exceptions.OperationalError,
+        ConnectionError,
+        TimeoutError,
+    ]
+    try:
+        import redis.exceptions
+
+        errs += [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+
+
+def backoff_seconds(retries: int, settings: Settings) -> int:
+    """Exponential backoff with full jitter: up to 1, 2, 4 ... s, capped."""
+    return max(
+        1,
+        get_exponential_backoff_interval(
+            factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
+        ),
+    )
+
+
+@worker_process_init.connect
+def _after_fork(**_kwargs: Any) -> None:
+    """A forked pool process must not share the parent's DB connections or model."""
+    from db.session import dispose_engines
+
+    dispose_engines()
+    pipeline.reset_classifier()
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:1000]
+
+
+def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt: int) -> None:
+    """Queue ``cxr.deliver_instance`` after a backoff (``attempt`` = attempts made so far)."""
+    countdown = backoff_seconds(attempt - 1, settings)
+    task.app.send_task(
+        TASK_DELIVER,
+        args=[instance_id],
+        kwargs={"attempt": attempt + 1},
+        queue=QUEUE,
+        countdown=countdown,
+    )
+    log.info("instance %d: delivery attempt %d in %d s", instance_id, attempt + 1, countdown)
+
+
+@shared_task(
+    bind=True,
+    name=TASK_CLASSIFY,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
+    """Classify one received instance and deliver its results (first delivery attempt)."""
+    settings = get_settings()
+    final = settings.delivery_max_attempts <= 1
+    try:
+        out = pipeline.process_instance(
+            settings,
+            instance_id,
+            task_id=self.request.id,
+            force=force,
+            final_delivery_attempt=final,
+        )
+    except pipeline.DeliveryIncomplete as exc:
+        log.info("instance %d: delivery incomplete (%s)", instance_id, exc.detail)
+        metrics.TASK_OUTCOMES.labels("delivery_retry").inc()
+        _schedule_delivery(self, instance_id, settings, attempt=1)
+        return "delivery_pending"
+    except TRANSIENT_ERRORS as exc:
+        return _retry_or_fail(self, settings, instance_id, exc)
+    except SoftTimeLimitExceeded:
+        pipeline.mark_failed(
+            settings, instance_id, f"time limit of {settings.task_soft_time_limit} s exceeded"
+        )
+        return State.FAILED.value
+    except Exception as exc:
+        log.exception("instance %d: unexpected error", instance_id)
+        pipeline.mark_failed(settings, instance_id, _reason(exc))
+        return State.FAILED.value
+    log.info("instance %d: %s (%s)", instance_id, out.action, out.verdict or out.reason or "")
+    return out.action
+
+
+def _retry_or_fail(task: Task, settings: Settings, instance_id: int, exc: BaseException) -> str:
+    retries = task.request.retries
+    if retries >= settings.task_max_retries:
+        try:
+            pipeline.mark_failed(
+                settings, instance_id, f"gave up after {retries + 1} attempts: {_reason(exc)}"
+            )
+        except Exception as exc2:  # DB still down: the re-queue sweep will find it later
+            log.error("instance %d: cannot record failure (%s)", instance_id, type(exc2).__name__)
+        return State.FAILED.value
+    pipeline.release_claim(settings, instance_id, f"transient: {_reason(exc)}")
+    metrics.TASK_OUTCOMES.labels("retry").inc()
+    countdown = backoff_seconds(retries, settings)
+    log.warning(
+        "instance %d: transient %s, retry %d/%d in %d s",
+        instance_id,
+        type(exc).__name__,
+        retries + 1,
+        settings.task_max_retries,
+        countdown,
+    )
+    raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
+
+
+@shared_task(
+    bind=True,
+    name=TASK_DELIVER,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
+def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool = False) -> str:
+    """(Re-)send the stored results of a classified (or ``delivery_failed``) instance.
+
+    ``attempt`` counts delivery attempts; the one reaching ``CXR_DELIVERY_MAX_ATTEMPTS``
+    is the last, ending ``delivery_failed`` when it fails. An admin re-send (``cxr audit
+    retry``) starts again at attempt 1."""
+    del force  # accepted for symmetry; a delivered instance is never re-sent
+    settings = get_settings()
+    final = attempt >= settings.delivery_max_attempts
+    try:
+        out = pipeline.deliver(settings, instance_id, final_attempt=final)
+    except pipeline.DeliveryIncomplete as exc:
+        log.info("instance %d: delivery attempt %d incomplete (%s)", instance_id, attempt, exc.detail)
+        metrics.TASK_OUTCOMES.labels("delivery_retry").inc()
+        _schedule_delivery(self, instance_id, settings, attempt=attempt)
+        return "delivery_pending"
+    except TRANSIENT_ERRORS as exc:
+        if self.request.retries >= settings.task_max_retries:
+            log.error("instance %d: delivery bookkeeping failed for good", instance_id)
+            try:
+                pipeline.mark_failed(
+                    settings, instance_id, _reason(exc), state=State.DELIVERY_FAILED
+                )
+            except Exception:
+                log.error("instance %d: cannot record delivery failure", instance_id)
+            return State.DELIVERY_FAILED.value
+        raise self.retry(
+            exc=exc,
+            countdown=backoff_seconds(self.request.retries, settings),
+            max_retries=settings.task_max_retries,
+        ) from exc
+    except Exception as exc:
+        log.exception("instance %d: unexpected delivery error", instance_id)
+        pipeline.mark_failed(settings, instance_id, _reason(exc), state=State.DELIVERY_FAILED)
+        return State.DELIVERY_FAILED.value
+    return out.action
+
+
+def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None = None) -> int:
+    """Re-send ``cxr.deliver_instance`` for instances left ``classified`` (not finished) for
+    longer than ``CXR_REQUEUE_STALE_AFTER`` (a worker died between classification and
+    delivery, or a scheduled delivery retry was lost with it). Returns the count."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from db.models import Instance, utcnow
+    from db.session import session_scope
+
+    if not settings.destinations:
+        return 0
+    cutoff = utcnow() - timedelta(
+        seconds=settings.requeue_stale_after if stale_after is None else stale_after
+    )
+    with session_scope(settings.database_url) as s:
+        ids = s.execute(
+            select(Instance.id).where(
+                Instance.state == State.CLASSIFIED.value,
+                Instance.finished_at.is_(None),
+                Instance.updated_at <= cutoff,
+            )
+        ).scalars().all()
+    n = 0
+    for instance_id in ids:
+        try:
+            app.send_task(TASK_DELIVER, args=[instance_id], queue=QUEUE)
+        except Exception as exc:
+            log.warning("undelivered sweep: broker unavailable (%s)", type(exc).__name__)
+            break
+        with session_scope(settings.database_url) as s:
+            inst = s.get(Instance, instance_id)
+            if inst is not None and inst.state == State.CLASSIFIED.value:
+                inst.updated_at = utcnow()
+        n += 1
+    if n:
+        log.info("undelivered sweep re-sent %d instance(s)", n)
+    return n
