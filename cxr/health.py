@@ -35,10 +35,26 @@ def health_report() -> tuple[bool, dict[str, bool]]:
     return all(results.values()), results
 
 
+def _metrics_registry():  # type: ignore[no-untyped-def]
+    """The default registry, or, when ``PROMETHEUS_MULTIPROC_DIR`` is set (a Celery worker
+    whose tasks run in forked pool processes), the aggregate of every process's metrics."""
+    import os
+
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return REGISTRY
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return registry
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
         if self.path.startswith("/metrics"):
-            body = generate_latest(REGISTRY)
+            body = generate_latest(_metrics_registry())
             self._send(200, body, CONTENT_TYPE_LATEST)
         elif self.path.startswith("/healthz"):
             ok, checks = health_report()

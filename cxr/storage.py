@@ -219,34 +219,40 @@ def cleanup_spool(
             ).all()
             if i not in old_ids
         }
-        result_uids = [
-            uid
-            for row in s.execute(
-                select(Inference.sc_sop_instance_uid, Inference.sr_sop_instance_uid).where(
-                    Inference.instance_id.in_(old_ids)
-                )
-            ).all()
-            for uid in row
-            if uid
-        ]
-        paths: list[Path] = [spool.resolve(p) for _, p in old if p not in kept_paths]
-        paths += [spool.result_path(uid) for uid in result_uids]
-        for path in dict.fromkeys(paths):
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                continue
+        old_list = sorted(old_ids)
+        for k in range(0, len(old_list), 500):  # bounded IN lists (SQLite variable limit)
+            chunk = old_list[k : k + 500]
+            result_uids = [
+                uid
+                for row in s.execute(
+                    select(Inference.sc_sop_instance_uid, Inference.sr_sop_instance_uid).where(
+                        Inference.instance_id.in_(chunk)
+                    )
+                ).all()
+                for uid in row
+                if uid
+            ]
+            chunk_set = set(chunk)
+            paths: list[Path] = [
+                spool.resolve(p) for i, p in old if i in chunk_set and p not in kept_paths
+            ]
+            paths += [spool.result_path(uid) for uid in result_uids]
+            for path in dict.fromkeys(paths):
+                try:
+                    size = path.stat().st_size
+                except FileNotFoundError:
+                    continue
+                if not dry_run:
+                    spool.delete(path)
+                res.files += 1
+                res.bytes += size
             if not dry_run:
-                spool.delete(path)
-            res.files += 1
-            res.bytes += size
+                s.execute(update(Instance).where(Instance.id.in_(chunk)).values(spool_path=None))
+                s.add_all(
+                    Event(instance_id=i, kind="spool_purged", detail=f"retention {days} d")
+                    for i in chunk
+                )
         res.instances = len(old_ids)
-        if not dry_run:
-            s.execute(update(Instance).where(Instance.id.in_(old_ids)).values(spool_path=None))
-            s.add_all(
-                Event(instance_id=i, kind="spool_purged", detail=f"retention {days} d")
-                for i in old_ids
-            )
     log.info(
         "spool clean-up: %s %d file(s), %d bytes, %d instance(s)",
         "would delete" if dry_run else "deleted",

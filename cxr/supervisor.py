@@ -110,12 +110,29 @@ def child_argv(command: str, extra: list[str] | None = None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- metrics
+QUEUE_DEPTH_METRIC = "cxr_queue_depth"
+
+
+class _ChildrenCollector:
+    """Every child's metrics (Prometheus multi-process files), except the queue depth,
+    which this process computes from the audit DB (one series, not one per process)."""
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self._inner = MultiProcessCollector(None, path=path)
+
+    def collect(self) -> Iterator[Any]:
+        for fam in self._inner.collect():
+            if fam.name != QUEUE_DEPTH_METRIC:
+                yield fam
+
+
 def _multiproc_registry(path: str) -> Any:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=path)
+    registry.register(_ChildrenCollector(path))
     return registry
 
 
@@ -141,11 +158,18 @@ class _SupervisorCollector:
             "cxr_audit_instances", "Audit rows by instance state", labels=["state"]
         )
         try:
-            for state, n in self.sup.count_by_state().items():
-                by_state.add_metric([state], n)
+            counts = self.sup.count_by_state()
         except Exception as exc:  # DB briefly locked/unreachable: omit the series
             log.debug("state count failed: %s", type(exc).__name__)
+            return
+        for state, n in counts.items():
+            by_state.add_metric([state], n)
         yield by_state
+        yield GaugeMetricFamily(
+            QUEUE_DEPTH_METRIC,
+            "Instances waiting for a worker (received+queued)",
+            value=float(counts.get("received", 0) + counts.get("queued", 0)),
+        )
 
 
 def _make_http_handler(registry: Any) -> type[BaseHTTPRequestHandler]:
@@ -190,7 +214,7 @@ def format_status(row: Any, inference: Any | None) -> str:
     """One line for an instance in a final state: verdict, probabilities, latency."""
     received = _aware(row.received_at)
     finished = _aware(row.finished_at) or _aware(row.updated_at)
-    latency = (finished - received).total_seconds() if received and finished else None
+    latency = max(0.0, (finished - received).total_seconds()) if received and finished else None
     parts = [f"[{row.state.upper():<15}]", f"#{row.id}", f"sop={row.sop_instance_uid}"]
     if inference is not None:
         parts.append(f"verdict={inference.verdict}")
@@ -198,13 +222,13 @@ def format_status(row: Any, inference: Any | None) -> str:
             f"p(COVID)={inference.p_covid:.3f} p(Normal)={inference.p_normal:.3f} "
             f"p(Other)={inference.p_other:.3f}"
         )
-    elif row.reason:
-        parts.append(f"reason={row.reason}")
     if latency is not None:
         lat = f"latency={latency:.2f}s"
         if inference is not None and inference.t_total_ms is not None:
             lat += f" (worker {inference.t_total_ms / 1000:.2f}s)"
         parts.append(lat)
+    if row.reason:
+        parts.append(f"reason={row.reason}")
     return " ".join(parts)
 
 
@@ -451,13 +475,36 @@ class Supervisor:
         except Exception:
             log.exception("spool clean-up failed")
 
+    def preflight(self) -> str | None:
+        """A one-line error when the DICOM port cannot be bound (e.g. already in use)."""
+        s = self.settings
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in s.dicom_host else socket.AF_INET) as sk:
+                sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sk.bind((s.dicom_host, s.dicom_port))
+        except OSError as exc:
+            return f"cannot listen on {s.dicom_host}:{s.dicom_port} (CXR_DICOM_PORT): {exc.strerror}"
+        return None
+
     def run(self) -> int:
         from db.session import init_db
 
+        problem = self.preflight()
+        if problem:
+            print(f"cxr run: {problem}", file=sys.stderr)
+            return 2
         init_db(self.settings.database_url)
         self.metrics_dir = tempfile.mkdtemp(prefix="cxr-metrics-")
         try:
-            self.start_metrics()
+            try:
+                self.start_metrics()
+            except OSError as exc:
+                print(
+                    f"cxr run: cannot serve metrics on {self.settings.metrics_host}:"
+                    f"{self.settings.metrics_port} (CXR_METRICS_PORT): {exc.strerror}",
+                    file=sys.stderr,
+                )
+                return 2
             self.build_children()
             self.install_signals()
             self._poller = StatusPoller(self.settings.database_url, datetime.now(UTC))

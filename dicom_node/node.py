@@ -21,6 +21,7 @@ import hashlib
 import io
 import logging
 import queue
+import re
 import ssl
 import threading
 import time
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cxr import metrics
@@ -42,6 +43,7 @@ from db.session import init_db, session_scope
 from dicom_node import filters
 from dicom_node.status import (
     SUCCESS,
+    CannotUnderstand,
     DoesNotMatchSOPClass,
     OutOfResources,
     StoreRefused,
@@ -63,7 +65,9 @@ RJ_CALLING_AE_NOT_RECOGNISED = 0x03
 RJ_CALLED_AE_NOT_RECOGNISED = 0x07
 RJ_LOCAL_LIMIT_EXCEEDED = 0x02
 
+_PRINTABLE_UID = re.compile(r"[\x21-\x7e]+")  # lenient: real UIDs with e.g. leading zeros pass
 JUNK_CONNECTION_HEADROOM = 100
+DISPATCH_BATCH = 64
 _STOP = object()
 
 
@@ -72,6 +76,8 @@ def encoded_parts(event: Any) -> tuple[bytes, memoryview]:
     preamble + 'DICM' + file meta, and a zero-copy view of the data set exactly as received.
     ``b"".join(encoded_parts(e)) == e.encoded_dataset()``. Release the view when done."""
     stream = event.request.DataSet
+    if stream is None:
+        raise CannotUnderstand("C-STORE request without a data set", "no_dataset")
     if not isinstance(stream, io.BytesIO):  # pragma: no cover - chunked-to-file mode
         data = event.encoded_dataset()
         return b"", memoryview(data)
@@ -203,19 +209,29 @@ class StorageNode:
             target=self._dispatch_loop, name="cxr-dispatch", daemon=True
         )
         self._dispatch_thread.start()
-        self.server = self.ae.start_server(
-            (s.dicom_host, s.dicom_port),
-            block=False,
-            evt_handlers=handlers,
-            ssl_context=self.ssl_context(),
-        )
+        try:
+            self.server = self.ae.start_server(
+                (s.dicom_host, s.dicom_port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=self.ssl_context(),
+            )
+        except BaseException:
+            self._dispatch_q.put(_STOP)
+            raise
         if self._sweep_enabled:
             self._sweep_thread = threading.Thread(
                 target=self._sweep_loop, name="cxr-requeue-sweep", daemon=True
             )
             self._sweep_thread.start()
         if self._metrics_enabled and s.metrics_port:
-            self._metrics_http = metrics.start_metrics_server(s.metrics_host, s.metrics_port)
+            try:
+                self._metrics_http = metrics.start_metrics_server(s.metrics_host, s.metrics_port)
+            except OSError as exc:  # the SCP matters more than its metrics
+                log.error(
+                    "metrics endpoint %s:%d unavailable (%s); the node runs without it",
+                    s.metrics_host, s.metrics_port, exc,
+                )
             from cxr.health import register_health_check
 
             register_health_check("scp", lambda: self.server is not None)
@@ -242,7 +258,9 @@ class StorageNode:
             return
         server, self.server = self.server, None
         server.shutdown()  # stops accepting; running associations keep their sockets
-        deadline = time.monotonic() + (timeout if timeout is not None else self.settings.dimse_timeout)
+        wait = timeout if timeout is not None else self.settings.dimse_timeout
+        deadline = time.monotonic() + wait
+
         def in_flight() -> list[Any]:  # requested, not rejected (junk connections hold nothing)
             return [
                 a
@@ -284,21 +302,62 @@ class StorageNode:
         self._dispatch_q.put(instance_id)
 
     def _dispatch_loop(self) -> None:
-        from worker.dispatch import enqueue_instance
-
+        """Hand stored instances to the broker, in batches of whatever is waiting: one
+        publish per instance, one audit transaction per batch (received -> queued)."""
         while True:
             item = self._dispatch_q.get()
-            if item is _STOP:
-                return
+            batch: list[int] = []
+            stop = item is _STOP
+            if not stop:
+                batch.append(int(item))  # type: ignore[call-overload]
+            while len(batch) < DISPATCH_BATCH:
+                try:
+                    more = self._dispatch_q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                    break
+                batch.append(int(more))  # type: ignore[call-overload]
             try:
-                assert isinstance(item, int)
-                enqueue_instance(self.settings, self.celery_app, item)
+                if batch:
+                    self._hand_off(batch)
             except Exception as exc:  # the sweep will retry
-                log.warning("hand-off of instance %s failed: %s", item, type(exc).__name__)
+                log.warning("hand-off of %d instance(s) failed: %s", len(batch), type(exc).__name__)
             finally:
                 with self._pending_cv:
-                    self._pending -= 1
+                    self._pending -= len(batch)
                     self._pending_cv.notify_all()
+            if stop:
+                return
+
+    def _hand_off(self, ids: list[int]) -> None:
+        from worker.dispatch import send_classify
+
+        sent: list[int] = []
+        for instance_id in ids:
+            try:
+                send_classify(self.celery_app, instance_id)
+            except Exception as exc:
+                log.warning(
+                    "broker unavailable, %d instance(s) stay 'received' for the sweep: %s",
+                    len(ids) - len(sent), type(exc).__name__,
+                )
+                break
+            sent.append(instance_id)
+        if not sent:
+            return
+        with session_scope(self.settings.database_url) as sess:
+            moved = sess.execute(
+                update(Instance)
+                .where(Instance.id.in_(sent), Instance.state == State.RECEIVED.value)
+                .values(state=State.QUEUED.value, updated_at=utcnow())
+                .returning(Instance.id)
+            ).scalars().all()
+            sess.add_all(
+                Event(instance_id=i, kind=State.QUEUED.value, detail="sent to queue")
+                for i in moved
+            )
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every hand-off so far was attempted. True when done in time."""
@@ -364,8 +423,8 @@ class StorageNode:
         called = str(rq.primitive.called_ae_title or "").strip()
         st = _AssocState(
             None,
-            str(rq.primitive.calling_ae_title or "").strip(),
-            called,
+            str(rq.primitive.calling_ae_title or "").replace("\x00", "").strip(),
+            called.replace("\x00", ""),
             rq.address,
             rq.port,
         )
@@ -497,6 +556,8 @@ class StorageNode:
         sop_uid = header.text("SOPInstanceUID")
         if not sop_uid:
             raise DoesNotMatchSOPClass("no SOP Instance UID in the data set", "missing_uid")
+        if len(sop_uid) > 64 or not _PRINTABLE_UID.fullmatch(sop_uid):
+            raise DoesNotMatchSOPClass("SOP Instance UID is not a valid UI value", "invalid_uid")
         if cur["sop_instance_uid"] and sop_uid != cur["sop_instance_uid"]:
             raise DoesNotMatchSOPClass(
                 "SOP Instance UID differs from the C-STORE request", "uid_mismatch"
@@ -560,6 +621,7 @@ class StorageNode:
     # ------------------------------------------------------------------ audit rows
     def _header_fields(self, h: filters.Header) -> dict[str, Any]:
         def cut(v: str, n: int) -> str | None:
+            v = v.replace("\x00", "")  # PostgreSQL text cannot hold NUL
             return v[:n] if v else None
 
         return {
@@ -584,6 +646,9 @@ class StorageNode:
     def _instance(self, st: _AssocState, cur: dict[str, Any], state: State, reason: str | None,
                   version: int) -> Instance:
         fields = {k: cur.get(k) for k in self._INSTANCE_KEYS}
+        for k, v in fields.items():
+            if isinstance(v, str):
+                fields[k] = v.replace("\x00", "")
         fields["sop_instance_uid"] = (fields["sop_instance_uid"] or "")[:64]
         return Instance(
             **fields,
@@ -599,14 +664,16 @@ class StorageNode:
     def _find(self, sess: Any, cur: dict[str, Any]) -> Instance | None:
         return sess.execute(
             select(Instance).where(
-                Instance.sop_instance_uid == cur["sop_instance_uid"][:64],
+                Instance.sop_instance_uid == cur["sop_instance_uid"].replace("\x00", "")[:64],
                 Instance.content_sha256 == cur.get("sha256", ""),
             )
         ).scalar_one_or_none()
 
     def _next_version(self, sess: Any, uid: str) -> int:
         v = sess.execute(
-            select(func.max(Instance.version)).where(Instance.sop_instance_uid == uid[:64])
+            select(func.max(Instance.version)).where(
+                Instance.sop_instance_uid == uid.replace("\x00", "")[:64]
+            )
         ).scalar()
         return int(v or 0) + 1
 

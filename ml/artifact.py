@@ -241,16 +241,22 @@ def render_markdown(card: Mapping[str, Any]) -> str:
                 lines.append(f"| {s} | {ps.get('n')} | {_fmt(ps.get('accuracy'))} |")
         targets = m.get("targets")
         if targets:
-            lines += ["", "Targets (issue 2): " + "; ".join(
-                f"{k}: {_fmt(v.get('value'))} ({'met' if v.get('met') else 'NOT met'})"
-                for k, v in targets.items()
-            )]
+            lines += [
+                "",
+                "Targets (issue 2): "
+                + "; ".join(
+                    f"{k}: {_fmt(v.get('value'))} ({'met' if v.get('met') else 'NOT met'})"
+                    for k, v in targets.items()
+                ),
+            ]
     data = card.get("data") or {}
     if data:
         lines += ["", "## Training data", ""]
         for k in ("root", "split", "split_counts"):
             if k in data:
-                lines.append(f"- {k}: {json.dumps(data[k]) if not isinstance(data[k], str) else data[k]}")
+                lines.append(
+                    f"- {k}: {json.dumps(data[k]) if not isinstance(data[k], str) else data[k]}"
+                )
         for s, info in sorted((data.get("sources") or {}).items()):
             lines.append(f"- source `{s}`: {info.get('n')} images; licence: {info.get('licence')}")
     training = card.get("training") or {}

@@ -93,20 +93,25 @@ def _register_train(sub: argparse._SubParsersAction, name: str) -> None:  # type
     )
     p.add_argument("--loss", choices=("focal", "ce"), default=None, help="default focal")
     p.add_argument(
-        "--class-weights", action=argparse.BooleanOptionalAction, default=None,
+        "--class-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="balanced class weights",
     )
     p.add_argument("--head", choices=("gap", "study"), default=None, help="default gap")
     p.add_argument(
-        "--trainable", choices=("all", "conv5"), default=None,
+        "--trainable",
+        choices=("all", "conv5"),
+        default=None,
         help="train everything or only conv5 + head (the study's freezing)",
     )
     p.add_argument("--equalization", choices=("hist", "clahe", "none"), default=None)
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
-    p.add_argument("--backbone", choices=("densenet169", "tiny"), default=None,
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--backbone", choices=("densenet169", "tiny"), default=None, help=argparse.SUPPRESS
+    )
     p.add_argument("--no-augment", action="store_true", help="disable augmentation")
     p.add_argument("--model-name", default=None, help="name in the model card")
     p.add_argument("--model-version", default="1", help="version in the model card")
@@ -145,11 +150,17 @@ def _train_config(args: argparse.Namespace) -> Any:
             continue
         if field == "weights" and str(v).lower() in ("none", "scratch", ""):
             v = None
-        if saved.is_file() and getattr(cfg, field) != v and field not in (
-            "epochs", "patience", "max_minutes", "batch_size"
+        if (
+            saved.is_file()
+            and getattr(cfg, field) != v
+            and field not in ("epochs", "patience", "max_minutes", "batch_size")
         ):
-            log.warning("--%s %s differs from the saved run's %s: keeping the saved value",
-                        arg.replace("_", "-"), v, getattr(cfg, field))
+            log.warning(
+                "--%s %s differs from the saved run's %s: keeping the saved value",
+                arg.replace("_", "-"),
+                v,
+                getattr(cfg, field),
+            )
             continue
         setattr(cfg, field, v)
     if args.no_augment:
@@ -167,13 +178,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     out: Path = args.out
     samples = load_samples(args.data, args.manifest)
     splits = split_samples(samples)
-    print(f"data: {len(samples)} images; split " + ", ".join(
-        f"{k} {len(v)}" for k, v in splits.items()), flush=True)
+    print(
+        f"data: {len(samples)} images; split "
+        + ", ".join(f"{k} {len(v)}" for k, v in splits.items()),
+        flush=True,
+    )
     cfg = _train_config(args)
     state = read_state(out)
     if state.get("completed"):
-        print(f"training in {out} already completed (epochs {state.get('epochs_run')}): "
-              "finalising", flush=True)
+        print(
+            f"training in {out} already completed (epochs {state.get('epochs_run')}): finalising",
+            flush=True,
+        )
     else:
         from ml.tfdata import make_dataset
         from ml.train import fit
@@ -184,8 +200,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_ds = make_dataset(splits["val"], pcfg, cfg.batch_size)
         cw = class_weights(splits["train"]) if cfg.class_weights else None
         if state:
-            print(f"resuming from the checkpoint in {out} (epochs run: "
-                  f"{state.get('epochs_run', 0)})", flush=True)
+            print(
+                f"resuming from the checkpoint in {out} (epochs run: {state.get('epochs_run', 0)})",
+                flush=True,
+            )
         state = fit(cfg, out, train_ds, val_ds, class_weight=cw, verbose=1)
         print(f"training done: {json.dumps(state)}", flush=True)
     if args.no_finalise:
@@ -209,7 +227,8 @@ def _source_bias(samples: list[Any]) -> list[str]:
     classes = sorted(by_class)
     desc = "; ".join(f"{c}: {', '.join(sorted(by_class[c]))}" for c in classes)
     confounded = [
-        c for c in classes
+        c
+        for c in classes
         if not by_class[c] & set().union(*(by_class[o] for o in classes if o != c))
     ]
     if len(classes) > 1 and confounded:
@@ -298,8 +317,9 @@ def finalise(
 
     sources: dict[str, dict[str, Any]] = {}
     for s in samples:
-        info = sources.setdefault(s.source or "unknown", {"n": 0, "licence": s.licence,
-                                                          "classes": Counter()})
+        info = sources.setdefault(
+            s.source or "unknown", {"n": 0, "licence": s.licence, "classes": Counter()}
+        )
         info["n"] += 1
         info["classes"][s.label] += 1
     for info in sources.values():
@@ -331,10 +351,9 @@ def finalise(
         data={
             "root": Path(args.data).name,
             "split": "by manifest group (no patient/duplicate crosses splits)"
-            if by_group else "stratified by image 70/10/20, seed 42",
-            "split_counts": {
-                k: dict(Counter(s.label for s in v)) for k, v in splits.items()
-            },
+            if by_group
+            else "stratified by image 70/10/20, seed 42",
+            "split_counts": {k: dict(Counter(s.label for s in v)) for k, v in splits.items()},
             "sources": sources,
         },
         reports={k: f"reports/{k}" for k in ("val", "test")},
@@ -356,15 +375,22 @@ def finalise(
 
 def _register_evaluate(sub: argparse._SubParsersAction, name: str) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        name, help="evaluate a model artifact on a labelled folder",
+        name,
+        help="evaluate a model artifact on a labelled folder",
         description=f"Metrics with bootstrap 95%% CIs, plots and a per-source breakdown. {DISCLAIMER}.",
     )
-    p.add_argument("--model", type=Path, default=None,
-                   help="model artifact (default: CXR_MODEL_DIR / the shipped model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model artifact (default: CXR_MODEL_DIR / the shipped model)",
+    )
     p.add_argument("--data", required=True, type=Path, help="labelled image folder")
     p.add_argument("--manifest", type=Path, help="manifest CSV (default DATA/manifest.csv)")
     p.add_argument(
-        "--split", choices=("all", "train", "val", "test"), default="all",
+        "--split",
+        choices=("all", "train", "val", "test"),
+        default="all",
         help="evaluate on this split of DATA (the same group-aware split as cxr train; use "
         "'test' for the model's own training data). Default: all images",
     )
@@ -424,12 +450,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _register_predict(sub: argparse._SubParsersAction, name: str) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        name, help="classify DICOM/PNG/JPEG files",
+        name,
+        help="classify DICOM/PNG/JPEG files",
         description=f"Verdict, calibrated probabilities and a Grad-CAM overlay. {DISCLAIMER}.",
     )
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
-    p.add_argument("--model", type=Path, default=None,
-                   help="model artifact (default: CXR_MODEL_DIR / the shipped model)")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model artifact (default: CXR_MODEL_DIR / the shipped model)",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines: file, label, probabilities")
     p.add_argument("--cam-dir", type=Path, help="write a Grad-CAM overlay PNG per file here")
     p.add_argument("--engine", choices=("auto", "onnx", "keras"), default=None)
@@ -446,8 +477,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ml.runtime import Classifier
 
     engine, cache = _settings_engine_cache()
-    clf = Classifier.load(args.model or _default_model_dir(), engine=args.engine or engine,  # type: ignore[arg-type]
-                          cache_dir=cache)
+    clf = Classifier.load(
+        args.model or _default_model_dir(),
+        engine=args.engine or engine,  # type: ignore[arg-type]
+        cache_dir=cache,
+    )
     if args.cam_dir:
         args.cam_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -471,15 +505,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
             rgb = overlay(display, p.cam, text=DISCLAIMER)
             cv2.imwrite(str(cam_file), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if args.json:
-            rec: dict[str, Any] = {"file": str(path), "label": p.label,
-                                   "probabilities": p.probabilities}
+            rec: dict[str, Any] = {
+                "file": str(path),
+                "label": p.label,
+                "probabilities": p.probabilities,
+            }
             if cam_file:
                 rec["cam"] = str(cam_file)
             print(json.dumps(rec), flush=True)
         else:
             probs = ", ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())
-            print(f"{path}: {p.label} ({probs})" + (f" cam={cam_file}" if cam_file else ""),
-                  flush=True)
+            print(
+                f"{path}: {p.label} ({probs})" + (f" cam={cam_file}" if cam_file else ""),
+                flush=True,
+            )
     return 1 if failed else 0
 
 
@@ -504,6 +543,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ArtifactError(f"{model_dir}: weights missing or sha256 differs from the card")
     card = load_card(model_dir)
     export_onnx(build_model_from_card(card, model_dir), args.out)
-    print(f"wrote {args.out} (outputs: last-conv features, logits; apply softmax(logits / "
-          f"{float(card.get('temperature', 1.0)):.4f}))")
+    print(
+        f"wrote {args.out} (outputs: last-conv features, logits; apply softmax(logits / "
+        f"{float(card.get('temperature', 1.0)):.4f}))"
+    )
     return 0

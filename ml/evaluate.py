@@ -206,7 +206,9 @@ def plot_confusion(cm: np.ndarray, classes: Sequence[str], png: Path, title: str
     return png
 
 
-def plot_roc(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], png: Path, title: str) -> Path:
+def plot_roc(
+    probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], png: Path, title: str
+) -> Path:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _plt()

@@ -54,27 +54,39 @@ def cam_from_features(
     return normalise_cam(f @ kernel[:, class_idx])
 
 
-def gradcam_gradient(model: Any, x: np.ndarray, class_idx: int) -> np.ndarray:
-    """Grad-CAM with a real backward pass (TensorFlow backend), in [0, 1].
-
-    ``model``: the Keras classifier (logits output) or its
-    :func:`ml.model.feature_logit_model`; ``x``: one input (S, S, 3) or (1, S, S, 3).
-    """
+def make_gradcam_fn(model: Any) -> Any:
+    """A compiled (``tf.function``) Grad-CAM for ``model``: ``fn(x (1,S,S,3), class_idx)``
+    -> raw map (h, w) before ReLU/normalisation. Build once per model and reuse."""
     import tensorflow as tf
 
     from ml.model import feature_logit_model
 
     fl = model if len(model.outputs) == 2 else feature_logit_model(model)
+
+    @tf.function(reduce_retracing=True)
+    def fn(x: tf.Tensor, class_idx: tf.Tensor) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            features, logits = fl([x], training=False)
+            score = tf.gather(logits, class_idx, axis=1)
+        grads = tape.gradient(score, features)[0]  # (h, w, C)
+        alpha = tf.reduce_mean(grads, axis=(0, 1))  # global-average-pooled gradients
+        return tf.reduce_sum(features[0] * alpha, axis=-1)
+
+    return fn
+
+
+def gradcam_gradient(model: Any, x: np.ndarray, class_idx: int, fn: Any = None) -> np.ndarray:
+    """Grad-CAM with a real backward pass (TensorFlow backend), in [0, 1].
+
+    ``model``: the Keras classifier (logits output) or its
+    :func:`ml.model.feature_logit_model`; ``x``: one input (S, S, 3) or (1, S, S, 3);
+    ``fn``: a :func:`make_gradcam_fn` of ``model`` to reuse (else built here).
+    """
     xb = np.asarray(x, dtype=np.float32)
     if xb.ndim == 3:
         xb = xb[None]
-    xt = tf.convert_to_tensor(xb)
-    with tf.GradientTape() as tape:
-        features, logits = fl([xt], training=False)
-        score = logits[:, class_idx]
-    grads = tape.gradient(score, features)[0].numpy()  # (h, w, C)
-    alpha = grads.mean(axis=(0, 1))  # global-average-pooled gradients
-    return normalise_cam(features[0].numpy() @ alpha)
+    fn = fn or make_gradcam_fn(model)
+    return normalise_cam(np.asarray(fn(xb, np.int32(class_idx))))
 
 
 def upsample(cam: np.ndarray, size: int) -> np.ndarray:
@@ -140,5 +152,7 @@ def burn_text(rgb: np.ndarray, text: str) -> np.ndarray:
     (tw, th), base = cv2.getTextSize(text, font, scale, thick)
     band = min(h, th + base + 6)
     out[:band] = (out[:band] * 0.2).astype(np.uint8)
-    cv2.putText(out, text, (max(0, (w - tw) // 2), th + 3), font, scale, (255, 255, 0), thick, cv2.LINE_AA)
+    cv2.putText(
+        out, text, (max(0, (w - tw) // 2), th + 3), font, scale, (255, 255, 0), thick, cv2.LINE_AA
+    )
     return out

@@ -190,7 +190,9 @@ class _OnnxEngine:
         self.kernel, self.bias = head["kernel"], head["bias"]
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        res = self.session.run(self.out_names, {self.input_name: np.ascontiguousarray(x, np.float32)})
+        res = self.session.run(
+            self.out_names, {self.input_name: np.ascontiguousarray(x, np.float32)}
+        )
         return res[self.feature_idx], res[self.logit_idx]
 
 
@@ -200,9 +202,7 @@ class _OnnxEngine:
 class Classifier:
     """A loaded, verified model artifact. Thread-safe for prediction."""
 
-    def __init__(
-        self, card: Card, engine: Any, keras_model: Any | None, model_dir: Path
-    ) -> None:
+    def __init__(self, card: Card, engine: Any, keras_model: Any | None, model_dir: Path) -> None:
         self.card = dict(card)
         self.model_dir = model_dir
         self.name: str = str(card.get("name", model_dir.name))
@@ -218,6 +218,7 @@ class Classifier:
         self._engine = engine
         self.engine: str = engine.name
         self._keras_model = keras_model
+        self._gradcam_fn: Any = None
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- loading
@@ -324,9 +325,11 @@ class Classifier:
         if self.head == "gap":
             m = cam_from_features(features, self._engine.kernel, idx)
         else:  # non-linear head: real Grad-CAM with a backward pass
-            from ml.gradcam import gradcam_gradient
+            from ml.gradcam import gradcam_gradient, make_gradcam_fn
 
-            m = gradcam_gradient(self.keras_model, x, idx)
+            if self._gradcam_fn is None:
+                self._gradcam_fn = make_gradcam_fn(self.keras_model)
+            m = gradcam_gradient(self.keras_model, x, idx, fn=self._gradcam_fn)
         return upsample(normalise_cam(m), self.image_size)
 
     def predict_displays(
@@ -350,7 +353,9 @@ class Classifier:
                 out.append(
                     Prediction(
                         label=self.classes[idx],
-                        probabilities={c: float(p) for c, p in zip(self.classes, probs[j], strict=True)},
+                        probabilities={
+                            c: float(p) for c, p in zip(self.classes, probs[j], strict=True)
+                        },
                         cam=cam,
                         model_grey=greys[j],
                         timings_ms={

@@ -63,9 +63,7 @@ def make_dataset(
         return grey
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
-    ds = ds.map(
-        lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
-    )
+    ds = ds.map(lambda p, y: (load(p), y), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if cache:
         ds = ds.cache(cache if isinstance(cache, str) else "")
     if shuffle:

@@ -5,7 +5,8 @@ The device returns, in its $OUT folder:
 * ``weights.part0`` .. ``weights.partN``: chunks of the best run's ``model.weights.h5``;
 * ``summary.json``: every experiment's state/config, ``best`` (its name) and, in newer
   runs, ``best_files`` = {"history.csv": text, "config.json": text, "train_state.json": text};
-* older runs: ``best_history.csv``, ``best_config.json``, ``best_train_state.json``.
+* older runs: ``best_history.csv``, ``best_config.json``, ``best_train_state.json``;
+* or the concatenated ``model.weights.h5`` itself instead of the parts.
 
 This script concatenates the parts into ``OUT_DIR/model.weights.h5`` and writes
 ``history.csv``, ``config.json``, ``train_state.json`` (+ ``gpu_summary.json``) there, so
@@ -62,7 +63,11 @@ def best_files(run: Path) -> dict[str, str]:
 
 def assemble(run: Path, out: Path, force: bool = False) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    blob = b"".join(p.read_bytes() for p in weight_parts(run))
+    whole = run / "model.weights.h5"
+    if whole.is_file() and not any(run.glob("weights.part*")):  # already concatenated
+        blob = whole.read_bytes()
+    else:
+        blob = b"".join(p.read_bytes() for p in weight_parts(run))
     if not blob.startswith(HDF5_SIGNATURE):
         raise SystemExit("assembled weights are not an HDF5 file")
     files = best_files(run)
@@ -79,9 +84,11 @@ def assemble(run: Path, out: Path, force: bool = False) -> str:
         summary.pop("best_files", None)
         (out / "gpu_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     digest = hashlib.sha256(blob).hexdigest()
-    print(f"assembled {len(blob) / 1e6:.1f} MB weights (sha256 {digest[:12]}), "
-          f"epochs_run {state.get('epochs_run')}, best_epoch {state.get('best_epoch')}, "
-          f"best_val_loss {state.get('best_val_loss')} into {out}")
+    print(
+        f"assembled {len(blob) / 1e6:.1f} MB weights (sha256 {digest[:12]}), "
+        f"epochs_run {state.get('epochs_run')}, best_epoch {state.get('best_epoch')}, "
+        f"best_val_loss {state.get('best_val_loss')} into {out}"
+    )
     return digest
 
 

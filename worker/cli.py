@@ -8,7 +8,11 @@ Besides the Celery worker itself, the command
   at receipt), stuck in ``queued``/``processing`` for longer than
   ``CXR_REQUEUE_STALE_AFTER`` (a worker was killed), or left ``classified`` without
   delivery for as long, are sent to the queue again (tasks are idempotent);
-* serves Prometheus ``/metrics`` and ``/healthz`` on ``CXR_METRICS_PORT`` (0 = off).
+* checks the model artifact and fills its ONNX export cache in a throw-away subprocess
+  before the pool starts (``--no-warm-model`` skips it), so no task pays for the export;
+* serves Prometheus ``/metrics`` and ``/healthz`` on ``CXR_METRICS_PORT`` (0 = off); the
+  pool processes' metrics are aggregated (prometheus-client multiprocess mode, in
+  ``PROMETHEUS_MULTIPROC_DIR`` or a temporary folder).
 
 SIGTERM is Celery's warm shutdown: the task in flight finishes and is acknowledged, then
 the worker exits. (A second SIGTERM/SIGQUIT is a cold shutdown; an unacknowledged task is
@@ -21,7 +25,11 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
+import time
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
     p.add_argument("--hostname", default=None, help="Celery node name (default cxr@<host>-<pid>)")
     p.add_argument(
         "--no-sweep", action="store_true", help="do not run the re-queue sweep in this worker"
+    )
+    p.add_argument(
+        "--no-warm-model",
+        action="store_true",
+        help="skip the start-up model check/ONNX export (then the first task pays for it)",
     )
     p.set_defaults(func=run_worker)
 
@@ -62,16 +75,73 @@ def _sweeper(settings: object, app: object, interval: float, stop: threading.Eve
         sweep_once(settings, app)
 
 
+_WARM = (
+    "from cxr.settings import load_settings\n"
+    "from ml.runtime import get_classifier\n"
+    "c = get_classifier(load_settings())\n"
+    "print(f'model {c.name} {c.version} ({c.engine}) ready')\n"
+)
+
+
+def warm_model() -> bool:
+    """Load the model once in a throw-away subprocess before the pool starts.
+
+    This verifies the artifact (fail fast on a broken model) and fills the ONNX export
+    cache, which can take minutes for the full-size model on a small CPU: done inside the
+    first task it would count against the task time limit. A subprocess, because the
+    prefork parent must not import TensorFlow (it is not fork-safe)."""
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", _WARM], capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+        log.error("cannot load the model: %s", tail[0])
+        return False
+    log.info("%s in %.1f s", res.stdout.strip(), time.monotonic() - t0)
+    return True
+
+
+def _multiprocess_metrics_dir(settings: object) -> str | None:
+    """The pool processes' metrics reach the parent's /metrics only in prometheus-client's
+    multiprocess mode: use ``PROMETHEUS_MULTIPROC_DIR`` (set by ``cxr run``) or a fresh
+    temporary folder. Must happen before prometheus_client is imported."""
+    if not getattr(settings, "metrics_port", 0):
+        return None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return None  # managed by the caller (e.g. the supervisor)
+    if "prometheus_client" in sys.modules:
+        log.warning("prometheus_client already imported: pool metrics are not aggregated")
+        return None
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="cxr-worker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
 def run_worker(args: argparse.Namespace) -> int:
+    from cxr.settings import load_settings
+
+    settings = load_settings()
+    own_metrics_dir = _multiprocess_metrics_dir(settings)
+    try:
+        return _run_worker(args, settings)
+    finally:
+        if own_metrics_dir:
+            import shutil
+
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+
+
+def _run_worker(args: argparse.Namespace, settings: Any) -> int:
     from cxr.logconfig import configure_logging
     from cxr.metrics import start_metrics_server
-    from cxr.settings import load_settings
     from db.session import dispose_engines, init_db
     from worker.celery_app import QUEUE, make_celery
 
-    settings = load_settings()
     configure_logging(settings.log_level, settings.log_json)
     init_db(settings.database_url)
+    if not args.no_warm_model and not warm_model():
+        return 1
     app = make_celery(settings)
     import worker.tasks  # noqa: F401  (registers the tasks on the app)
 

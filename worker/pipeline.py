@@ -162,12 +162,30 @@ def _claimed_by(s: Any, instance_id: int) -> str | None:
     return None
 
 
+def _requeued_since_claim(s: Any, instance_id: int) -> bool:
+    """True when the re-queue sweep re-sent the instance after its last claim, i.e. it
+    judged that claim stale (the sweep also refreshes ``updated_at``, so the age test
+    alone would refuse the very message the sweep sent)."""
+    from sqlalchemy import func
+
+    last = dict(
+        s.execute(
+            select(Event.kind, func.max(Event.id))
+            .where(Event.instance_id == instance_id, Event.kind.in_(["processing", "requeued"]))
+            .group_by(Event.kind)
+        ).all()
+    )
+    return last.get("requeued", -1) > last.get("processing", -1) >= 0
+
+
 def claim(
     settings: Settings, instance_id: int, task_id: str | None = None, force: bool = False
 ) -> tuple[str, str | None]:
     """Take an instance for classification. Returns ``(decision, state)`` with decision
     ``classify`` (we now hold it in ``processing``), ``deliver`` (already classified),
-    or ``skip`` (final, missing, or held by another live worker)."""
+    or ``skip`` (final, missing, held by another live worker, or - after
+    ``CXR_TASK_MAX_RETRIES`` + 2 claims, e.g. a worker that keeps dying on it - closed
+    as ``failed``)."""
     now = utcnow()
     with session_scope(settings.database_url) as s:
         inst = s.execute(
@@ -188,11 +206,23 @@ def claim(
             updated = _aware(inst.updated_at) or now
             stale = updated <= now - timedelta(seconds=settings.requeue_stale_after)
             mine = task_id is not None and _claimed_by(s, instance_id) == task_id
+            stale = stale or _requeued_since_claim(s, instance_id)
             if not (stale or mine):
                 log.info("instance %d is being processed by another worker: skipped", instance_id)
                 return "skip", state
             detail = "stale claim taken over" if stale else "redelivered task resumes"
             _event(s, instance_id, "takeover", detail)
+        max_claims = settings.task_max_retries + 2
+        if (inst.attempts or 0) >= max_claims and not force:
+            # e.g. a poison message: the worker keeps dying (hard time limit, OOM kill)
+            reason = f"gave up after {inst.attempts} attempts (worker lost or time limit)"
+            inst.state = State.FAILED.value
+            inst.reason = reason
+            inst.finished_at = now
+            inst.updated_at = now
+            _event(s, instance_id, State.FAILED.value, reason)
+            log.warning("instance %d failed: %s", instance_id, reason)
+            return "skip", State.FAILED.value
         inst.state = State.PROCESSING.value
         inst.attempts = (inst.attempts or 0) + 1
         inst.updated_at = now

@@ -28,17 +28,23 @@ def gpu_like_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny run, as scripts/gpu_train.py leaves it before chunking."""
     run = tmp_path_factory.mktemp("gpu") / "run"
     x, y, _ = blob_images(32, seed=5)
-    cfg = TrainConfig(image_size=TINY_SIZE, epochs=1, batch_size=16, backbone="tiny",
-                      extra={"device": "gpu"})
+    cfg = TrainConfig(
+        image_size=TINY_SIZE, epochs=1, batch_size=16, backbone="tiny", extra={"device": "gpu"}
+    )
     fit(cfg, run, (x, one_hot(y)), (x[:8], one_hot(y[:8])), verbose=0)
     return run
 
 
-def _returned(run: Path, dest: Path, embedded: bool, chunk: int = 50_000) -> Path:
+def _returned(
+    run: Path, dest: Path, embedded: bool, chunk: int = 50_000, whole: bool = False
+) -> Path:
     dest.mkdir()
     blob = (run / "model.weights.h5").read_bytes()
-    for i in range(0, len(blob), chunk):
-        (dest / f"weights.part{i // chunk}").write_bytes(blob[i : i + chunk])
+    if whole:  # already concatenated on the way back
+        (dest / "model.weights.h5").write_bytes(blob)
+    else:
+        for i in range(0, len(blob), chunk):
+            (dest / f"weights.part{i // chunk}").write_bytes(blob[i : i + chunk])
     names = ("history.csv", "config.json", "train_state.json")
     summary: dict = {"best": "gap_hist", "gap_hist": {"state": read_state(run)}}
     if embedded:
@@ -50,13 +56,17 @@ def _returned(run: Path, dest: Path, embedded: bool, chunk: int = 50_000) -> Pat
     return dest
 
 
-@pytest.mark.parametrize("embedded", [True, False])
+@pytest.mark.parametrize(("embedded", "whole"), [(True, False), (False, False), (True, True)])
 def test_assemble_rebuilds_the_training_folder(
-    gpu_like_run: Path, tmp_path: Path, embedded: bool, capsys: pytest.CaptureFixture[str]
+    gpu_like_run: Path,
+    tmp_path: Path,
+    embedded: bool,
+    whole: bool,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     mod = _script()
-    returned = _returned(gpu_like_run, tmp_path / "returned", embedded)
-    assert len(list(returned.glob("weights.part*"))) > 2
+    returned = _returned(gpu_like_run, tmp_path / "returned", embedded, whole=whole)
+    assert whole or len(list(returned.glob("weights.part*"))) > 2
     out = tmp_path / "model"
     assert mod.main([str(returned), str(out), "--check"]) == 0
     original = (gpu_like_run / "model.weights.h5").read_bytes()

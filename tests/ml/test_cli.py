@@ -37,9 +37,25 @@ def test_train_then_finalise_writes_a_complete_artifact(
     env: Path, tiny_folder: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = env / "model"
-    args = ["train", "--data", str(tiny_folder), "--out", str(out), "--backbone", "tiny",
-            "--image-size", str(TINY_SIZE), "--epochs", "2", "--batch-size", "8",
-            "--bootstrap", "50", "--model-version", "7"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_folder),
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--image-size",
+        str(TINY_SIZE),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--bootstrap",
+        "50",
+        "--model-version",
+        "7",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "test split" in text and "NOT FOR DIAGNOSTIC USE" in text
@@ -47,20 +63,28 @@ def test_train_then_finalise_writes_a_complete_artifact(
     assert verify_sha(out)
     assert card["version"] == "7" and card["image_size"] == TINY_SIZE
     assert card["architecture"] == {
-        "backbone": "tiny", "head": "gap", "dropout": 0.3, "trainable": "all",
+        "backbone": "tiny",
+        "head": "gap",
+        "dropout": 0.3,
+        "trainable": "all",
         "init_weights": "scratch",
     }
     assert 0.05 <= card["temperature"] <= 20
     for split in ("val", "test"):
         m = card["metrics"][split]
         assert REQUIRED_KEYS <= set(m)
-        assert set(m["ci"]["accuracy"]) and m["ci"]["accuracy"][0] <= m["accuracy"] <= m["ci"]["accuracy"][1]
+        assert (
+            set(m["ci"]["accuracy"])
+            and m["ci"]["accuracy"][0] <= m["accuracy"] <= m["ci"]["accuracy"][1]
+        )
         assert set(m["per_source"]) == {"srcA", "srcB"}
         assert (out / "reports" / split / "confusion_matrix.png").is_file()
         assert (out / "reports" / split / "roc.png").is_file()
         assert (out / "reports" / split / "reliability.png").is_file()
     assert set(card["metrics"]["test"]["targets"]) == {
-        "accuracy>=0.92", "COVID recall>=0.95", "ECE<=0.05"
+        "accuracy>=0.92",
+        "COVID recall>=0.95",
+        "ECE<=0.05",
     }
     assert card["data"]["sources"]["srcA"]["licence"] == "CC BY 4.0"
     assert sum(sum(c.values()) for c in card["data"]["split_counts"].values()) == 36
@@ -82,8 +106,24 @@ def test_train_then_finalise_writes_a_complete_artifact(
 def test_evaluate_json(env: Path, tiny_artifact: Path, tiny_folder: Path) -> None:
     out = env / "eval.json"
     rep = env / "report"
-    assert main(["evaluate", "--model", str(tiny_artifact), "--data", str(tiny_folder),
-                 "--json", str(out), "--report-dir", str(rep), "--bootstrap", "100"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_artifact),
+                "--data",
+                str(tiny_folder),
+                "--json",
+                str(out),
+                "--report-dir",
+                str(rep),
+                "--bootstrap",
+                "100",
+            ]
+        )
+        == 0
+    )
     m = json.loads(out.read_text())
     assert REQUIRED_KEYS <= set(m)
     assert set(m["per_class"]) == set(CLASSES)
@@ -95,7 +135,9 @@ def test_evaluate_json(env: Path, tiny_artifact: Path, tiny_folder: Path) -> Non
     rows = list(csv.DictReader(open(tiny_folder / "manifest.csv")))
     preds = [clf.predict_file(tiny_folder / r["file"]).label for r in rows]
     truth = [r["label"] for r in rows]
-    assert m["accuracy"] == pytest.approx(np.mean([p == t for p, t in zip(preds, truth, strict=True)]))
+    assert m["accuracy"] == pytest.approx(
+        np.mean([p == t for p, t in zip(preds, truth, strict=True)])
+    )
     for c in CLASSES:
         tp = sum(p == c and t == c for p, t in zip(preds, truth, strict=True))
         assert m["per_class"][c]["recall"] == pytest.approx(tp / truth.count(c))
@@ -105,8 +147,24 @@ def test_evaluate_json(env: Path, tiny_artifact: Path, tiny_folder: Path) -> Non
     for name in ("confusion_matrix.png", "roc.png", "reliability.png", "metrics.json"):
         assert (rep / name).is_file()
     # --split: the same group-aware split as training
-    assert main(["evaluate", "--model", str(tiny_artifact), "--data", str(tiny_folder),
-                 "--split", "test", "--json", str(out), "--bootstrap", "0"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_artifact),
+                "--data",
+                str(tiny_folder),
+                "--split",
+                "test",
+                "--json",
+                str(out),
+                "--bootstrap",
+                "0",
+            ]
+        )
+        == 0
+    )
     from ml.data import load_samples, split_samples
 
     test_split = split_samples(load_samples(tiny_folder))["test"]
@@ -126,9 +184,12 @@ def test_predict_every_chest_sample(
     files = sorted((dicom_samples / "chest").glob("*.dcm"))
     assert len(files) >= 5
     cams = env / "cams"
-    rc = main(["predict", "--json", "--model", str(model), "--cam-dir", str(cams),
-               *map(str, files)])
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    rc = main(
+        ["predict", "--json", "--model", str(model), "--cam-dir", str(cams), *map(str, files)]
+    )
+    lines = [
+        json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
+    ]
     assert rc == 0, lines
     assert [r["file"] for r in lines] == [str(f) for f in files]
     for r in lines:
@@ -156,8 +217,9 @@ def test_predict_plain_text_and_errors(
     assert "broken.png: ERROR" in captured.err
 
 
-def test_export_onnx_and_refuse_tampered(env: Path, tiny_artifact: Path, tmp_path: Path,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_onnx_and_refuse_tampered(
+    env: Path, tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import onnxruntime as ort
 
     out = tmp_path / "m.onnx"

@@ -79,8 +79,10 @@ def test_shared_dataset_split_has_no_leakage(cxr_data: Path) -> None:
 
 
 def test_class_weights_are_balanced() -> None:
-    samples = [Sample(Path(f"/{i}"), "COVID") for i in range(6)] + [
-        Sample(Path(f"/n{i}"), "Normal") for i in range(3)
-    ] + [Sample(Path(f"/o{i}"), "Other") for i in range(3)]
+    samples = (
+        [Sample(Path(f"/{i}"), "COVID") for i in range(6)]
+        + [Sample(Path(f"/n{i}"), "Normal") for i in range(3)]
+        + [Sample(Path(f"/o{i}"), "Other") for i in range(3)]
+    )
     w = class_weights(samples)
     assert w == {0: pytest.approx(12 / 18), 1: pytest.approx(12 / 9), 2: pytest.approx(12 / 9)}

@@ -142,7 +142,9 @@ def test_predict_file_formats(tiny_artifact: Path, onnx_cache: Path, tmp_path: P
     ds = make_chest_dataset(pixels=img.astype(np.uint16), bits=8)
     ds.save_as(tmp_path / "a.dcm", enforce_file_format=True)
     del ds.file_meta  # no Part 10 header: bare implicit VR little endian data set
-    ds.save_as(tmp_path / "raw.dcm", enforce_file_format=False, implicit_vr=True, little_endian=True)
+    ds.save_as(
+        tmp_path / "raw.dcm", enforce_file_format=False, implicit_vr=True, little_endian=True
+    )
     raw = (tmp_path / "raw.dcm").read_bytes()
     assert raw[128:132] != b"DICM" and raw[:2] == b"\x08\x00"  # starts with group 0008
     preds = {n: clf.predict_file(tmp_path / n) for n in ("a.png", "a.jpg", "a.dcm", "raw.dcm")}
@@ -192,3 +194,46 @@ def test_shipped_model_loads_and_matches_its_card(onnx_cache: Path) -> None:
     p = clf.predict_display(_displays(1)[0])
     assert p.label in CLASSES
     json.dumps(clf.info())
+
+
+def test_study_head_uses_the_gradient_gradcam(tmp_path: Path, onnx_cache: Path) -> None:
+    """The study's Flatten/Dense head is not linear in the pooled features: the runtime
+    must fall back to the real gradient Grad-CAM, with either engine."""
+    import keras
+
+    from ml.artifact import save_artifact
+    from ml.gradcam import gradcam_gradient
+    from ml.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(image_size=TINY_SIZE, backbone="tiny", head="study")
+    d = save_artifact(
+        model,
+        tmp_path / "study",
+        {"image_size": TINY_SIZE, "architecture": {"backbone": "tiny", "head": "study"}},
+    )
+    disp = _displays(1)[0]
+    po = Classifier.load(d, engine="onnx", cache_dir=onnx_cache).predict_display(disp)
+    pk = Classifier.load(d, engine="keras").predict_display(disp)
+    assert po.probabilities == pytest.approx(pk.probabilities, abs=1e-4)
+    x = np.repeat(pk.model_grey[..., None], 3, axis=-1).astype(np.float32)
+    idx = CLASSES.index(pk.label)
+    expected = cv2.resize(gradcam_gradient(model, x, idx), (TINY_SIZE, TINY_SIZE))
+    np.testing.assert_allclose(pk.cam, np.clip(expected, 0, 1), atol=1e-4)
+    np.testing.assert_allclose(po.cam, pk.cam, atol=1e-3)
+
+
+def test_auto_falls_back_to_keras_when_onnx_fails(
+    tiny_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ml.runtime
+
+    def broken_export(model, path):  # e.g. tf2onnx missing or failing on a new layer
+        raise RuntimeError("export failed")
+
+    monkeypatch.setattr(ml.runtime, "export_onnx", broken_export)
+    clf = Classifier.load(tiny_artifact, engine="auto", cache_dir=tmp_path / "c")
+    assert clf.engine == "keras"
+    assert clf.predict_display(_displays(1)[0]).label in CLASSES
+    with pytest.raises(RuntimeError, match="export failed"):
+        Classifier.load(tiny_artifact, engine="onnx", cache_dir=tmp_path / "c")

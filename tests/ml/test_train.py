@@ -37,13 +37,23 @@ def test_fit_resumes_after_an_interruption(tmp_path: Path) -> None:
     x, y, _ = blob_images(96, seed=3)
     xv, yv, _ = blob_images(24, seed=4)
     cfg = TrainConfig(
-        image_size=TINY_SIZE, epochs=4, batch_size=16, backbone="tiny", learning_rate=3e-3,
+        image_size=TINY_SIZE,
+        epochs=4,
+        batch_size=16,
+        backbone="tiny",
+        learning_rate=3e-3,
         patience=10,
     )
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        fit(cfg, out, (x, one_hot(y)), (xv, one_hot(yv)), verbose=0,
-            extra_callbacks=[Interrupt(at_epoch=1)])
+        fit(
+            cfg,
+            out,
+            (x, one_hot(y)),
+            (xv, one_hot(yv)),
+            verbose=0,
+            extra_callbacks=[Interrupt(at_epoch=1)],
+        )
     state = read_state(out)
     assert not state.get("completed")
     assert state["epochs_run"] == 2

@@ -27,7 +27,26 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def node_factory(tmp_path: Path, redis_db: str) -> Iterator[Callable[..., Any]]:
+def node_redis() -> Iterator[str]:
+    """A Redis URL on a scratch DB index of its own (the shared ``redis_db`` index is also
+    consumed by other areas' end-to-end workers when suites run side by side)."""
+    import redis
+
+    from tests.conftest import REDIS_URL
+
+    url = f"{REDIS_URL}/12"
+    r = redis.Redis.from_url(url)
+    try:
+        r.ping()
+    except Exception:
+        pytest.fail("Redis on 127.0.0.1:6379 is not reachable (.ci/run starts it)")
+    r.flushdb()
+    yield url
+    r.flushdb()
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, node_redis: str) -> Iterator[Callable[..., Any]]:
     """``node_factory(db_url, **settings)`` starts a node (stopped at teardown)."""
     from cxr.settings import load_settings
     from dicom_node import StorageNode
@@ -41,7 +60,7 @@ def node_factory(tmp_path: Path, redis_db: str) -> Iterator[Callable[..., Any]]:
             "dicom_port": free_port(),
             "spool_dir": tmp_path / f"spool{len(nodes)}",
             "database_url": db_url,
-            "broker_url": redis_db,
+            "broker_url": node_redis,
             "metrics_port": 0,
             "acse_timeout": 5,
             "dimse_timeout": 10,

@@ -66,7 +66,7 @@ def test_disk_full_refuses_without_partial_file(node_factory, db_url, monkeypatc
     assert scu_send(node.address, [make_chest_dataset(seed=21)]).statuses == [SUCCESS]
 
 
-def test_broker_down_then_sweep(node_factory, db_url, redis_db):
+def test_broker_down_then_sweep(node_factory, db_url, node_redis):
     node = node_factory(db_url, broker_url=CLOSED_REDIS.format(port=closed_port()))
     res = scu_send(node.address, [make_chest_dataset(seed=22), make_chest_dataset(seed=23)])
     assert res.statuses == [SUCCESS, SUCCESS]
@@ -77,10 +77,10 @@ def test_broker_down_then_sweep(node_factory, db_url, redis_db):
     # the broker comes back: the sweep queues what was stranded
     from worker.celery_app import make_celery
 
-    node.celery_app = make_celery(node.settings.model_copy(update={"broker_url": redis_db}))
+    node.celery_app = make_celery(node.settings.model_copy(update={"broker_url": node_redis}))
     assert node.sweep(received_older_than=0) == 2
     assert [r.state for r in instances(db_url)] == [State.QUEUED.value] * 2
-    assert redis_queue_len(redis_db) == 2
+    assert redis_queue_len(node_redis) == 2
     assert "requeued" in [e.kind for e in events(db_url, rows[0].id)]
 
 
@@ -121,7 +121,7 @@ def test_parse_header_rejects_garbage(bad):
             raise status.CannotUnderstand("no uid")
 
 
-def test_sweep_runs_at_start(node_factory, db_url, redis_db, tmp_path):
+def test_sweep_runs_at_start(node_factory, db_url, node_redis, tmp_path):
     """Instances stranded in 'received' by a dead broker are queued when a node starts."""
     from datetime import timedelta
 
@@ -141,7 +141,7 @@ def test_sweep_runs_at_start(node_factory, db_url, redis_db, tmp_path):
     from tests.node.conftest import wait_for
 
     assert wait_for(lambda: instances(db_url, state=State.QUEUED.value), timeout=20)
-    assert redis_queue_len(redis_db) == 1
+    assert redis_queue_len(node_redis) == 1
 
 
 def test_metrics_endpoint(node_factory, sqlite_url):

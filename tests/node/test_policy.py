@@ -170,22 +170,22 @@ def _run_cli(env: dict[str, str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def _cli_env(tmp_path: Path, port: int, redis_db: str, **extra: str) -> dict[str, str]:
+def _cli_env(tmp_path: Path, port: int, node_redis: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update({
         "CXR_DICOM_HOST": "127.0.0.1", "CXR_DICOM_PORT": str(port),
         "CXR_SPOOL_DIR": str(tmp_path / "spool"),
         "CXR_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-        "CXR_BROKER_URL": redis_db, "CXR_METRICS_PORT": "0",
+        "CXR_BROKER_URL": node_redis, "CXR_METRICS_PORT": "0",
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
     })
     env.update(extra)
     return env
 
 
-def test_cli_sigterm_lets_association_finish(tmp_path, redis_db):
+def test_cli_sigterm_lets_association_finish(tmp_path, node_redis):
     port = free_port()
-    proc = _run_cli(_cli_env(tmp_path, port, redis_db), tmp_path)
+    proc = _run_cli(_cli_env(tmp_path, port, node_redis), tmp_path)
     out = ""
     try:
         assert wait_for(lambda: echo(("127.0.0.1", port)) == SUCCESS, timeout=60)
@@ -211,8 +211,8 @@ def test_cli_sigterm_lets_association_finish(tmp_path, redis_db):
     assert echo(("127.0.0.1", port)) is None  # no longer listening
 
 
-def test_cli_invalid_setting_one_line(tmp_path, redis_db):
-    env = _cli_env(tmp_path, free_port(), redis_db, CXR_DICOM_PORT="99999")
+def test_cli_invalid_setting_one_line(tmp_path, node_redis):
+    env = _cli_env(tmp_path, free_port(), node_redis, CXR_DICOM_PORT="99999")
     r = subprocess.run([sys.executable, "-m", "cxr.cli", "node"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2

@@ -32,8 +32,8 @@ def _dataset_offset(data: bytes) -> int:
 
 
 @pytest.fixture
-def fuzz_node(node_factory, sqlite_url):
-    return node_factory(sqlite_url, max_pixels=10_000_000)
+def fuzz_node(node_factory, db_url):
+    return node_factory(db_url, max_pixels=10_000_000)
 
 
 def _send_raw(address: tuple[str, int], path: Path) -> int | None:
@@ -65,7 +65,7 @@ def _send_raw(address: tuple[str, int], path: Path) -> int | None:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_mutated_real_files(fuzz_node, sqlite_url, dicom_samples, data):
+def test_mutated_real_files(fuzz_node, db_url, dicom_samples, data):
     raw = (dicom_samples / SAMPLE).read_bytes()
     start = _dataset_offset(raw)
     buf = bytearray(raw)
@@ -86,7 +86,7 @@ def test_mutated_real_files(fuzz_node, sqlite_url, dicom_samples, data):
     # whatever was accepted for classification is a parseable, durable file
     import pydicom
 
-    for row in instances(sqlite_url, state=State.QUEUED.value):
+    for row in instances(db_url, state=State.QUEUED.value):
         ds = pydicom.dcmread(fuzz_node.spool.resolve(row.spool_path), stop_before_pixels=True)
         assert str(ds.SOPInstanceUID) == row.sop_instance_uid
 
@@ -116,7 +116,7 @@ def test_truncated_pdus(fuzz_node):
         assert echo(fuzz_node.address) == SUCCESS
 
 
-def test_malformed_and_headerless(fuzz_node, sqlite_url, dicom_samples):
+def test_malformed_and_headerless(fuzz_node, dicom_samples):
     from tests.conftest import make_chest_dataset
 
     ds = make_chest_dataset(seed=70)

@@ -22,7 +22,7 @@ from tests.node.conftest import (
 )
 
 
-def test_chest_samples_stored_and_queued(node_factory, db_url, dicom_samples, redis_db):
+def test_chest_samples_stored_and_queued(node_factory, db_url, dicom_samples, node_redis):
     node = node_factory(db_url)
     files = sorted((dicom_samples / "chest").glob("*.dcm"))
     assert files
@@ -34,10 +34,15 @@ def test_chest_samples_stored_and_queued(node_factory, db_url, dicom_samples, re
     assert {r.state for r in rows} == {State.QUEUED.value}
     # two of the samples share a SOP Instance UID with different content: a new version
     assert sorted(r.version for r in rows) == [1, 1, 1, 1, 2]
-    assert redis_queue_len(redis_db) == len(files)
+    assert redis_queue_len(node_redis) == len(files)
+    import pydicom
+
     for r in rows:
         stored = node.spool.resolve(r.spool_path)
         assert stored.stat().st_size == r.size_bytes
+        # what was stored decodes (JPEG Baseline, JPEG Lossless SV1, implicit/explicit VR)
+        ds = pydicom.dcmread(stored)
+        assert ds.pixel_array.shape == (ds.Rows, ds.Columns)
         assert r.patient_id_hash is None or len(r.patient_id_hash) == 64  # salted hash
     assert len(spool_files(node)) == len(files)
     # the association audit row counts outcomes
@@ -58,6 +63,7 @@ def test_not_chest_samples_ignored_or_refused(node_factory, db_url, dicom_sample
             capture_output=True, timeout=60, check=False,
         )
     rows = {r.sop_instance_uid: r for r in instances(db_url)}
+    assert len(rows) >= 4  # CT, CT RLE, MR, whole-slide: acknowledged and recorded
     assoc_reasons = " ".join(a.reason or "" for a in associations(db_url))
     import pydicom
 
@@ -260,3 +266,21 @@ def test_encoded_parts_equal_encoded_dataset(node_factory, sqlite_url, dicom_sam
 
         data = node.spool.resolve(row.spool_path).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row.content_sha256
+
+
+def test_concurrent_identical_sends_are_one_instance(node_factory, db_url):
+    """Four associations racing with the same content: one instance, the rest duplicates."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    node = node_factory(db_url)
+    ds = make_chest_dataset(rows=256, cols=256, seed=13)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: scu_send(node.address, [ds]), range(4)))
+    assert [r.statuses for r in results] == [[SUCCESS]] * 4
+    node.flush()
+    (row,) = instances(db_url)
+    kinds = [e.kind for e in events(db_url, row.id)]
+    assert kinds.count("duplicate") == 3
+    assert len(spool_files(node)) == 1
+    assert sum(a.n_stored for a in associations(db_url)) == 1
+    assert sum(a.n_duplicate for a in associations(db_url)) == 3

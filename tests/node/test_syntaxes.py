@@ -97,3 +97,30 @@ def test_deflated_transfer_syntax(node_factory, sqlite_url, tmp_path):
     stored = pydicom.dcmread(node.spool.resolve(row.spool_path))
     assert stored.file_meta.TransferSyntaxUID == uid.DeflatedExplicitVRLittleEndian
     assert np.array_equal(stored.pixel_array, ds.pixel_array)
+
+
+def test_syntax_without_decoder_not_offered(monkeypatch):
+    import dicom_node.syntaxes as sx
+
+    monkeypatch.setattr(sx, "can_decode", lambda u: u != uid.JPEG2000)
+    offered = sx.accepted_transfer_syntaxes()
+    assert uid.JPEG2000 not in offered and uid.JPEG2000Lossless in offered
+    cr = [c for c in sx.supported_contexts() if c.abstract_syntax == uid.ComputedRadiographyImageStorage]
+    assert len(cr) == 1 and uid.JPEG2000 not in cr[0].transfer_syntax
+
+
+def test_unsupported_syntax_context_rejected_and_recorded(node_factory, sqlite_url):
+    from pynetdicom import AE
+
+    from tests.node.conftest import associations
+
+    node = node_factory(sqlite_url)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(uid.ComputedRadiographyImageStorage, uid.HTJ2KLossless)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(*node.address, ae_title="CXR_WORKER")
+    assert assoc.is_established
+    assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == ["1.2.840.10008.1.1"]
+    assoc.release()
+    (row,) = associations(sqlite_url)
+    assert uid.ComputedRadiographyImageStorage in row.reason

@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -135,6 +136,9 @@ def test_cxr_run_end_to_end(run_pipeline, result_scp, dicom_samples: Path, tmp_p
     assert metric_sum(after, "cxr_stage_seconds_count") > 0
     assert metric_sum(after, "cxr_audit_instances") == n
     assert metric_sum(after, "cxr_deliveries_total") >= n
+    # one queue-depth series (from the audit DB), empty now that all is done
+    assert after.count("# TYPE cxr_queue_depth gauge") == 1
+    assert re.search(r"^cxr_queue_depth 0\.0$", after, re.M), after
 
     # a crashed worker is restarted
     kids = rp.children()
@@ -177,17 +181,24 @@ def test_cxr_run_end_to_end(run_pipeline, result_scp, dicom_samples: Path, tmp_p
 
 
 def test_sigterm_finishes_work_in_flight(run_pipeline, tmp_path: Path) -> None:
-    """SIGTERM right after a push: nothing is left half-done ('processing'), the exit is 0,
-    and a restart in the same folder completes every instance."""
+    """Two workers; demo images pushed with `cxr send`; SIGTERM right after the push:
+    nothing is left half-done ('processing'), the exit is 0, and a restart on the same
+    audit DB, spool and broker completes every instance."""
+    from cxr.demo import write_demo
+
     folder = tmp_path / "batch"
-    folder.mkdir()
-    for i in range(4):
-        make_chest_dataset(rows=128, cols=128, seed=i, patient_id=f"P{i}").save_as(
-            folder / f"{i}.dcm", enforce_file_format=True
-        )
-    rp: RunningPipeline = run_pipeline()
+    write_demo(folder, count=4, size=256)
+    rp: RunningPipeline = run_pipeline(["--workers", "2"])
     rp.wait_ready()
-    dcmsend(rp.dicom_port, sorted(folder.glob("*.dcm")))
+    assert "workers           : 2" in rp.stdout
+    # the product's own SCU, as a user would try it with the demo images
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr.cli", "send", str(folder), "--no-progress",
+         "--to", f"CXR_WORKER@127.0.0.1:{rp.dicom_port}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "4 file(s): 4 Success" in res.stdout
     # stop while the worker is (or is about to be) busy
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

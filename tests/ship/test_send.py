@@ -186,3 +186,69 @@ def test_compressed_sample_is_sent_as_is(scp: Scp, dicom_samples: Path) -> None:
     res = run_cli(str(f), "--to", scp.target)
     assert res.returncode == 0, res.stdout + res.stderr
     assert scp.received[0][1] == JPEGBaseline8Bit
+
+
+def _make_pki(d: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1/localhost and a client certificate (openssl)."""
+    import shutil
+
+    if not shutil.which("openssl"):
+        pytest.skip("openssl not installed")
+    p = {n: d / n for n in ("ca.key", "ca.pem", "srv.key", "srv.pem", "cli.key", "cli.pem")}
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=test-ca")
+    (d / "srv.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for name, ext in (("srv", ["-extfile", "srv.ext"]), ("cli", [])):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+            f"{name}.csr", "-subj", f"/CN={name}")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext)
+    return p
+
+
+def test_send_over_tls_with_client_certificate(tmp_path: Path) -> None:
+    import ssl
+
+    from pydicom.uid import AllTransferSyntaxes
+    from pynetdicom import AE, StoragePresentationContexts, evt
+
+    pki = _make_pki(tmp_path)
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki["ca.pem"]))
+    ctx.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: the SCU must present a certificate
+    ctx.load_cert_chain(pki["srv.pem"], pki["srv.key"])
+    got: list[str] = []
+
+    def on_store(event: evt.Event) -> int:
+        got.append(str(event.request.AffectedSOPInstanceUID))
+        return SUCCESS
+
+    ae = AE(ae_title="TLS_SCP")
+    for cx in StoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ctx,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        f = _write(make_chest_dataset(), tmp_path / "a.dcm")
+        target = f"TLS_SCP@127.0.0.1:{port}"
+        ok = run_cli(str(f), "--to", target, "--tls", "--tls-ca", str(pki["ca.pem"]),
+                     "--tls-cert", str(pki["cli.pem"]), "--tls-key", str(pki["cli.key"]))
+        assert ok.returncode == 0, ok.stdout + ok.stderr
+        assert len(got) == 1
+        # without a client certificate the server refuses the TLS handshake
+        no_cert = run_cli(str(f), "--to", target, "--tls", "--tls-ca", str(pki["ca.pem"]),
+                          "--timeout", "5")
+        assert no_cert.returncode == 1 and "Failure" in no_cert.stdout
+        # a server certificate not signed by the CA we trust is refused
+        untrusted = run_cli(str(f), "--to", target, "--tls", "--tls-cert", str(pki["cli.pem"]),
+                            "--tls-key", str(pki["cli.key"]), "--timeout", "5")
+        assert untrusted.returncode == 1
+        assert len(got) == 1
+        # a bad key file is a usage error
+        assert run_cli(str(f), "--to", target, "--tls", "--tls-cert", str(f)).returncode == 2
+    finally:
+        server.shutdown()

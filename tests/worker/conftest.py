@@ -348,3 +348,19 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
     cache = tmp_path_factory.mktemp("model-cache")
     Classifier.load(tiny_model_dir, engine="auto", cache_dir=cache)
     return cache
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private redis-server for one test. The shared server's scratch DB (``redis_db``)
+    is flushed by other tests and, when two test sessions run at once, its ``cxr`` queue
+    would be consumed by the other session's workers: end-to-end tests use their own."""
+    import shutil
+
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server is not installed")
+    r = RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        yield r
+    finally:
+        r.stop()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pydicom
@@ -17,6 +18,7 @@ from sqlalchemy import select
 
 from db.models import Delivery, Event, Inference, State
 from db.session import session_scope
+from tests.conftest import free_port
 from tests.worker.conftest import Stack, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.timeout(300)]
@@ -150,8 +152,8 @@ def make_stack(tmp_path, orthanc, tiny_model_dir, model_cache_dir):  # type: ign
 
 @pytest.mark.redis
 @pytest.mark.postgres
-def test_e2e_redis_postgres(make_stack, pg_url, redis_db, dicom_samples):  # type: ignore[no-untyped-def]
-    stack = make_stack(pg_url, redis_db)
+def test_e2e_redis_postgres(make_stack, pg_url, private_redis, dicom_samples):  # type: ignore[no-untyped-def]
+    stack = make_stack(pg_url, private_redis.url)
     stack.start_worker(concurrency=2)
     stack.start_node()
     run_flow(stack, dicom_samples)
@@ -161,10 +163,18 @@ def test_e2e_embedded_defaults(make_stack, tmp_path, dicom_samples):  # type: ig
     """No CXR_BROKER_URL (embedded SQLite broker), SQLite audit DB: still real Celery."""
     stack = make_stack(f"sqlite:///{tmp_path / 'audit.db'}")
     assert "CXR_BROKER_URL" not in stack.env
-    stack.start_worker(concurrency=1)
+    metrics_port = free_port()
+    stack.start_worker(concurrency=1, CXR_METRICS_PORT=metrics_port)
     stack.start_node()
     run_flow(stack, dicom_samples, timeout=150)
     assert (tmp_path / "broker.sqlite").is_file()
+    # the pool process's counters reach the worker's /metrics (multiprocess mode)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    n_chest = len({r.sop_instance_uid for r in stack.instances() if r.state == State.DELIVERED.value})
+    inferred = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("cxr_inferences_total{"))
+    assert inferred == n_chest, text[:2000]
+    assert 'cxr_deliveries_total{status="success"} ' + f"{2 * n_chest}.0" in text
 
 
 def test_e2e_shipped_model(make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]

@@ -124,16 +124,30 @@ def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, t
     # the same message redelivered (worker killed, same task id) resumes at once
     out = pipeline.process_instance(s, iid, task_id="task-A")
     assert out.action == "classified" and out.reason == pipeline.NO_DESTINATIONS
-    # a claim older than CXR_REQUEUE_STALE_AFTER is taken over by any task
+    # a claim older than CXR_REQUEUE_STALE_AFTER (a dead worker's): the re-queue sweep
+    # re-sends it - and refreshes updated_at - and the new task takes it over
     iid2 = insert_instance(s, dataset_bytes(make_chest_dataset(rows=96, cols=80)))
     assert pipeline.claim(s, iid2, task_id="task-C")[0] == "classify"
     with session_scope(s.database_url) as ss:
         ss.execute(update(Instance).where(Instance.id == iid2)
                    .values(updated_at=utcnow() - timedelta(seconds=120)))
+    from worker.dispatch import requeue_stranded
+
+    class Broker:  # records what the sweep publishes (the broker itself is not under test)
+        sent: list[tuple[str, list[int]]] = []
+
+        def send_task(self, name: str, args: list[int], **_kw: object) -> None:
+            self.sent.append((name, args))
+
+    broker = Broker()
+    assert requeue_stranded(s, broker) == 1  # type: ignore[arg-type]
+    assert broker.sent == [("cxr.classify_instance", [iid2])]
     assert pipeline.process_instance(s, iid2, task_id="task-D").action == "classified"
     with session_scope(s.database_url) as ss:
         kinds = [e.kind for e in ss.query(Event).filter_by(instance_id=iid2).order_by(Event.id)]
-    assert "takeover" in kinds and kinds[-1] == "classified"
+    assert kinds[-4:] == ["requeued", "takeover", "processing", "classified"], kinds
+    # a third, late message (e.g. from a second sweeper) finds it final
+    assert pipeline.process_instance(s, iid2, task_id="task-E").action == "skipped"
 
 
 def test_no_destinations_ends_classified_and_final(tmp_path, sqlite_url, tiny_model_dir, dicom_samples):  # type: ignore[no-untyped-def]

@@ -1,0 +1,182 @@
+"""Faults, end to end (Orthanc + `cxr node` + `cxr worker` subprocesses):
+
+* a worker SIGKILLed mid-task, then restarted;
+* the PACS stopped during delivery, then started again (and: delivery given up, then an
+  admin re-send);
+* the broker (a private redis-server) stopped during receipt, then started again.
+
+After each, every instance ends in the right final state, exactly once: the PACS holds
+exactly one SC and one SR series per source."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from sqlalchemy import select
+
+from db.models import Delivery, Event, State
+from db.session import session_scope
+from tests.conftest import REPO, free_port
+from tests.worker.conftest import RedisServer, Stack, wait_for
+from tests.worker.test_e2e_pipeline import check_audit_story, check_pacs_holds_results
+
+pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.timeout(300)]
+
+SMALL = ("dx_thorax_monochrome1.dcm", "cr_chest_monochrome1_10bit_no_part10_header.dcm")
+
+
+@pytest.fixture
+def make_stack(tmp_path, orthanc, tiny_model_dir, model_cache_dir):  # type: ignore[no-untyped-def]
+    stacks: list[Stack] = []
+
+    def _make(db_url: str, broker_url: str = "", **env: object) -> Stack:
+        st = Stack(tmp_path, orthanc, db_url, tiny_model_dir, model_cache_dir, broker_url, **env)
+        stacks.append(st)
+        return st
+
+    yield _make
+    for st in stacks:
+        st.close()
+
+
+def _push(stack: Stack, dicom_samples, names=SMALL) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    o = stack.orthanc
+    held = {}
+    for n in names:
+        ans = o.upload(dicom_samples / "chest" / n)
+        held[o.tags(ans["ID"])["SOPInstanceUID"]] = ans["ID"]
+    o.push("cxr", list(held.values()))
+    return held
+
+
+def _events(stack: Stack, kind: str) -> list[Event]:
+    with session_scope(stack.db_url) as s:
+        return list(s.execute(select(Event).where(Event.kind == kind)).scalars())
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_worker_sigkilled_mid_task(make_stack, pg_url, private_redis, dicom_samples):  # type: ignore[no-untyped-def]
+    stack = make_stack(pg_url, private_redis.url, CXR_REQUEUE_STALE_AFTER=6)
+    # the test hook keeps the task in 'processing' for 30 s: it is surely in flight
+    w1 = stack.start_worker(CXR_TEST_STAGE_DELAY=30)
+    stack.start_node()
+    sources = _push(stack, dicom_samples, names=SMALL[:1])
+    wait_for(lambda: any(r.state == State.PROCESSING.value for r in stack.instances()), 60,
+             what="the instance in processing")
+    w1.kill(signal.SIGKILL)
+    assert not w1.alive()
+    (row,) = stack.instances()
+    assert row.state == State.PROCESSING.value  # left behind by the dead worker
+    assert stack.orthanc.instances() == list(sources.values())  # nothing delivered yet
+
+    stack.start_worker()  # no delay; its sweep finds the stale claim and re-queues it
+    rows = stack.wait_all_final(1, 90)
+    assert rows[0].state == State.DELIVERED.value
+    assert rows[0].attempts >= 2
+    assert _events(stack, "takeover"), "the stale claim was not taken over"
+    check_audit_story(stack, set(sources))
+    check_pacs_holds_results(stack, sources)
+
+
+@pytest.mark.redis
+def test_pacs_down_during_delivery_then_back(make_stack, tmp_path, private_redis, dicom_samples):  # type: ignore[no-untyped-def]
+    stack = make_stack(
+        f"sqlite:///{tmp_path / 'audit.db'}", private_redis.url,
+        CXR_DELIVERY_MAX_ATTEMPTS=30, CXR_RETRY_BACKOFF_MAX=1,
+    )
+    stack.start_worker(CXR_TEST_STAGE_DELAY=4)  # classification waits until the PACS is down
+    stack.start_node()
+    sources = _push(stack, dicom_samples)
+    stack.orthanc.stop()
+
+    def failed_attempts() -> list[Delivery]:
+        with session_scope(stack.db_url) as s:
+            return list(s.execute(select(Delivery).where(Delivery.state == "failed")).scalars())
+
+    wait_for(failed_attempts, 60, what="a failed delivery attempt while the PACS is down")
+    # nothing could be delivered: none is final yet (one may still be in the classifier)
+    states = [r.state for r in stack.instances()]
+    assert State.CLASSIFIED.value in states and State.DELIVERED.value not in states, states
+    time.sleep(2)
+    stack.orthanc.start()
+    rows = stack.wait_all_final(len(sources), 90)
+    assert all(r.state == State.DELIVERED.value for r in rows)
+    with session_scope(stack.db_url) as s:
+        dels = list(s.execute(select(Delivery)).scalars())
+    assert len(dels) == 2 * len(sources)
+    assert all(d.state == "delivered" for d in dels)
+    assert max(d.attempts for d in dels) >= 2
+    check_audit_story(stack, set(sources))
+    check_pacs_holds_results(stack, sources)
+
+
+def test_delivery_gives_up_then_admin_resend(make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
+    """Embedded broker. The PACS stays down: delivery_failed with the reason; once it is
+    back, `cxr audit retry --state delivery_failed` re-sends and it is delivered."""
+    stack = make_stack(
+        f"sqlite:///{tmp_path / 'audit.db'}",
+        CXR_DELIVERY_MAX_ATTEMPTS=2, CXR_RETRY_BACKOFF_MAX=1,
+    )
+    stack.start_worker(CXR_TEST_STAGE_DELAY=4)
+    stack.start_node()
+    sources = _push(stack, dicom_samples, names=SMALL[:1])
+    stack.orthanc.stop()
+    rows = stack.wait_all_final(1, 60)
+    assert rows[0].state == State.DELIVERY_FAILED.value
+    assert rows[0].reason and "unreachable" in rows[0].reason
+    stack.orthanc.start()
+
+    # the admin's re-send: delivery_failed -> classified + cxr.deliver_instance
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr.cli", "audit", "retry", "--state", "delivery_failed"],
+        env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    wait_for(lambda: stack.instances()[0].state == State.DELIVERED.value, 60,
+             what="delivered after the admin re-send")
+    check_pacs_holds_results(stack, sources)
+
+
+@pytest.mark.postgres
+def test_broker_down_during_receipt_then_back(make_stack, tmp_path, pg_url, dicom_samples):  # type: ignore[no-untyped-def]
+    redis = RedisServer(tmp_path / "redis", free_port()).start()
+    try:
+        stack = make_stack(pg_url, redis.url)
+        stack.start_worker()
+        stack.start_node()
+        redis.stop()
+        sources = _push(stack, dicom_samples)  # the node acknowledges: the files are durable
+        rows = stack.instances()
+        assert {r.sop_instance_uid for r in rows} == set(sources)
+        assert all(r.state == State.RECEIVED.value for r in rows), [r.state for r in rows]
+        time.sleep(2)
+        redis.start()
+        rows = stack.wait_all_final(len(sources), 120)
+        assert all(r.state == State.DELIVERED.value for r in rows)
+        check_audit_story(stack, set(sources))
+        check_pacs_holds_results(stack, sources)
+    finally:
+        redis.stop()
+
+
+def test_sigterm_is_a_warm_shutdown(make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
+    """SIGTERM to `cxr worker` while a task is in flight: the task finishes (delivered)
+    and the worker exits cleanly."""
+    import os
+
+    stack = make_stack(f"sqlite:///{tmp_path / 'audit.db'}")
+    w = stack.start_worker(CXR_TEST_STAGE_DELAY=4)
+    stack.start_node()
+    sources = _push(stack, dicom_samples, names=SMALL[:1])
+    wait_for(lambda: any(r.state == State.PROCESSING.value for r in stack.instances()), 60,
+             what="the instance in processing")
+    os.kill(w.p.pid, signal.SIGTERM)  # the main process only, as a service manager does
+    assert w.p.wait(60) == 0, w.log()[-3000:]
+    (row,) = stack.instances()
+    assert row.state == State.DELIVERED.value, (row.state, w.log()[-3000:])
+    check_pacs_holds_results(stack, sources)
