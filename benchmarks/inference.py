@@ -65,7 +65,7 @@ def _images(n: int) -> tuple[list[Path], str]:
 
 
 _STARTUP = """
-import json, resource, sys, time
+import json, sys, time
 t0 = time.perf_counter()
 import numpy as np
 from ml.runtime import Classifier
@@ -73,8 +73,11 @@ clf = Classifier.load(sys.argv[1], engine=sys.argv[2], cache_dir=sys.argv[3])
 t1 = time.perf_counter()
 clf.predict_display(np.full((384, 320), 128, np.uint8))
 t2 = time.perf_counter()
+# VmHWM (peak RSS of this process image); ru_maxrss would include the forking parent's
+hwm_kb = next(int(line.split()[1]) for line in open("/proc/self/status")
+              if line.startswith("VmHWM:"))
 print(json.dumps({"import_and_load_s": t1 - t0, "first_predict_s": t2 - t1,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_rss_mb": hwm_kb / 1024,
                   "imports_tensorflow": "tensorflow" in sys.modules}))
 """
 
@@ -282,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
             f"  {name:5} "
             + "".join(f"{t[b]:9.2f}" for b in batches)
             + f"   best batch {results['engines'][name]['best_batch']}"
+        )
+    print("\nworker start-up (fresh process: imports + load + first prediction; warm ONNX cache):")
+    for n, st in results["startup"].items():
+        print(
+            f"  {n:5} {st['import_and_load_s']:6.1f} s load, {st['first_predict_s']:5.2f} s first "
+            f"prediction, peak RSS {st['peak_rss_mb']:6.0f} MB, imports TensorFlow: "
+            f"{st['imports_tensorflow']}"
         )
     print(
         f"\nONNX Runtime vs Keras: {ratio_fwd:.2f}x at batch 1 (min), {ratio_thr:.2f}x at the best "

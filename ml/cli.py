@@ -526,9 +526,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _register_export(sub: argparse._SubParsersAction, name: str) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser(name, help="export a model artifact to ONNX (features + logits)")
+    p = sub.add_parser(
+        name,
+        help="export a model artifact to ONNX (features + logits)",
+        description=(
+            "Export with Keras' ONNX export (TensorFlow backend). --out writes a standalone "
+            "file; --warm-cache fills the runtime's cache (CXR_MODEL_CACHE_DIR) so that "
+            "workers start without TensorFlow (run it once at install time: the export "
+            "of DenseNet169 needs about 3 GB of memory and a minute)."
+        ),
+    )
     p.add_argument("--model", type=Path, default=None, help="model artifact")
-    p.add_argument("--out", type=Path, required=True, help="output .onnx file")
+    p.add_argument("--out", type=Path, default=None, help="output .onnx file")
+    p.add_argument("--warm-cache", action="store_true", help="fill the runtime's ONNX cache")
     p.set_defaults(func=cmd_export)
 
 
@@ -539,12 +549,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ml.runtime import export_onnx
 
     model_dir = args.model or _default_model_dir()
+    if not args.out and not args.warm_cache:
+        print("cxr export-onnx: give --out FILE and/or --warm-cache", file=sys.stderr)
+        return 2
     if not verify_sha(model_dir):
         raise ArtifactError(f"{model_dir}: weights missing or sha256 differs from the card")
     card = load_card(model_dir)
-    export_onnx(build_model_from_card(card, model_dir), args.out)
-    print(
-        f"wrote {args.out} (outputs: last-conv features, logits; apply softmax(logits / "
-        f"{float(card.get('temperature', 1.0)):.4f}))"
-    )
+    if args.out:
+        export_onnx(build_model_from_card(card, model_dir), args.out)
+        print(
+            f"wrote {args.out} (outputs: last-conv features, logits; apply softmax(logits / "
+            f"{float(card.get('temperature', 1.0)):.4f}))"
+        )
+    if args.warm_cache:
+        from ml.runtime import Classifier, onnx_cache_paths
+
+        _, cache = _settings_engine_cache()
+        clf = Classifier.load(model_dir, engine="onnx", cache_dir=cache)
+        print(f"runtime cache ready: {onnx_cache_paths(cache, clf.sha256)[0]}")
     return 0

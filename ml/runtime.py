@@ -175,6 +175,10 @@ class _OnnxEngine:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        # no busy-waiting worker threads: workers share the CPU with other processes (node,
+        # other workers); on the shared 2-core dev box spinning threads measured 1.5-2x
+        # slower than non-spinning ones (benchmarks/inference.py, /tmp A/B in the report)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"]
         )

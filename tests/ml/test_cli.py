@@ -184,8 +184,20 @@ def test_predict_every_chest_sample(
     files = sorted((dicom_samples / "chest").glob("*.dcm"))
     assert len(files) >= 5
     cams = env / "cams"
+    # keras engine: exporting DenseNet169 to ONNX would cost a minute and ~3 GB here;
+    # ONNX == Keras is tested on the tiny model
     rc = main(
-        ["predict", "--json", "--model", str(model), "--cam-dir", str(cams), *map(str, files)]
+        [
+            "predict",
+            "--json",
+            "--engine",
+            "keras",
+            "--model",
+            str(model),
+            "--cam-dir",
+            str(cams),
+            *map(str, files),
+        ]
     )
     lines = [
         json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")
@@ -218,7 +230,11 @@ def test_predict_plain_text_and_errors(
 
 
 def test_export_onnx_and_refuse_tampered(
-    env: Path, tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    env: Path,
+    tiny_artifact: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import onnxruntime as ort
 
@@ -231,6 +247,17 @@ def test_export_onnx_and_refuse_tampered(
     logits = next(o for o in outs if o.ndim == 2)
     clf = Classifier.load(tiny_artifact, engine="keras")
     np.testing.assert_allclose(logits, clf.logits(x), atol=1e-4)
+
+    # --warm-cache fills the runtime's cache, so workers load without TensorFlow
+    from cxr.settings import get_settings
+    from ml.runtime import onnx_cache_paths
+
+    monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(tmp_path / "cache"))
+    get_settings.cache_clear()
+    assert main(["export-onnx", "--model", str(tiny_artifact), "--warm-cache"]) == 0
+    sha = clf.sha256
+    assert all(p.is_file() for p in onnx_cache_paths(tmp_path / "cache", sha))
+    assert main(["export-onnx", "--model", str(tiny_artifact)]) == 2
 
     bad = tmp_path / "bad"
     shutil.copytree(tiny_artifact, bad)
