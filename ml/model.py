@@ -23,7 +23,7 @@ from typing import Literal
 
 import keras
 
-from ml.labels import CLASSES, CLASS_DESCRIPTIONS  # noqa: F401  (re-exported)
+from ml.labels import CLASS_DESCRIPTIONS, CLASSES  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,15 @@ from ml.data import load_samples, split_samples
 from ml.labels import CLASSES
 from ml.model import build_augmenter, build_model
 from ml.preprocess import PreprocessConfig, preprocess_file
-from ml.train import HISTORY_FILE, STATE_FILE, WEIGHTS_FILE, BestWeights, TrainConfig, make_loss, one_hot
+from ml.train import (
+    HISTORY_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    BestWeights,
+    TrainConfig,
+    make_loss,
+    one_hot,
+)
 
 log = logging.getLogger("conv5")
 CUT = "pool4_pool"

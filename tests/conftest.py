@@ -126,15 +126,15 @@ def make_chest_dataset(
     pixels: np.ndarray | None = None,
 ):
     """A small, valid CR/DX image with a chest-like gradient (pydicom, explicit VR LE)."""
+    from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import (
+        PYDICOM_IMPLEMENTATION_UID,
         ComputedRadiographyImageStorage,
         DigitalXRayImageStorageForPresentation,
         ExplicitVRLittleEndian,
-        PYDICOM_IMPLEMENTATION_UID,
         generate_uid,
     )
-    from pydicom import Dataset
 
     if sop_class is None:
         sop_class = (
