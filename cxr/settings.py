@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CXR_"
+DEFAULT_PATIENT_ID_SALT = "cxr-default-salt"
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash/control chars
 _DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
 
@@ -137,7 +138,8 @@ class Settings(BaseSettings):
         "hash", description="Store PatientID hashed (default) or in clear."
     )
     patient_id_salt: str = Field(
-        "cxr-default-salt", description="Salt (pepper) for the PatientID hash."
+        DEFAULT_PATIENT_ID_SALT,
+        description="Secret key of the PatientID HMAC-SHA256; set one per site.",
     )
     spool_retention_days: int = Field(
         30, ge=0, description="Days a finished instance's spool file is kept (0 = forever)."

@@ -48,7 +48,12 @@ def get_engine(url: str) -> Engine:
                 eng = create_engine(url, connect_args={"timeout": 30})
                 event.listen(eng, "connect", _sqlite_pragmas)
             else:
-                eng = create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10)
+                # fail fast when the server is unreachable: the node must answer 0xA700
+                # quickly rather than let the sender's DIMSE timeout expire
+                args = {} if "connect_timeout" in url else {"connect_timeout": 5}
+                eng = create_engine(
+                    url, pool_pre_ping=True, pool_size=5, max_overflow=10, connect_args=args
+                )
             _engines[url] = eng
         return eng
 

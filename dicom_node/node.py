@@ -18,6 +18,7 @@ periodic re-queue sweep sends it later. No inference runs in the node.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import queue
@@ -36,7 +37,7 @@ from sqlalchemy.exc import IntegrityError
 
 from cxr import metrics
 from cxr.logconfig import register_phi
-from cxr.settings import Settings
+from cxr.settings import DEFAULT_PATIENT_ID_SALT, Settings
 from cxr.storage import Spool
 from db.models import Association, Event, Instance, State, utcnow
 from db.session import init_db, session_scope
@@ -86,12 +87,16 @@ def encoded_parts(event: Any) -> tuple[bytes, memoryview]:
 
 
 def hash_patient_id(settings: Settings, patient_id: str) -> str | None:
-    """PatientID as stored in the audit DB: salted SHA-256 (default) or plain."""
+    """PatientID as stored in the audit DB: HMAC-SHA256 keyed by CXR_PATIENT_ID_SALT
+    (default) or plain. Set a secret salt per site: with the default key an ID could be
+    recovered by trying candidate IDs (the node warns at start)."""
     if not patient_id:
         return None
     if settings.patient_id_storage == "plain":
         return patient_id
-    return hashlib.sha256((settings.patient_id_salt + "\x00" + patient_id).encode()).hexdigest()
+    return hmac.new(
+        settings.patient_id_salt.encode(), patient_id.encode(), hashlib.sha256
+    ).hexdigest()
 
 
 @dataclass
@@ -196,6 +201,11 @@ class StorageNode:
         if not s.allowed_calling_aets:
             log.warning(
                 "CXR_ALLOWED_CALLING_AETS is empty: associations from ANY calling AE are accepted"
+            )
+        if s.patient_id_storage == "hash" and s.patient_id_salt == DEFAULT_PATIENT_ID_SALT:
+            log.warning(
+                "CXR_PATIENT_ID_SALT is the public default: set a secret per site, or stored "
+                "PatientID hashes can be reversed by trying candidate IDs"
             )
         handlers = [
             (evt.EVT_REQUESTED, self.handle_requested),
@@ -587,7 +597,9 @@ class StorageNode:
         try:
             kind, instance_id = self._record_received(st, cur)
         except Exception:
-            if not existed:
+            # the same content may have been committed concurrently by another association:
+            # never delete a file that an audit row points to
+            if not existed and not self._spool_referenced(cur["spool_path"]):
                 self.spool.delete(path)
             raise
         st.counts[kind] += 1
@@ -669,6 +681,17 @@ class StorageNode:
             )
         ).scalar_one_or_none()
 
+    def _spool_referenced(self, rel_path: str) -> bool:
+        """Whether a committed audit row points at this spool file (False if unknowable)."""
+        try:
+            with session_scope(self.settings.database_url) as sess:
+                row = sess.execute(
+                    select(Instance.id).where(Instance.spool_path == rel_path).limit(1)
+                ).first()
+                return row is not None
+        except Exception:
+            return False
+
     def _next_version(self, sess: Any, uid: str) -> int:
         v = sess.execute(
             select(func.max(Instance.version)).where(
@@ -692,7 +715,28 @@ class StorageNode:
         try:
             with session_scope(self.settings.database_url) as sess:
                 existing = self._find(sess, cur)
+                if existing is not None and existing.spool_path is None and existing.state in (
+                    State.FAILED.value, State.IGNORED.value
+                ):
+                    # the same content was refused (e.g. disk full) or ignored before and no
+                    # data was kept: this re-send is stored now and must be processed
+                    prev = existing.state
+                    existing.spool_path = cur["spool_path"]
+                    existing.state = State.RECEIVED.value
+                    existing.reason = None
+                    existing.finished_at = None
+                    existing.attempts = 0
+                    existing.association_id = st.db_id
+                    cur["version"] = existing.version
+                    sess.add(Event(
+                        instance_id=existing.id, kind=State.RECEIVED.value,
+                        association_id=st.db_id,
+                        detail=f"stored on re-send (previously {prev}, no data kept)",
+                    ))
+                    return "stored", existing.id
                 if existing is not None:
+                    if existing.spool_path is None:  # e.g. purged by retention: re-point
+                        existing.spool_path = cur["spool_path"]
                     sess.add(Event(instance_id=existing.id, kind="duplicate", detail=dup_detail,
                                    association_id=st.db_id))
                     return "duplicate", existing.id

@@ -58,7 +58,7 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 
 # ---------------------------------------------------------------- PostgreSQL
-pg_ver="$(ls /etc/postgresql | sort -V | tail -n1)"
+pg_ver="$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1 || true)"
 if ! pg_isready -q -h 127.0.0.1 -p 5432; then
   echo "test.sh: starting PostgreSQL $pg_ver"
   $SUDO pg_ctlcluster --skip-systemctl-redirect "$pg_ver" main start

@@ -206,3 +206,22 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+# --------------------------------------------------------------------------- CI guard
+# In CI every prerequisite (../shared, DCMTK, Orthanc, dicom3tools, Redis, PostgreSQL, the
+# shipped model) is present, so a skipped test means something silently did not run.
+# With CXR_FAIL_ON_SKIP=1 (set by .ci/run) any skip turns the run red.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CXR_FAIL_ON_SKIP") == "1" and _skipped and exitstatus == 0:
+        print("\nCXR_FAIL_ON_SKIP=1 and these tests were skipped:", *_skipped, sep="\n  ")
+        session.exitstatus = 1

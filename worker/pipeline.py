@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from cxr import metrics
+from cxr.logconfig import register_phi, scrub
 from cxr.settings import Destination, Settings
 from cxr.storage import Spool
 from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
@@ -63,6 +64,11 @@ _DELIVERED_STATES = (D_DELIVERED, D_WARNING)
 
 class PermanentError(Exception):
     """The instance cannot be processed, and retrying will not help (-> ``failed``)."""
+
+
+class ModelUnavailable(Exception):
+    """The model could not be loaded: a problem of this worker, not of the instance (the
+    task is retried later; the instance is neither claimed nor failed)."""
 
 
 class DeliveryIncomplete(Exception):
@@ -108,16 +114,57 @@ def _test_delay() -> float:
 
 # --------------------------------------------------------------------------- classifier
 _classifier: Any = None
+# the prefork parent serves /healthz: it sets this variable to a file path, and the pool
+# processes create that file while the model cannot be loaded (remove it once loaded)
+MODEL_STATUS_ENV = "CXR_MODEL_STATUS_FILE"
+_model_error: str | None = None
+
+
+def _set_model_error(error: str | None) -> None:
+    global _model_error
+    _model_error = error
+    path = os.environ.get(MODEL_STATUS_ENV)
+    if not path:
+        return
+    try:
+        if error is None:
+            os.unlink(path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(error)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot record the model status in %s: %s", path, type(exc).__name__)
+
+
+def model_healthy() -> bool:
+    """False while the last attempt to load the model failed (in any pool process when
+    ``CXR_MODEL_STATUS_FILE`` is set, else in this process): a ``/healthz`` check."""
+    path = os.environ.get(MODEL_STATUS_ENV)
+    if path:
+        return not os.path.exists(path)
+    return _model_error is None
 
 
 def get_classifier(settings: Settings) -> Any:
-    """The process-wide classifier, loaded on first use (never in the prefork parent)."""
+    """The process-wide classifier, loaded on first use (never in the prefork parent).
+
+    Raises :class:`ModelUnavailable` when it cannot be loaded (broken artifact, or the
+    task's soft time limit hit while loading)."""
     global _classifier
     if _classifier is None:
         from ml.runtime import get_classifier as _load
 
         t0 = time.perf_counter()
-        _classifier = _load(settings)
+        try:
+            _classifier = _load(settings)
+        except Exception as exc:  # includes celery's SoftTimeLimitExceeded
+            reason = scrub(f"cannot load the model: {type(exc).__name__}: {exc}")[:1000]
+            _set_model_error(reason)
+            log.error("%s", reason)
+            raise ModelUnavailable(reason) from exc
+        _set_model_error(None)
         log.info(
             "model %s %s loaded (%s) in %.1f s",
             getattr(_classifier, "name", "?"),
@@ -234,7 +281,7 @@ def claim(
 
 def mark_failed(settings: Settings, instance_id: int, reason: str, state: State = State.FAILED) -> None:
     """Close an instance for good with its reason (``failed`` or ``delivery_failed``)."""
-    reason = reason[:2000]
+    reason = scrub(reason)[:2000]
     with session_scope(settings.database_url) as s:
         inst = s.get(Instance, instance_id)
         if inst is None:
@@ -258,7 +305,7 @@ def release_claim(settings: Settings, instance_id: int, detail: str) -> None:
             if inst is not None and inst.state == State.PROCESSING.value:
                 inst.state = State.QUEUED.value
                 inst.updated_at = utcnow()
-                _event(s, instance_id, "retry", detail[:2000])
+                _event(s, instance_id, "retry", scrub(detail)[:2000])
     except Exception as exc:  # the DB itself may be what is down
         log.warning("could not release instance %d before retry: %s", instance_id, type(exc).__name__)
 
@@ -303,6 +350,8 @@ def classify(
         raise PermanentError(f"spool file missing: {spool.resolve(spool_path).name}") from exc
     except Exception as exc:
         raise PermanentError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
+    # from now on the patient's name/ID must never reach a log line or an audit reason
+    register_phi(ds.get("PatientName"), ds.get("PatientID"))
     try:
         display = dicom_to_display(ds, max_pixels=settings.max_pixels)
     except PreprocessError as exc:
@@ -599,8 +648,9 @@ def process_instance(
         try:
             built, timings = classify(settings, instance_id, clf)
         except PermanentError as exc:
-            mark_failed(settings, instance_id, str(exc))
-            return Outcome(instance_id, "failed", State.FAILED.value, str(exc))
+            reason = scrub(str(exc))
+            mark_failed(settings, instance_id, reason)
+            return Outcome(instance_id, "failed", State.FAILED.value, reason)
         verdict = built.verdict
         if not settings.destinations:
             metrics.TASK_OUTCOMES.labels(State.CLASSIFIED.value).inc()

@@ -11,6 +11,12 @@ tasks add is the retry policy:
   with the same backoff, up to ``CXR_DELIVERY_MAX_ATTEMPTS`` attempts in all, after which
   the instance ends ``delivery_failed`` (``cxr audit retry`` sends ``cxr.deliver_instance``
   again for it);
+* a model that cannot be loaded (:class:`worker.pipeline.ModelUnavailable`: broken
+  artifact, or the soft time limit hit while loading) is this worker's problem, not the
+  instance's: the task is retried with the same backoff without claiming the instance
+  (its ``attempts`` are not consumed); after ``CXR_TASK_MAX_RETRIES`` retries the message
+  is dropped and the instance stays ``queued`` for the re-queue sweep; the worker's
+  ``/healthz`` reports ``model`` unhealthy meanwhile;
 * any other error is permanent: the instance ends ``failed`` with the reason.
 
 Both tasks accept an optional keyword ``force`` (default False): ``classify_instance(id,
@@ -33,6 +39,7 @@ from celery.signals import worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from cxr import metrics
+from cxr.logconfig import scrub
 from cxr.settings import Settings, get_settings
 from db.models import State
 from worker import pipeline
@@ -85,7 +92,7 @@ def _after_fork(**_kwargs: Any) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"[:1000]
+    return scrub(f"{type(exc).__name__}: {exc}")[:1000]
 
 
 def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt: int) -> None:
@@ -125,6 +132,8 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
         metrics.TASK_OUTCOMES.labels("delivery_retry").inc()
         _schedule_delivery(self, instance_id, settings, attempt=1)
         return "delivery_pending"
+    except pipeline.ModelUnavailable as exc:
+        return _retry_model(self, settings, instance_id, exc)
     except TRANSIENT_ERRORS as exc:
         return _retry_or_fail(self, settings, instance_id, exc)
     except SoftTimeLimitExceeded:
@@ -138,6 +147,34 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
         return State.FAILED.value
     log.info("instance %d: %s (%s)", instance_id, out.action, out.verdict or out.reason or "")
     return out.action
+
+
+MODEL_UNAVAILABLE = "model_unavailable"
+
+
+def _retry_model(
+    task: Task, settings: Settings, instance_id: int, exc: pipeline.ModelUnavailable
+) -> str:
+    """Retry a task whose worker could not load the model; the instance was not claimed,
+    so it stays ``queued`` (after the last retry the re-queue sweep sends it again)."""
+    metrics.TASK_OUTCOMES.labels(MODEL_UNAVAILABLE).inc()
+    retries = task.request.retries
+    if retries >= settings.task_max_retries:
+        log.error(
+            "instance %d: model still unavailable after %d retries; left queued for the sweep",
+            instance_id,
+            retries,
+        )
+        return MODEL_UNAVAILABLE
+    countdown = backoff_seconds(retries, settings)
+    log.warning(
+        "instance %d: model unavailable, retry %d/%d in %d s",
+        instance_id,
+        retries + 1,
+        settings.task_max_retries,
+        countdown,
+    )
+    raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
 
 
 def _retry_or_fail(task: Task, settings: Settings, instance_id: int, exc: BaseException) -> str:

@@ -66,6 +66,36 @@ def test_disk_full_refuses_without_partial_file(node_factory, db_url, monkeypatc
     assert scu_send(node.address, [make_chest_dataset(seed=21)]).statuses == [SUCCESS]
 
 
+def test_identical_resend_after_refusal_is_processed(node_factory, db_url, monkeypatch):
+    """A PACS retries the SAME bytes after a transient refusal (disk full): the re-send
+    must be stored and queued, not acknowledged as a 'duplicate' of the refused row."""
+    node = node_factory(db_url)
+    import cxr.storage
+
+    real_fsync = os.fsync
+    spool_tmp = str(node.spool.tmp)
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(spool_tmp):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    ds = make_chest_dataset(seed=24)
+    monkeypatch.setattr(cxr.storage.os, "fsync", fsync)
+    assert scu_send(node.address, [ds]).statuses == [OUT_OF_RESOURCES]
+    [refused] = instances(db_url)
+    assert refused.state == State.FAILED.value and refused.spool_path is None
+    monkeypatch.setattr(cxr.storage.os, "fsync", real_fsync)
+    assert scu_send(node.address, [ds]).statuses == [SUCCESS]
+    assert node.flush(30)
+    [row] = instances(db_url)
+    assert row.id == refused.id
+    assert row.state in (State.RECEIVED.value, State.QUEUED.value)
+    assert node.spool.resolve(row.spool_path).is_file()
+    kinds = [e.kind for e in events(db_url)]
+    assert "duplicate" not in kinds and kinds.count(State.RECEIVED.value) == 1
+
+
 def test_broker_down_then_sweep(node_factory, db_url, node_redis):
     node = node_factory(db_url, broker_url=CLOSED_REDIS.format(port=closed_port()))
     res = scu_send(node.address, [make_chest_dataset(seed=22), make_chest_dataset(seed=23)])

@@ -20,12 +20,6 @@ from tests.conftest import REPO, free_port
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small deterministic model artifact (ml.artifact.make_tiny_artifact), built once."""
-    try:
-        import ml.artifact as artifact
-    except ImportError:
-        pytest.skip("ml.artifact is not available yet")
-    if not hasattr(artifact, "make_tiny_artifact"):
-        pytest.skip("ml.artifact.make_tiny_artifact is not available yet")
     out = tmp_path_factory.mktemp("model") / "tiny"
     # in a subprocess: keeps TensorFlow out of the pytest process
     subprocess.run(
