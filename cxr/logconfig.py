@@ -42,11 +42,27 @@ def scrub(text: str) -> str:
     return text
 
 
+_exc_formatter = logging.Formatter()
+
+
 class PhiFilter(logging.Filter):
+    """Masks registered PHI in the message, the traceback and the stack of a record.
+
+    The exception is formatted here once, scrubbed and kept in ``record.exc_text`` with
+    ``record.exc_info`` cleared, so that every formatter uses the scrubbed text."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         if _phi_values:
             msg = scrub(record.getMessage())
             record.msg, record.args = msg, None
+            if record.exc_info:
+                if not record.exc_text:
+                    record.exc_text = _exc_formatter.formatException(record.exc_info)
+                record.exc_info = None
+            if record.exc_text:
+                record.exc_text = scrub(record.exc_text)
+            if record.stack_info:
+                record.stack_info = scrub(record.stack_info)
         return True
 
 
@@ -64,6 +80,10 @@ class JsonFormatter(logging.Formatter):
                 payload[key] = getattr(record, key)
         if record.exc_info:
             payload["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:  # already formatted (and scrubbed) by PhiFilter
+            payload["exc"] = record.exc_text
+        if record.stack_info:
+            payload["stack"] = record.stack_info
         return json.dumps(payload, ensure_ascii=False)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+# no calling-AE label: any peer may connect (before the allow-list check), so its AE title
+# would be an unbounded label value; the audit DB has the per-AE figures
 INSTANCES_RECEIVED = Counter(
-    "cxr_instances_received_total", "C-STORE requests received by the node", ["calling_ae"]
+    "cxr_instances_received_total", "C-STORE requests received by the node"
 )
 INSTANCES_ACCEPTED = Counter(
     "cxr_instances_accepted_total", "Instances stored durably and queued/recorded for triage"
@@ -28,7 +30,11 @@ ASSOCIATIONS = Counter(
     "cxr_associations_total", "Association requests by outcome", ["outcome"]
 )
 ACTIVE_ASSOCIATIONS = Gauge("cxr_associations_active", "Associations currently open")
-QUEUE_DEPTH = Gauge("cxr_queue_depth", "Instances waiting for a worker (received+queued)")
+QUEUE_DEPTH = Gauge(
+    "cxr_queue_depth",
+    "Instances waiting for a worker (received+queued), from the audit DB",
+    multiprocess_mode="livemax",  # set by the sweeps of several processes: one figure
+)
 STAGE_SECONDS = Histogram(
     "cxr_stage_seconds",
     "Latency per pipeline stage",

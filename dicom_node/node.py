@@ -385,6 +385,9 @@ class StorageNode:
             first = False
             try:
                 self.sweep()
+                from worker.dispatch import queue_depth
+
+                queue_depth(self.settings)  # the cxr_queue_depth gauge
             except Exception as exc:
                 log.warning("re-queue sweep failed: %s", type(exc).__name__)
 
@@ -540,7 +543,7 @@ class StorageNode:
             "transfer_syntax_uid": str(event.context.transfer_syntax),
         }
         st.current = cur
-        metrics.INSTANCES_RECEIVED.labels(calling_ae=st.calling_ae or "?").inc()
+        metrics.INSTANCES_RECEIVED.inc()
 
         head, body = encoded_parts(event)
         try:

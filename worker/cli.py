@@ -10,6 +10,7 @@ Besides the Celery worker itself, the command
   delivery for as long, are sent to the queue again (tasks are idempotent);
 * checks the model artifact and fills its ONNX export cache in a throw-away subprocess
   before the pool starts (``--no-warm-model`` skips it), so no task pays for the export;
+* sets the ``cxr_queue_depth`` gauge (instances ``received`` + ``queued``) on each sweep;
 * serves Prometheus ``/metrics`` and ``/healthz`` on ``CXR_METRICS_PORT`` (0 = off); the
   pool processes' metrics are aggregated (prometheus-client multiprocess mode, in
   ``PROMETHEUS_MULTIPROC_DIR`` or a temporary folder).
@@ -24,9 +25,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -57,14 +60,16 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
 
 
 def sweep_once(settings: object, app: object) -> int:
-    """One pass of both sweeps (stranded/stale instances and undelivered results)."""
-    from worker.dispatch import requeue_stranded
+    """One pass of both sweeps (stranded/stale instances and undelivered results), then
+    set the ``cxr_queue_depth`` gauge from the audit DB."""
+    from worker.dispatch import queue_depth, requeue_stranded
     from worker.tasks import requeue_undelivered
 
     n = 0
     try:
         n += requeue_stranded(settings, app)  # type: ignore[arg-type]
         n += requeue_undelivered(settings, app)  # type: ignore[arg-type]
+        queue_depth(settings)  # type: ignore[arg-type]
     except Exception as exc:  # DB down: try again next time
         log.warning("re-queue sweep failed: %s", type(exc).__name__)
     return n
@@ -160,6 +165,12 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
         return True
 
     register_health_check("database", _db_ok)
+    # the pool processes load the model; they flag a failure in this file (worker.pipeline)
+    from worker.pipeline import MODEL_STATUS_ENV, model_healthy
+
+    status_dir = tempfile.mkdtemp(prefix="cxr-worker-model-")
+    os.environ[MODEL_STATUS_ENV] = os.path.join(status_dir, "model-error")
+    register_health_check("model", model_healthy)
     start_metrics_server(settings.metrics_host, settings.metrics_port)
 
     stop = threading.Event()
@@ -193,4 +204,5 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
         w.start()
     finally:
         stop.set()
+        shutil.rmtree(status_dir, ignore_errors=True)
     return int(getattr(w, "exitcode", 0) or 0)

@@ -11,7 +11,7 @@ import logging
 from datetime import timedelta
 
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from cxr.settings import Settings
 from db.models import Event, Instance, State, utcnow
@@ -96,3 +96,20 @@ def requeue_stranded(
     if sent:
         log.info("re-queue sweep sent %d instance(s)", sent)
     return sent
+
+
+def queue_depth(settings: Settings) -> int:
+    """Instances waiting for a worker (``received`` + ``queued``) per the audit DB; also
+    sets the ``cxr_queue_depth`` gauge (called by the node's and the worker's sweeps)."""
+    from cxr import metrics
+
+    with session_scope(settings.database_url) as s:
+        n = int(
+            s.execute(
+                select(func.count())
+                .select_from(Instance)
+                .where(Instance.state.in_([State.RECEIVED.value, State.QUEUED.value]))
+            ).scalar_one()
+        )
+    metrics.QUEUE_DEPTH.set(n)
+    return n

@@ -30,13 +30,14 @@ PID_HASH = "9f" * 32
 
 
 def _hash(patient_id: str) -> str:
-    """What the node stores for a PatientID with the default salt."""
+    """What the node stores for a PatientID with the default key: HMAC-SHA256."""
     import hashlib
+    import hmac
 
     from cxr.settings import Settings
 
-    salt = Settings.model_fields["patient_id_salt"].default
-    return hashlib.sha256((salt + "\x00" + patient_id).encode()).hexdigest()
+    key = Settings.model_fields["patient_id_salt"].default
+    return hmac.new(key.encode(), patient_id.encode(), hashlib.sha256).hexdigest()
 
 
 def _inst(uid: str, state: str, received: datetime, calling_ae: str = "MOD1", **kw) -> Instance:  # type: ignore[no-untyped-def]
