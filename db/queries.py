@@ -395,7 +395,8 @@ def prepare_retry(
     session: Session, uid: str | None = None, state: str | None = None, limit: int | None = None
 ) -> tuple[list[RetryAction], list[str]]:
     """Reset retriable instances (``failed`` -> ``received``, ``delivery_failed`` ->
-    ``classified``), add a ``retry`` event, and say which task each needs. A ``failed``
+    ``classified``; ``attempts`` back to 0, reason cleared), add a ``retry`` event, and
+    say which task each needs (``cxr.classify_instance`` for ``failed``). A ``failed``
     instance without a spool file (refused by the node at receipt) is not retriable. Returns
     (actions, notes about instances that are not retriable). The caller commits, then
     sends the tasks."""
@@ -441,6 +442,9 @@ def prepare_retry(
         inst.reason = None
         inst.finished_at = None
         inst.updated_at = now
+        # a fresh budget of claims: one that failed by running out of attempts would
+        # otherwise be failed again at once by worker.pipeline.claim()
+        inst.attempts = 0
     if uid is not None and not actions and not notes:
         notes.append(f"no instance with SOP Instance UID {uid}")
     return actions, notes
