@@ -51,31 +51,39 @@ def _metrics_registry():  # type: ignore[no-untyped-def]
     return registry
 
 
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        if self.path.startswith("/metrics"):
-            body = generate_latest(_metrics_registry())
-            self._send(200, body, CONTENT_TYPE_LATEST)
-        elif self.path.startswith("/healthz"):
-            ok, checks = health_report()
-            body = json.dumps({"status": "ok" if ok else "fail", "checks": checks}).encode()
-            self._send(200 if ok else 503, body, "application/json")
-        else:
-            self._send(404, b"not found\n", "text/plain")
+def make_handler(registry: object | None = None) -> type[BaseHTTPRequestHandler]:
+    """The /metrics + /healthz request handler; ``registry`` defaults to this process's
+    (or the multi-process aggregate when PROMETHEUS_MULTIPROC_DIR is set)."""
 
-    def _send(self, code: int, body: bytes, ctype: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path.startswith("/metrics"):
+                body = generate_latest(registry or _metrics_registry())  # type: ignore[arg-type]
+                self._send(200, body, CONTENT_TYPE_LATEST)
+            elif self.path.startswith("/healthz"):
+                ok, checks = health_report()
+                body = json.dumps({"status": "ok" if ok else "fail", "checks": checks}).encode()
+                self._send(200 if ok else 503, body, "application/json")
+            else:
+                self._send(404, b"not found\n", "text/plain")
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        log.debug("http %s", format % args)
+        def _send(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            log.debug("http %s", format % args)
+
+    return Handler
 
 
-def serve_metrics_and_health(host: str, port: int) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), _Handler)
+def serve_metrics_and_health(
+    host: str, port: int, registry: object | None = None
+) -> ThreadingHTTPServer:
+    server = ThreadingHTTPServer((host, port), make_handler(registry))
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     log.info("metrics and health on http://%s:%d/metrics", host, server.server_address[1])

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -170,37 +170,6 @@ class _SupervisorCollector:
             "Instances waiting for a worker (received+queued)",
             value=float(counts.get("received", 0) + counts.get("queued", 0)),
         )
-
-
-def _make_http_handler(registry: Any) -> type[BaseHTTPRequestHandler]:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-    from cxr.health import health_report
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server API
-            if self.path.startswith("/metrics"):
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif self.path.startswith("/healthz"):
-                import json
-
-                ok, checks = health_report()
-                body = json.dumps({"status": "ok" if ok else "fail", "checks": checks}).encode()
-                self._send(200 if ok else 503, body, "application/json")
-            else:
-                self._send(404, b"not found\n", "text/plain")
-
-        def _send(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            log.debug("http %s", format % args)
-
-    return Handler
 
 
 # ----------------------------------------------------------------------------- status lines
@@ -366,18 +335,14 @@ class Supervisor:
         port = self.settings.metrics_port
         if not port:
             return
-        from cxr.health import register_health_check
+        from cxr.health import register_health_check, serve_metrics_and_health
 
         registry = _multiproc_registry(self.metrics_dir or "")
         registry.register(_SupervisorCollector(self))
         register_health_check("database", self.db_ok)
         register_health_check("node", lambda: self.children[0].alive and self.node_listening())
         register_health_check("workers", lambda: all(c.alive for c in self.children[1:]))
-        self.http = ThreadingHTTPServer(
-            (self.settings.metrics_host, port), _make_http_handler(registry)
-        )
-        self.http.daemon_threads = True
-        threading.Thread(target=self.http.serve_forever, name="metrics-http", daemon=True).start()
+        self.http = serve_metrics_and_health(self.settings.metrics_host, port, registry)
 
     def install_signals(self) -> None:
         def handler(signum: int, _frame: object) -> None:
