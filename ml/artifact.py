@@ -267,6 +267,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             for k, v in training.items()
             if not isinstance(v, dict)
         ]
+        for k, v in (training.get("extra") or {}).items():  # free-text training notes
+            lines.append(f"- {k.replace('_', ' ')}: {v}")
     if card.get("limitations"):
         lines += ["", "## Known limitations", ""]
         lines += [f"- {item}" for item in card["limitations"]]
