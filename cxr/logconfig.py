@@ -87,8 +87,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, ensure_ascii=False)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that stays silent when its stream was closed under it (e.g. a
+    pynetdicom thread logging after a test's captured stderr was torn down)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802
+        if getattr(self.stream, "closed", False):
+            return
+        super().handleError(record)
+
+
 def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.addFilter(PhiFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter())
