@@ -48,6 +48,7 @@ from pydicom.uid import (
 
 from cxr import DISCLAIMER, __version__
 from cxr.logconfig import register_phi
+from dicom_node.filters import OWN_MANUFACTURER, OWN_SERIES_PREFIX
 from ml import gradcam
 from ml.labels import CLASSES
 from worker.uids import uid_from
@@ -58,12 +59,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 
-SERIES_DESCRIPTION_PREFIX = "AI TRIAGE"  # the node ignores series starting with this
-SC_SERIES_DESCRIPTION = "AI TRIAGE (NOT FOR DIAGNOSTIC USE)"
-SR_SERIES_DESCRIPTION = "AI TRIAGE SR (NOT FOR DIAGNOSTIC USE)"
+# one source of truth with the node's loop prevention (it ignores what carries these marks)
+SERIES_DESCRIPTION_PREFIX = OWN_SERIES_PREFIX
+SC_SERIES_DESCRIPTION = f"{OWN_SERIES_PREFIX} (NOT FOR DIAGNOSTIC USE)"
+SR_SERIES_DESCRIPTION = f"{OWN_SERIES_PREFIX} SR (NOT FOR DIAGNOSTIC USE)"
 SC_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
-MANUFACTURER = "cxr-triage"
+MANUFACTURER = OWN_MANUFACTURER
 SC_SOP_CLASS_UID = str(SecondaryCaptureImageStorage)
 SR_SOP_CLASS_UID = str(ComprehensiveSRStorage)
 MAX_SIDE = 1024  # long side of the SC image (the radiograph part) at most
