@@ -454,6 +454,9 @@ class Supervisor:
     def run(self) -> int:
         from db.session import init_db
 
+        # first: a SIGTERM that arrives during start-up (DB upgrade, metrics) must still
+        # end in a clean shutdown with exit 0, not in the default handler's -15
+        self.install_signals()
         problem = self.preflight()
         if problem:
             print(f"cxr run: {problem}", file=sys.stderr)
@@ -471,7 +474,6 @@ class Supervisor:
                 )
                 return 2
             self.build_children()
-            self.install_signals()
             self._poller = StatusPoller(self.settings.database_url, datetime.now(UTC))
             next_status = next_cleanup = time.monotonic()
             deadline_ready = time.monotonic() + 120
