@@ -224,6 +224,9 @@ def test_sigterm_finishes_work_in_flight(run_pipeline, tmp_path: Path) -> None:
     rp2 = RunningPipeline(proc2, rp.workdir, rp.dicom_port, rp.metrics_port, rp.db_url,
                           out2, err2, env)
     try:
+        # ready first: the first run may already have finished all four, and a SIGTERM sent
+        # while the interpreter is still importing meets Python's default handler (-15)
+        rp2.wait_ready()
         # no CXR_DESTINATIONS: 'classified' is where processing ends
         rows = wait_final(rp2, 4, states={"classified"})
         assert all(r[3] in ("COVID", "Normal", "Other") for r in rows)
