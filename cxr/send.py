@@ -179,51 +179,37 @@ def send_batch(
     timeout: float,
     on_done: Any,
 ) -> list[Outcome]:
-    """One association for ``batch``; an outcome for every file of it."""
+    """One association for ``batch`` (the shared loop in :mod:`cxr.scu`); an outcome for
+    every file of it."""
     from pynetdicom import AE
     from pynetdicom.status import code_to_category
+
+    from cxr.scu import store_each
 
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     for sop, ts in contexts_for(batch):
         ae.add_requested_context(sop, ts)
-    kwargs: dict[str, Any] = {"ae_title": ae_title}
-    if tls is not None:
-        kwargs["tls_args"] = tls
-    assoc = ae.associate(host, port, **kwargs)
+    results = store_each(
+        ae,
+        host,
+        port,
+        ae_title,
+        batch,
+        load=lambda it: _read_full(it.path, it.transfer_syntax),
+        tls_args=tls,
+        on_done=lambda _it, _res: on_done(),
+    )
     outcomes: list[Outcome] = []
-    if not assoc.is_established:
-        why = "association rejected" if assoc.is_rejected else "association failed"
-        if assoc.is_aborted:
-            why = "association aborted"
-        for it in batch:
-            outcomes.append(Outcome(it.path, "Failure", None, f"{why} by {ae_title}@{host}:{port}"))
-            on_done()
-        return outcomes
-    try:
-        for it in batch:
-            if not assoc.is_established:
-                outcomes.append(Outcome(it.path, "Failure", None, "association lost"))
-                on_done()
-                continue
-            try:
-                ds = _read_full(it.path, it.transfer_syntax)
-                status = assoc.send_c_store(ds)
-            except Exception as exc:  # unreadable pixel data, no accepted context, ...
-                outcomes.append(Outcome(it.path, "Failure", None, f"{type(exc).__name__}: {exc}"))
-                on_done()
-                continue
-            if status and "Status" in status:
-                code = int(status.Status)
-                category = code_to_category(code)
-                detail = str(status.get("ErrorComment", "") or "")
-                outcomes.append(Outcome(it.path, category, code, detail))
-            else:
-                outcomes.append(Outcome(it.path, "Failure", None, "no response (timeout/abort)"))
-            on_done()
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    for it, res in results:
+        if res.kind == "status" and res.status is not None:
+            outcomes.append(Outcome(it.path, code_to_category(res.status), res.status, res.comment))
+        elif res.kind == "unreachable" and res.comment.startswith("association"):
+            outcomes.append(
+                Outcome(it.path, "Failure", None, f"{res.comment} by {ae_title}@{host}:{port}")
+            )
+        else:
+            outcomes.append(Outcome(it.path, "Failure", None, res.comment))
     return outcomes
 
 

@@ -1,4 +1,4 @@
-"""Delivery of the results to the PACS: a C-STORE SCU (pynetdicom).
+"""Delivery of the results to the PACS: a C-STORE SCU (pynetdicom, via :mod:`cxr.scu`).
 
 :func:`store_datasets` opens one association to one destination, proposes a
 presentation context for the SOP class of every dataset (Secondary Capture Image Storage,
@@ -41,6 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.status import code_to_category
 
+from cxr.scu import StoreResult, store_each
 from dicom_node.status import (
     COERCION_OF_DATA_ELEMENTS,
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING,
@@ -129,14 +130,25 @@ def _make_ae(settings: Settings, sop_classes: Iterable[str]) -> AE:
     return ae
 
 
-def _outcome(
-    dest: str,
-    ds: Dataset,
-    category: str,
-    status: int | None = None,
-    error: str | None = None,
-    elapsed_ms: float = 0.0,
-) -> StoreOutcome:
+def _outcome(dest: str, ds: Dataset, res: StoreResult) -> StoreOutcome:
+    """A :class:`StoreOutcome` (audit/retry vocabulary) for one shared-loop result."""
+    status, error = res.status, res.comment or None
+    if res.kind == "status" and status is not None:
+        category = classify_status(status)
+        if category == SUCCESS_OUTCOME:
+            error = None
+        else:
+            error = status_name(status) + (f": {res.comment}" if res.comment else "")
+        if category == WARNING_OUTCOME:
+            log.info("delivery to %s: stored with warning %s", dest, status_hex(status))
+        elif category == FAILURE_OUTCOME:
+            log.warning("delivery to %s: refused with %s", dest, status_hex(status))
+    elif res.kind == "not_accepted":
+        # the PACS accepted no presentation context for this SOP class: it refuses it
+        category = FAILURE_OUTCOME
+        log.warning("delivery to %s: %s refused: %s", dest, ds.SOPClassUID, res.comment)
+    else:  # unreachable, or a local encoding problem (retried like a network failure)
+        category = UNREACHABLE_OUTCOME
     return StoreOutcome(
         destination=dest,
         sop_class_uid=str(ds.SOPClassUID),
@@ -144,7 +156,7 @@ def _outcome(
         category=category,
         status=status,
         error=error,
-        elapsed_ms=elapsed_ms,
+        elapsed_ms=res.elapsed_ms,
     )
 
 
@@ -159,88 +171,21 @@ def store_datasets(
         return []
     sop_classes = list(dict.fromkeys(str(ds.SOPClassUID) for ds in datasets))
     ae = _make_ae(settings, sop_classes)
-    tls_args = None
-    if settings.delivery_tls:
-        tls_args = (tls_context(settings), destination.host)
+    tls_args = (tls_context(settings), destination.host) if settings.delivery_tls else None
     t0 = time.perf_counter()
-    try:
-        assoc = ae.associate(
-            destination.host,
-            destination.port,
-            ae_title=destination.ae_title,
-            tls_args=tls_args,
-        )
-    except Exception as exc:  # e.g. TLS set-up errors, bad host names
-        log.warning("delivery to %s: cannot associate (%s)", dest, type(exc).__name__)
-        outs = [
-            _outcome(
-                dest, ds, UNREACHABLE_OUTCOME, error=f"association error: {type(exc).__name__}"
-            )
-            for ds in datasets
-        ]
-        return outs
-    if not assoc.is_established:
-        if assoc.is_rejected:
-            why = "association rejected"
-        elif assoc.is_aborted:
-            why = "association aborted"
-        else:
-            why = "no connection"
-        log.warning("delivery to %s: %s", dest, why)
-        outs = [_outcome(dest, ds, UNREACHABLE_OUTCOME, error=why) for ds in datasets]
-        return outs
-
-    outcomes: list[StoreOutcome] = []
-    try:
-        for ds in datasets:
-            if not assoc.is_established:
-                outcomes.append(_outcome(dest, ds, UNREACHABLE_OUTCOME, error="association lost"))
-                continue
-            t1 = time.perf_counter()
-            try:
-                rsp = assoc.send_c_store(ds)
-            except ValueError as exc:
-                # no accepted presentation context for this SOP class / transfer syntax
-                log.warning("delivery to %s: %s refused: %s", dest, ds.SOPClassUID, exc)
-                outcomes.append(
-                    _outcome(dest, ds, FAILURE_OUTCOME, error="SOP class not accepted by peer")
-                )
-                continue
-            except Exception as exc:
-                outcomes.append(
-                    _outcome(
-                        dest, ds, UNREACHABLE_OUTCOME, error=f"send error: {type(exc).__name__}"
-                    )
-                )
-                continue
-            ms = (time.perf_counter() - t1) * 1000.0
-            status = rsp.get("Status") if rsp is not None else None
-            if status is None:
-                # no response: DIMSE timeout, abort or link lost
-                outcomes.append(
-                    _outcome(
-                        dest, ds, UNREACHABLE_OUTCOME, error="no C-STORE response", elapsed_ms=ms
-                    )
-                )
-                continue
-            status = int(status)
-            category = classify_status(status)
-            error = None if category == SUCCESS_OUTCOME else status_name(status)
-            comment = rsp.get("ErrorComment")
-            if comment and category != SUCCESS_OUTCOME:
-                error = f"{error}: {str(comment)[:200]}"
-            if category == WARNING_OUTCOME:
-                log.info("delivery to %s: stored with warning %s", dest, status_hex(status))
-            elif category == FAILURE_OUTCOME:
-                log.warning("delivery to %s: refused with %s", dest, status_hex(status))
-            outcomes.append(_outcome(dest, ds, category, status, error, ms))
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    results = store_each(
+        ae,
+        destination.host,
+        destination.port,
+        destination.ae_title,
+        datasets,
+        load=lambda ds: ds,
+        tls_args=tls_args,
+    )
     log.debug(
         "delivery to %s: %d dataset(s) in %.0f ms",
         dest,
         len(datasets),
         (time.perf_counter() - t0) * 1000,
     )
-    return outcomes
+    return [_outcome(dest, ds, res) for ds, res in results]
