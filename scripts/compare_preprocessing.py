@@ -1,12 +1,16 @@
-"""Proxy measurement: equalizeHist vs CLAHE, and GAP vs the study's head.
+"""Measure equalizeHist vs CLAHE, and GAP vs the study's head, on the validation split.
 
-The full DenseNet169 arms planned for the GPU did not run (see the model card), so this
-compares the options on a small DenseNet-shaped network (``backbone="tiny"``) at 128 px,
-trained from scratch with the same ml.preprocess / ml.train.fit code, the same group split
-and seed, for a fixed number of epochs each. It is a proxy: it ranks the options for a
-small model, not for DenseNet169. Prints one line per arm and writes a JSON summary.
+Each arm is trained from scratch with the same ml.preprocess / ml.train.fit code, the same
+group split and the same seed (paired: same initialisation and batch order, only the option
+differs), for a fixed number of epochs. Prints one line per run and rewrites the JSON summary
+after every run, so an interrupted measurement still leaves its finished runs.
 
+    # the small DenseNet-shaped proxy (minutes on a CPU)
     python scripts/compare_preprocessing.py --epochs 15 --json docs/preprocessing_comparison.json
+    # DenseNet169 itself at 128 px (about 2 min per epoch per arm on 2 CPU cores)
+    python scripts/compare_preprocessing.py --backbone densenet169 --epochs 10 \
+        --seeds 42,43 --arms hist/gap,clahe/gap,hist/study \
+        --json docs/preprocessing_comparison_densenet169.json
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seeds", default="42,43,44", help="comma-separated seeds per arm")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--backbone", default="tiny", choices=["tiny", "densenet169"])
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--arms", default="hist/gap,clahe/gap,hist/study",
+        help="comma-separated EQUALIZATION/HEAD pairs, run seed-major (all arms for the "
+        "first seed, then the next seed)",
+    )
     a = ap.parse_args()
     splits = split_samples(load_samples(a.data))
     displays = {k: [load_display(s.path) for s in v] for k, v in splits.items() if k != "test"}
@@ -46,14 +57,20 @@ def main() -> None:
         g = np.stack([display_to_model_grey(d, cfg) for d in displays[split]])
         return np.repeat(g[..., None], 3, axis=-1).astype(np.float32)
 
-    arms = [("hist", "gap"), ("clahe", "gap"), ("hist", "study")]
-    results = []
+    arms = [tuple(x.split("/")) for x in a.arms.split(",")]
+    results: list[dict] = []
     seeds = [int(x) for x in a.seeds.split(",")]
-    for (eq, head), seed in ((arm, seed) for arm in arms for seed in seeds):
+    what = (
+        f"{'proxy: tiny DenseNet-shaped net' if a.backbone == 'tiny' else 'DenseNet169'}, "
+        f"{a.size}px, from scratch, {a.epochs} epochs, Adam {a.lr:g}, seeds {seeds}, "
+        "group split, focal loss; val split of ../shared/data/cxr"
+    )
+    for seed, (eq, head) in ((seed, arm) for seed in seeds for arm in arms):
         xtr, xva = arrays("train", eq), arrays("val", eq)
         cfg = TrainConfig(
-            image_size=a.size, epochs=a.epochs, batch_size=32, head=head, backbone="tiny",
-            equalization=eq, learning_rate=1e-3, patience=a.epochs, seed=seed,
+            image_size=a.size, epochs=a.epochs, batch_size=32, head=head,
+            backbone=a.backbone, equalization=eq, learning_rate=a.lr, patience=a.epochs,
+            seed=seed,
         )
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory() as d:
@@ -66,21 +83,27 @@ def main() -> None:
         }
         results.append(row)
         print(json.dumps(row), flush=True)
+        summary = summarise(what, arms, results)
+        if a.json:
+            a.json.write_text(json.dumps(summary, indent=2) + "\n")
+    for key, m in summary["means"].items():
+        print(f"mean {key:11s}", json.dumps(m), flush=True)
+
+
+def summarise(what: str, arms: list[tuple[str, ...]], results: list[dict]) -> dict:
+    """Per-arm means over the finished seeds (an arm with no finished run is left out)."""
     means = {}
     for eq, head in arms:
         rows = [r for r in results if r["equalization"] == eq and r["head"] == head]
-        means[f"{eq}/{head}"] = {
-            k: float(np.mean([r[k] for r in rows])) for k in ("best_val_loss", "best_val_accuracy")
-        }
-        print(f"mean {eq:5s} {head:5s}", json.dumps(means[f"{eq}/{head}"]), flush=True)
-    summary = {
-        "what": f"proxy: tiny DenseNet-shaped net, {a.size}px, from scratch, {a.epochs} epochs, "
-        f"seeds {seeds}, group split, focal loss; val split of ../shared/data/cxr",
-        "results": results,
-        "means": means,
-    }
-    if a.json:
-        a.json.write_text(json.dumps(summary, indent=2) + "\n")
+        if rows:
+            means[f"{eq}/{head}"] = {
+                "runs": len(rows),
+                **{
+                    k: float(np.mean([r[k] for r in rows]))
+                    for k in ("best_val_loss", "best_val_accuracy")
+                },
+            }
+    return {"what": what, "results": results, "means": means}
 
 
 if __name__ == "__main__":
