@@ -50,8 +50,9 @@ SPOOL_CLEANUP_EVERY_S = 3600.0
 
 
 # ----------------------------------------------------------------------------- children
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """Make a child get SIGTERM if ``cxr run`` itself dies (Linux only)."""
+def pdeathsig_preexec() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes a child get SIGTERM when its parent dies (Linux only):
+    used for ``cxr run``'s children and for ``cxr worker``'s model warm-up process."""
     if not sys.platform.startswith("linux"):
         return None
     libc_name = ctypes.util.find_library("c")
@@ -275,7 +276,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.metrics_dir: str | None = None
         self.http: ThreadingHTTPServer | None = None
-        self._preexec = _pdeathsig_preexec()
+        self._preexec = pdeathsig_preexec()
         self._ready_announced = False
         self._poller: StatusPoller | None = None
 

@@ -88,20 +88,52 @@ _WARM = (
 )
 
 
+class StopDuringWarmUp(Exception):
+    """SIGTERM/SIGINT arrived while the model was warming up: nothing is in flight yet."""
+
+
 def warm_model() -> bool:
     """Load the model once in a throw-away subprocess before the pool starts.
 
     This verifies the artifact (fail fast on a broken model) and fills the ONNX export
     cache, which can take minutes for the full-size model on a small CPU: done inside the
     first task it would count against the task time limit. A subprocess, because the
-    prefork parent must not import TensorFlow (it is not fork-safe)."""
+    prefork parent must not import TensorFlow (it is not fork-safe).
+
+    Celery installs its own signal handlers only after this, so SIGTERM/SIGINT here stop
+    the warm-up process and raise :class:`StopDuringWarmUp` (a clean stop, not Python's
+    default -15 with the warm-up process orphaned)."""
+    import signal
+
+    from cxr.supervisor import pdeathsig_preexec
+
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", _WARM], capture_output=True, text=True)
-    if res.returncode != 0:
-        tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ["?"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WARM],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=pdeathsig_preexec(),
+    )
+    stop: list[int] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        proc.terminate()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        out, err = proc.communicate()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if stop:
+        raise StopDuringWarmUp(signal.Signals(stop[0]).name)
+    if proc.returncode != 0:
+        tail = (err or out).strip().splitlines()[-1:] or ["?"]
         log.error("cannot load the model: %s", tail[0])
         return False
-    log.info("%s in %.1f s", res.stdout.strip(), time.monotonic() - t0)
+    log.info("%s in %.1f s", out.strip(), time.monotonic() - t0)
     return True
 
 
@@ -145,8 +177,13 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
 
     configure_logging(settings.log_level, settings.log_json)
     init_db(settings.database_url)
-    if not args.no_warm_model and not warm_model():
-        return 1
+    if not args.no_warm_model:
+        try:
+            if not warm_model():
+                return 1
+        except StopDuringWarmUp as why:
+            log.info("received %s during model warm-up: stopped", why)
+            return 0
     app = make_celery(settings)
     import worker.tasks  # noqa: F401  (registers the tasks on the app)
 

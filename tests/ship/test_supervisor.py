@@ -70,24 +70,40 @@ def test_backoff_resets_after_a_stable_run(tmp_path: Path) -> None:
         c.proc.wait()
 
 
+# each child creates the file named by argv[1] once its SIGTERM handler is in place
 GRACEFUL = (
-    "import signal, sys, time\n"
+    "import pathlib, signal, sys, time\n"
     "def bye(*a):\n"
     "    time.sleep(0.5); sys.exit(0)\n"
     "signal.signal(signal.SIGTERM, bye)\n"
-    "print('up', flush=True)\n"
+    "pathlib.Path(sys.argv[1]).touch()\n"
     "time.sleep(60)\n"
 )
-STUBBORN = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
+STUBBORN = (
+    "import pathlib, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "pathlib.Path(sys.argv[1]).touch()\n"
+    "time.sleep(60)\n"
+)
+
+
+def _child(tmp_path: Path, code: str, name: str) -> list[str]:
+    return [sys.executable, "-c", code, str(tmp_path / f"{name}.up")]
 
 
 def _start_all(s: sup.Supervisor) -> None:
+    """Start the children and wait until each has installed its handler (a SIGTERM any
+    earlier would meet Python's default handler)."""
     s.supervise_once(0.0)
-    time.sleep(0.8)  # let the children install their handlers
+    markers = [Path(c.argv[-1]) for c in s.children]
+    deadline = time.monotonic() + 60
+    while not all(m.exists() for m in markers):
+        assert time.monotonic() < deadline, "children did not start"
+        time.sleep(0.05)
 
 
 def test_shutdown_waits_for_children_and_exits_0(tmp_path: Path) -> None:
-    s = _sup(tmp_path, [[sys.executable, "-c", GRACEFUL], [sys.executable, "-c", GRACEFUL]])
+    s = _sup(tmp_path, [_child(tmp_path, GRACEFUL, "a"), _child(tmp_path, GRACEFUL, "b")])
     _start_all(s)
     t0 = time.monotonic()
     assert s.shutdown() == 0
@@ -97,7 +113,7 @@ def test_shutdown_waits_for_children_and_exits_0(tmp_path: Path) -> None:
 
 
 def test_shutdown_kills_after_grace_and_exits_1(tmp_path: Path) -> None:
-    s = _sup(tmp_path, [[sys.executable, "-c", STUBBORN]], grace=1.0)
+    s = _sup(tmp_path, [_child(tmp_path, STUBBORN, "a")], grace=1.0)
     _start_all(s)
     assert s.shutdown() == 1
     assert s.children[0].proc.returncode == -signal.SIGKILL

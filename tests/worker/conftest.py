@@ -288,18 +288,20 @@ class Stack:
     def start_node(self) -> Proc:
         p = Proc("node", ["node"], self.env, self.tmp / f"node-{len(self.procs)}.log")
         self.procs.append(p)
-        wait_for(lambda: _port_open(self.node_port) or not p.alive(), 30, what="cxr node")
+        wait_for(lambda: _port_open(self.node_port) or not p.alive(), 120, what="cxr node")
         assert p.alive(), p.log()[-3000:]
         return p
 
-    def start_worker(self, concurrency: int = 1, **env: object) -> Proc:
+    def start_worker(self, concurrency: int = 1, timeout: float = 180.0, **env: object) -> Proc:
+        """Start `cxr worker`; ``timeout`` covers the model warm-up (an ONNX export for a
+        model not in the cache yet: about a minute for DenseNet169 on a loaded 2-core box)."""
         e = dict(self.env, CXR_WORKER_CONCURRENCY=str(concurrency))
         e.update({k: str(v) for k, v in env.items()})
         n = len(self.procs)
         p = Proc(f"worker{n}", ["worker", "--hostname", f"cxr{n}@e2e"], e,
                  self.tmp / f"worker-{n}.log")
         self.procs.append(p)
-        wait_for(lambda: " ready." in p.log() or not p.alive(), 60, what="cxr worker ready")
+        wait_for(lambda: " ready." in p.log() or not p.alive(), timeout, what="cxr worker ready")
         assert p.alive(), p.log()[-3000:]
         return p
 

@@ -193,7 +193,7 @@ def test_closed_port_is_unreachable(workdir: Path, results) -> None:  # type: ig
     dest = Destination(ae_title=SCP_AET, host="127.0.0.1", port=free_port())
     t0 = time.monotonic()
     out = store_datasets(dest, results, _settings(workdir))
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 15  # refused at once, not a timeout
     assert [o.category for o in out] == [UNREACHABLE_OUTCOME] * 2
     assert all(o.status is None and not o.delivered and o.error for o in out)
 
@@ -207,7 +207,7 @@ def test_rejected_association_is_unreachable(workdir: Path, scp_factory, results
 
 
 def test_no_response_is_unreachable(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
-    scp = scp_factory(delay=2.5)
+    scp = scp_factory(delay=10)  # far beyond the 1 s DIMSE timeout, even on a loaded box
     out = store_datasets(scp.destination(), results[:1], _settings(workdir, dimse_timeout=1))
     assert [o.category for o in out] == [UNREACHABLE_OUTCOME]
     assert out[0].status is None

@@ -60,7 +60,7 @@ def _events(stack: Stack, kind: str) -> list[Event]:
 
 @pytest.mark.redis
 @pytest.mark.postgres
-def test_worker_sigkilled_mid_task(make_stack, pg_url, private_redis, dicom_samples):  # type: ignore[no-untyped-def]
+def test_worker_sigkilled_mid_task(pg_url, private_redis, make_stack, dicom_samples):  # type: ignore[no-untyped-def]
     stack = make_stack(pg_url, private_redis.url, CXR_REQUEUE_STALE_AFTER=6)
     # the test hook keeps the task in 'processing' for 30 s: it is surely in flight
     w1 = stack.start_worker(CXR_TEST_STAGE_DELAY=30)
@@ -84,12 +84,12 @@ def test_worker_sigkilled_mid_task(make_stack, pg_url, private_redis, dicom_samp
 
 
 @pytest.mark.redis
-def test_pacs_down_during_delivery_then_back(make_stack, tmp_path, private_redis, dicom_samples):  # type: ignore[no-untyped-def]
+def test_pacs_down_during_delivery_then_back(private_redis, make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
     stack = make_stack(
         f"sqlite:///{tmp_path / 'audit.db'}", private_redis.url,
         CXR_DELIVERY_MAX_ATTEMPTS=30, CXR_RETRY_BACKOFF_MAX=1,
     )
-    stack.start_worker(CXR_TEST_STAGE_DELAY=4)  # classification waits until the PACS is down
+    stack.start_worker(CXR_TEST_STAGE_DELAY=15)  # classification waits until the PACS is down
     stack.start_node()
     sources = _push(stack, dicom_samples)
     stack.orthanc.stop()
@@ -122,11 +122,11 @@ def test_delivery_gives_up_then_admin_resend(make_stack, tmp_path, dicom_samples
         f"sqlite:///{tmp_path / 'audit.db'}",
         CXR_DELIVERY_MAX_ATTEMPTS=2, CXR_RETRY_BACKOFF_MAX=1,
     )
-    stack.start_worker(CXR_TEST_STAGE_DELAY=4)
+    stack.start_worker(CXR_TEST_STAGE_DELAY=15)
     stack.start_node()
     sources = _push(stack, dicom_samples, names=SMALL[:1])
     stack.orthanc.stop()
-    rows = stack.wait_all_final(1, 60)
+    rows = stack.wait_all_final(1, 120)
     assert rows[0].state == State.DELIVERY_FAILED.value
     assert rows[0].reason and "unreachable" in rows[0].reason
     stack.orthanc.start()
@@ -143,7 +143,7 @@ def test_delivery_gives_up_then_admin_resend(make_stack, tmp_path, dicom_samples
 
 
 @pytest.mark.postgres
-def test_broker_down_during_receipt_then_back(make_stack, tmp_path, pg_url, dicom_samples):  # type: ignore[no-untyped-def]
+def test_broker_down_during_receipt_then_back(pg_url, make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
     redis = RedisServer(tmp_path / "redis", free_port()).start()
     try:
         stack = make_stack(pg_url, redis.url)

@@ -152,7 +152,7 @@ def make_stack(tmp_path, orthanc, tiny_model_dir, model_cache_dir):  # type: ign
 
 @pytest.mark.redis
 @pytest.mark.postgres
-def test_e2e_redis_postgres(make_stack, pg_url, private_redis, dicom_samples):  # type: ignore[no-untyped-def]
+def test_e2e_redis_postgres(pg_url, private_redis, make_stack, dicom_samples):  # type: ignore[no-untyped-def]
     stack = make_stack(pg_url, private_redis.url)
     stack.start_worker(concurrency=2)
     stack.start_node()
@@ -184,7 +184,7 @@ def test_e2e_shipped_model(make_stack, tmp_path, dicom_samples):  # type: ignore
     if not (shipped / "model_card.json").is_file():
         pytest.skip(f"the shipped model {shipped} is not in this checkout")
     stack = make_stack(f"sqlite:///{tmp_path / 'audit.db'}", model_dir=shipped)
-    stack.start_worker(concurrency=1)
+    stack.start_worker(concurrency=1, timeout=360)  # exports the shipped model to ONNX
     stack.start_node()
     o = stack.orthanc
     ans = o.upload(dicom_samples / "chest" / "dx_thorax_monochrome1.dcm")

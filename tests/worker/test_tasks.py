@@ -116,7 +116,7 @@ def test_rerun_replaces_not_duplicates(tmp_path, sqlite_url, tiny_model_dir, ort
 
 
 def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, tiny_model_dir, dicom_samples):  # type: ignore[no-untyped-def]
-    s = _settings(tmp_path, sqlite_url, tiny_model_dir, requeue_stale_after=60)
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, requeue_stale_after=600)
     iid = insert_instance(s, _sample(dicom_samples), state="queued")
     # a worker claimed it (task A) and is alive: another task must not take it
     assert pipeline.claim(s, iid, task_id="task-A") == ("classify", "processing")
@@ -130,7 +130,7 @@ def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, t
     assert pipeline.claim(s, iid2, task_id="task-C")[0] == "classify"
     with session_scope(s.database_url) as ss:
         ss.execute(update(Instance).where(Instance.id == iid2)
-                   .values(updated_at=utcnow() - timedelta(seconds=120)))
+                   .values(updated_at=utcnow() - timedelta(seconds=1200)))
     from worker.dispatch import requeue_stranded
 
     class Broker:  # records what the sweep publishes (the broker itself is not under test)
