@@ -63,8 +63,10 @@ def test_compose_settings_validate(services: dict[str, Any], monkeypatch: pytest
             if k.startswith(ENV_PREFIX):
                 monkeypatch.delenv(k)
         for k, v in env.items():
-            # ${VAR:-default} -> default, as docker compose interpolates it
-            monkeypatch.setenv(k, re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v))
+            # as docker compose interpolates: ${VAR:-default} -> default; ${VAR:?error}
+            # (a required secret) -> a value the operator would put in .env
+            v = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
+            monkeypatch.setenv(k, re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "s3cret-from-env", v))
         s = Settings(_env_file=None)  # type: ignore[call-arg]
         assert s.broker_url.startswith("redis://redis:")
         assert s.database_url.startswith("postgresql+psycopg://") and "@postgres:" in s.database_url
@@ -172,3 +174,13 @@ def test_repository_paths_in_compose_exist() -> None:
     for rel in re.findall(r"\./(docker/[\w.-]+|Dockerfile)", text):
         assert (REPO / rel).exists(), rel
     assert Path(REPO / "docker" / "cxr-route.lua").is_file()
+
+
+def test_secrets_have_no_defaults() -> None:
+    """Passwords, the PatientID salt and Flower's login are required (${VAR:?...}): a
+    deployment that forgot its .env must not come up with a published default."""
+    text = COMPOSE.read_text()
+    for var in ("POSTGRES_PASSWORD", "CXR_PATIENT_ID_SALT", "FLOWER_BASIC_AUTH"):
+        uses = re.findall(r"\$\{" + var + r"(:?[-?])?[^}]*\}", text)
+        assert uses, f"{var} is not used"
+        assert all(op == ":?" for op in uses), f"{var} must be ${{{var}:?...}}, found {uses}"
