@@ -45,7 +45,7 @@ class StoreResult:
     elapsed_ms: float = 0.0
 
 
-def association_failure(assoc: object) -> str:
+def _association_failure(assoc: object) -> str:
     """Why an association is not established, in a few words."""
     if getattr(assoc, "is_rejected", False):
         return "association rejected"
@@ -85,7 +85,7 @@ def store_each(
             done(it, StoreResult("unreachable", comment=why))
         return results
     if not assoc.is_established:
-        why = association_failure(assoc)
+        why = _association_failure(assoc)
         log.warning("C-STORE to %s@%s:%d: %s", called_ae, host, port, why)
         for it in items:
             done(it, StoreResult("unreachable", comment=why))

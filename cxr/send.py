@@ -204,9 +204,9 @@ def send_batch(
     for it, res in results:
         if res.kind == "status" and res.status is not None:
             outcomes.append(Outcome(it.path, code_to_category(res.status), res.status, res.comment))
-        elif res.kind == "unreachable" and res.comment.startswith("association"):
+        elif res.kind == "unreachable":  # name the peer: the user may have several
             outcomes.append(
-                Outcome(it.path, "Failure", None, f"{res.comment} by {ae_title}@{host}:{port}")
+                Outcome(it.path, "Failure", None, f"{res.comment} ({ae_title}@{host}:{port})")
             )
         else:
             outcomes.append(Outcome(it.path, "Failure", None, res.comment))

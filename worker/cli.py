@@ -108,21 +108,27 @@ def warm_model() -> bool:
     from cxr.supervisor import pdeathsig_preexec
 
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _WARM],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=pdeathsig_preexec(),
-    )
     stop: list[int] = []
+    procs: list[subprocess.Popen[str]] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.append(signum)
-        proc.terminate()
+        for p in procs:
+            p.terminate()
 
+    # handlers first, so no moment exists with the warm-up running and the default handler
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _WARM],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=pdeathsig_preexec(),
+        )
+        procs.append(proc)
+        if stop:  # the signal came while the process was being started
+            proc.terminate()
         out, err = proc.communicate()
     finally:
         for sig, handler in previous.items():
