@@ -14,16 +14,55 @@ import sys
 import threading
 from datetime import UTC, datetime
 
-_phi_lock = threading.Lock()
+# Never held while a value is converted to text: converting a DICOM value can log
+# (pydicom's validation warnings), and the log filter below takes this lock too. It is
+# re-entrant all the same, so that a log line from inside the critical section (none is
+# expected) cannot deadlock the process.
+_phi_lock = threading.RLock()
 _phi_values: dict[str, None] = {}  # insertion-ordered, bounded set
 _PHI_MAX = 4096
+_PHI_TEXT_MAX = 256  # longer "names" are not names: keep the filter cheap
+
+# PHI attributes whose raw bytes are registered even when they do not decode
+PHI_TAGS = (
+    0x00100010,  # PatientName
+    0x00100020,  # PatientID
+    0x00100030,  # PatientBirthDate
+    0x00101000,  # OtherPatientIDs
+    0x00101001,  # OtherPatientNames
+    0x00101040,  # PatientAddress
+    0x00102154,  # PatientTelephoneNumbers
+)
+
+
+def _phi_texts(value: object) -> list[str]:
+    """The text forms of one PHI value (str, PersonName, bytes, multi-value)."""
+    if value is None:
+        return []
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value[:_PHI_TEXT_MAX])
+        texts = [raw.decode("latin-1")]
+        texts.append(repr(raw)[2:-1])  # as a traceback shows bytes: b'Doe^John'
+        return [t.strip(" \x00") for t in texts]
+    if isinstance(value, list | tuple):  # MultiValue, or a Sequence: its scalar items
+        out: list[str] = []
+        for v in list(value)[:16]:
+            if isinstance(v, str | bytes | bytearray) or type(v).__name__ == "PersonName":
+                out += _phi_texts(v)
+        return out
+    if isinstance(value, str) or type(value).__name__ == "PersonName":
+        try:
+            return [str(value)[:_PHI_TEXT_MAX].strip()]
+        except Exception:  # a PersonName that cannot decode: its raw bytes are registered
+            return []
+    return []  # anything else (a Dataset...) is not a name or an ID
 
 
 def register_phi(*values: object) -> None:
     """Remember values (patient name/ID) that must never reach a log line."""
+    texts = [t for v in values for t in _phi_texts(v)]  # outside the lock: may log
     with _phi_lock:
-        for v in values:
-            s = str(v).strip() if v is not None else ""
+        for s in texts:
             if len(s) >= 3:
                 _phi_values[s] = None
                 for part in s.replace("^", " ").split():
@@ -31,6 +70,24 @@ def register_phi(*values: object) -> None:
                         _phi_values[part] = None
         while len(_phi_values) > _PHI_MAX:
             _phi_values.pop(next(iter(_phi_values)))
+
+
+def register_dataset_phi(ds: object) -> None:
+    """Register the PHI of a dataset from its raw element values, without decoding them
+    (an undecodable PatientName is still masked in the traceback its decoding prints)."""
+    values: list[object] = []
+    get_item = getattr(ds, "get_item", None)
+    if get_item is None:
+        return
+    for tag in PHI_TAGS:
+        try:
+            elem = get_item(tag)
+        except Exception:
+            continue
+        if elem is None:
+            continue
+        values.append(getattr(elem, "value", None))
+    register_phi(*values)
 
 
 def scrub(text: str) -> str:
@@ -66,6 +123,44 @@ class PhiFilter(logging.Filter):
         return True
 
 
+class PeerNoiseFilter(logging.Filter):
+    """A peer that sends garbage makes pynetdicom log ERROR lines with tracebacks, several
+    per connection (60 garbage connections made 607 ERROR lines). Keep one WARNING line per
+    connection thread, without the traceback (which can quote the peer's raw bytes), and
+    drop the rest of that connection's pynetdicom errors."""
+
+    _MAX_THREADS = 1024
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: dict[int, None] = {}
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom") or record.levelno < logging.ERROR:
+            return True
+        key = record.thread or 0
+        with self._lock:
+            first = key not in self._seen
+            self._seen[key] = None
+            while len(self._seen) > self._MAX_THREADS:
+                self._seen.pop(next(iter(self._seen)))
+        if not first:
+            return False
+        try:
+            msg = record.getMessage().splitlines()[0][:200]
+        except Exception:
+            msg = "unreadable message"
+        record.msg, record.args = f"DICOM peer connection error: {msg}", None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
+
+    def connection_closed(self, thread_id: int) -> None:
+        with self._lock:
+            self._seen.pop(thread_id, None)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         payload = {
@@ -97,8 +192,12 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().handleError(record)
 
 
+PEER_NOISE = PeerNoiseFilter()
+
+
 def configure_logging(level: str = "INFO", json_lines: bool = False) -> None:
     handler = _StderrHandler(sys.stderr)
+    handler.addFilter(PEER_NOISE)
     handler.addFilter(PhiFilter())
     if json_lines:
         handler.setFormatter(JsonFormatter())

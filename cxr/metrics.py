@@ -7,6 +7,8 @@ statuses), never UIDs or patient data.
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram
 
 # no calling-AE label: any peer may connect (before the allow-list check), so its AE title
@@ -47,11 +49,31 @@ DELIVERIES = Counter(
     "cxr_deliveries_total", "C-STORE deliveries of results by status", ["status"]
 )  # success, warning, failure, unreachable
 
+log = logging.getLogger(__name__)
 
-def start_metrics_server(host: str, port: int) -> object | None:
-    """Serve /metrics and /healthz in a daemon thread; port 0 disables it."""
+
+def start_metrics_server(host: str, port: int, fallback: bool = True) -> object | None:
+    """Serve /metrics and /healthz in a daemon thread; port 0 disables it.
+
+    Several processes on one host (a node and workers, all with default settings) must not
+    fight over the port: when it is taken, the endpoint moves to a free port, and one log
+    line says where (set ``CXR_METRICS_PORT`` per process for a fixed scrape target)."""
     if not port:
         return None
+    import errno
+
     from cxr.health import serve_metrics_and_health
 
-    return serve_metrics_and_health(host, port)
+    try:
+        return serve_metrics_and_health(host, port)
+    except OSError as exc:
+        if not fallback or exc.errno != errno.EADDRINUSE:
+            raise
+    server = serve_metrics_and_health(host, 0)
+    actual = server.server_address[1]  # type: ignore[attr-defined]
+    log.warning(
+        "metrics port %s:%d is in use (another cxr process?); /metrics and /healthz of this "
+        "process are on %s:%d instead (set CXR_METRICS_PORT per process to fix it)",
+        host, port, host, actual,
+    )
+    return server

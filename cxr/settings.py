@@ -112,8 +112,18 @@ class Settings(BaseSettings):
         None, description="PEM CA bundle: when set, peers must present a certificate it signs."
     )
     acse_timeout: float = Field(30.0, gt=0, description="ACSE timeout (s).")
+    request_timeout: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a new TCP connection has to send its A-ASSOCIATE-RQ.",
+    )
     dimse_timeout: float = Field(60.0, gt=0, description="DIMSE timeout (s).")
     network_timeout: float = Field(60.0, gt=0, description="Idle network timeout (s).")
+    handler_stuck_seconds: float = Field(
+        120.0,
+        gt=0,
+        description="A C-STORE handler running longer than this makes /healthz unhealthy.",
+    )
 
     # --- filtering rules ---------------------------------------------------------------
     chest_body_parts: Annotated[list[str], NoDecode] = Field(
@@ -157,6 +167,9 @@ class Settings(BaseSettings):
     task_soft_time_limit: int = Field(120, ge=1, description="Soft time limit per task (s).")
     task_time_limit: int = Field(180, ge=1, description="Hard time limit per task (s).")
     task_max_retries: int = Field(5, ge=0, description="Retries for transient failures.")
+    retry_backoff_base: int = Field(
+        5, ge=1, description="First retry backoff (s); it doubles per retry, with jitter."
+    )
     retry_backoff_max: int = Field(300, ge=1, description="Largest retry backoff (s).")
     requeue_interval: float = Field(
         30.0, gt=0, description="Seconds between re-queue sweeps of stranded instances."
@@ -179,7 +192,11 @@ class Settings(BaseSettings):
         default_factory=list, description="Result destinations `AET@host:port`, comma-separated."
     )
     send_sr: bool = Field(True, description="Also send the Structured Report.")
-    delivery_max_attempts: int = Field(5, ge=1, description="Delivery attempts per result.")
+    delivery_max_attempts: int = Field(
+        10,
+        ge=1,
+        description="Delivery attempts per result (with the default backoff: 10-20 minutes).",
+    )
     delivery_tls: bool = Field(
         False,
         description="Deliver results over DICOM TLS (client cert CXR_TLS_CERT/KEY if set; "

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -151,6 +152,9 @@ class Inference(Base):
     p_normal: Mapped[float] = mapped_column(Float)
     p_other: Mapped[float] = mapped_column(Float)
     verdict: Mapped[str] = mapped_column(String(16), index=True)
+    # out-of-distribution score of the image and its flag (NULL: model without detector)
+    ood_score: Mapped[float | None] = mapped_column(Float)
+    ood: Mapped[bool | None] = mapped_column(Boolean)
     sc_series_uid: Mapped[str | None] = mapped_column(String(64))
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sr_series_uid: Mapped[str | None] = mapped_column(String(64))

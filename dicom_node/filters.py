@@ -220,6 +220,19 @@ def ignore_reason(h: Header, rules: FilterRules) -> str | None:
     return None
 
 
+def check_image_structure(h: Header, rules: FilterRules) -> None:
+    """An instance of an image SOP class we classify (CR, DX, SC...) must carry usable
+    pixel data, whatever its body part or view: a missing, empty or short Pixel Data
+    element is refused with A900 (PS3.4 B.2.3), never acknowledged as "processed", and
+    a pixel bomb with A700 (:func:`check_integrity`). Own outputs are not checked (they
+    are ignored by loop prevention)."""
+    if is_own_output(h) or h.text("SOPClassUID") not in rules.classified_sop_classes:
+        return
+    if not h.pixels.present:
+        raise DoesNotMatchSOPClass("image SOP class without pixel data", "missing_pixel_data")
+    check_integrity(h, rules)
+
+
 def check_integrity(h: Header, rules: FilterRules) -> None:
     """Refuse an image we would classify when it cannot be decoded safely."""
     rows, cols = h.integer("Rows"), h.integer("Columns")

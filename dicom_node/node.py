@@ -36,7 +36,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cxr import metrics
-from cxr.logconfig import register_phi
+from cxr.logconfig import PEER_NOISE, register_dataset_phi, scrub
 from cxr.settings import DEFAULT_PATIENT_ID_SALT, Settings
 from cxr.storage import Spool
 from db.models import Association, Event, Instance, State, utcnow
@@ -49,6 +49,7 @@ from dicom_node.status import (
     OutOfResources,
     StoreRefused,
     dimse_status,
+    reading_data_set,
     status_hex,
     status_name,
 )
@@ -66,8 +67,9 @@ RJ_CALLING_AE_NOT_RECOGNISED = 0x03
 RJ_CALLED_AE_NOT_RECOGNISED = 0x07
 RJ_LOCAL_LIMIT_EXCEEDED = 0x02
 
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PRINTABLE_UID = re.compile(r"[\x21-\x7e]+")  # lenient: real UIDs with e.g. leading zeros pass
-JUNK_CONNECTION_HEADROOM = 100
+JUNK_CONNECTION_HEADROOM = 500
 DISPATCH_BATCH = 64
 _STOP = object()
 
@@ -147,6 +149,9 @@ class StorageNode:
         self._dispatch_q: queue.Queue[object] = queue.Queue()
         self._dispatch_thread: threading.Thread | None = None
         self._sweep_thread: threading.Thread | None = None
+        # C-STORE handlers running now: thread id -> start (monotonic), for /healthz
+        self._handlers: dict[int, float] = {}
+        self._handlers_lock = threading.Lock()
         self._stopping = threading.Event()
         self._metrics_http: Any = None
         self._pending = 0
@@ -208,6 +213,7 @@ class StorageNode:
                 "PatientID hashes can be reversed by trying candidate IDs"
             )
         handlers = [
+            (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ESTABLISHED, self.handle_established),
             (evt.EVT_C_ECHO, self.handle_echo),
@@ -244,7 +250,7 @@ class StorageNode:
                 )
             from cxr.health import register_health_check
 
-            register_health_check("scp", lambda: self.server is not None)
+            register_health_check("scp", self.scp_healthy)
         host, port = self.address
         log.info(
             "listening on %s@%s:%d%s", s.ae_title, host, port, " (TLS)" if s.tls_enabled else ""
@@ -430,8 +436,18 @@ class StorageNode:
             )
         return None
 
+    def handle_connection(self, event: Any) -> None:
+        """A TCP connection: it has CXR_REQUEST_TIMEOUT (not the ACSE timeout) to send its
+        A-ASSOCIATE-RQ, so idle or half-open connections (port scans, stuck peers) free
+        their slot quickly and cannot lock real peers out."""
+        dul = getattr(event.assoc, "dul", None)
+        if dul is not None:
+            dul.artim_timer.timeout = self.settings.request_timeout
+
     def handle_requested(self, event: Any) -> None:
         assoc = event.assoc
+        # the request arrived: ARTIM (used again after a rejection) is the ACSE timeout
+        assoc.dul.artim_timer.timeout = self.settings.acse_timeout
         rq = assoc.requestor
         called = str(rq.primitive.called_ae_title or "").strip()
         st = _AssocState(
@@ -467,6 +483,10 @@ class StorageNode:
             metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
             log.warning("association rejected: %s", rejection[0])
             assoc.acse.send_reject(*rejection[1])
+            # as pynetdicom's own rejection path does: wait until the DUL has sent the
+            # A-ASSOCIATE-RJ and the peer closed (or ARTIM expired) before the acceptor
+            # shuts the socket; closing at once reached the peer as an A-ABORT
+            assoc.kill()
 
     def handle_established(self, event: Any) -> None:
         metrics.ASSOCIATIONS.labels(outcome="accepted").inc()
@@ -478,6 +498,7 @@ class StorageNode:
         )
 
     def handle_closed(self, event: Any) -> None:
+        PEER_NOISE.connection_closed(threading.get_ident())
         assoc = event.assoc
         st = getattr(assoc, "_cxr_state", None)
         if st is None or st.rejected:
@@ -525,6 +546,20 @@ class StorageNode:
             st.counts["duplicate"], st.counts["refused"],
         )
 
+    # ------------------------------------------------------------------ health
+    def scp_healthy(self) -> bool:
+        """Listening, and no C-STORE handler stuck for CXR_HANDLER_STUCK_SECONDS (a handler
+        that never returns holds its association and, with enough of them, every slot)."""
+        if self.server is None:
+            return False
+        oldest = self.oldest_handler_age()
+        return oldest is None or oldest < self.settings.handler_stuck_seconds
+
+    def oldest_handler_age(self) -> float | None:
+        with self._handlers_lock:
+            starts = list(self._handlers.values())
+        return time.monotonic() - min(starts) if starts else None
+
     # ------------------------------------------------------------------ DIMSE services
     def handle_echo(self, event: Any) -> int:
         self._state(event.assoc).counts["echo"] += 1
@@ -545,11 +580,18 @@ class StorageNode:
         st.current = cur
         metrics.INSTANCES_RECEIVED.inc()
 
-        head, body = encoded_parts(event)
+        key = threading.get_ident()
+        with self._handlers_lock:
+            self._handlers[key] = t0
         try:
-            return self._store(event, st, cur, head, body, t0)
+            head, body = encoded_parts(event)
+            try:
+                return self._store(event, st, cur, head, body, t0)
+            finally:
+                body.release()
         finally:
-            body.release()
+            with self._handlers_lock:
+                self._handlers.pop(key, None)
 
     def _store(self, event: Any, st: _AssocState, cur: dict[str, Any], head: bytes,
                body: memoryview, t0: float) -> int:
@@ -563,33 +605,34 @@ class StorageNode:
         digest = hashlib.sha256(head)
         digest.update(body)
         cur["sha256"] = digest.hexdigest()
-        header = filters.parse_header(head, body)
-        ds = header.ds
-        register_phi(ds.get("PatientName"), ds.get("PatientID"))
-        sop_uid = header.text("SOPInstanceUID")
-        if not sop_uid:
-            raise DoesNotMatchSOPClass("no SOP Instance UID in the data set", "missing_uid")
-        if len(sop_uid) > 64 or not _PRINTABLE_UID.fullmatch(sop_uid):
-            raise DoesNotMatchSOPClass("SOP Instance UID is not a valid UI value", "invalid_uid")
-        if cur["sop_instance_uid"] and sop_uid != cur["sop_instance_uid"]:
-            raise DoesNotMatchSOPClass(
-                "SOP Instance UID differs from the C-STORE request", "uid_mismatch"
-            )
-        if cur["sop_class_uid"] and header.text("SOPClassUID") != cur["sop_class_uid"]:
-            raise DoesNotMatchSOPClass("SOP Class UID differs from the C-STORE request", "class_mismatch")
-        cur.update(self._header_fields(header))
+        with reading_data_set():
+            header = filters.parse_header(head, body)
+            ds = header.ds
+            register_dataset_phi(ds)
+            sop_uid = header.text("SOPInstanceUID")
+            if not sop_uid:
+                raise DoesNotMatchSOPClass("no SOP Instance UID in the data set", "missing_uid")
+            if len(sop_uid) > 64 or not _PRINTABLE_UID.fullmatch(sop_uid):
+                raise DoesNotMatchSOPClass("SOP Instance UID is not a valid UI value", "invalid_uid")
+            if cur["sop_instance_uid"] and sop_uid != cur["sop_instance_uid"]:
+                raise DoesNotMatchSOPClass(
+                    "SOP Instance UID differs from the C-STORE request", "uid_mismatch"
+                )
+            if cur["sop_class_uid"] and header.text("SOPClassUID") != cur["sop_class_uid"]:
+                raise DoesNotMatchSOPClass("SOP Class UID differs from the C-STORE request", "class_mismatch")
+            cur.update(self._header_fields(header))
+            filters.check_image_structure(header, self.rules)
 
-        reason = filters.ignore_reason(header, self.rules)
-        if reason is not None:
-            kind = self._record_final(st, cur, State.IGNORED, reason)
-            st.counts[kind] += 1
-            if kind == "duplicate":
-                metrics.INSTANCES_DUPLICATE.inc()
-            else:
-                metrics.INSTANCES_IGNORED.labels(reason=reason.split(":")[0]).inc()
-                log.info("ignored %s: %s", sop_uid, reason)
-            return SUCCESS
-        filters.check_integrity(header, self.rules)
+            reason = filters.ignore_reason(header, self.rules)
+            if reason is not None:
+                kind = self._record_final(st, cur, State.IGNORED, reason)
+                st.counts[kind] += 1
+                if kind == "duplicate":
+                    metrics.INSTANCES_DUPLICATE.inc()
+                else:
+                    metrics.INSTANCES_IGNORED.labels(reason=reason.split(":")[0]).inc()
+                    log.info("ignored %s: %s", sop_uid, reason)
+                return SUCCESS
 
         # durable first: the encoded bytes as received (event.encoded_dataset()), no
         # decode/re-encode, written as chunks without joining them
@@ -635,19 +678,30 @@ class StorageNode:
 
     # ------------------------------------------------------------------ audit rows
     def _header_fields(self, h: filters.Header) -> dict[str, Any]:
-        def cut(v: str, n: int) -> str | None:
-            v = v.replace("\x00", "")  # PostgreSQL text cannot hold NUL
-            return v[:n] if v else None
+        """The audit columns read from the header. A value that breaks its VR (too long,
+        control characters: a damaged header whose lengths are off reads the next
+        elements, PatientName/PatientID bytes included, as its value) is not stored; a
+        value holding registered PHI never is."""
+
+        def cut(v: str, n: int, vr_max: int | None = None) -> str | None:
+            v = v.replace("\x00", "").strip()  # PostgreSQL text cannot hold NUL
+            if not v:
+                return None
+            if (vr_max is not None and len(v) > vr_max) or _CONTROL.search(v):
+                return None
+            if scrub(v) != v:
+                return None
+            return v[:n]
 
         return {
             "sop_class_uid": h.text("SOPClassUID") or None,
-            "study_instance_uid": cut(h.text("StudyInstanceUID"), 64),
-            "series_instance_uid": cut(h.text("SeriesInstanceUID"), 64),
-            "accession_number": cut(h.text("AccessionNumber"), 64),
+            "study_instance_uid": cut(h.text("StudyInstanceUID"), 64, 64),
+            "series_instance_uid": cut(h.text("SeriesInstanceUID"), 64, 64),
+            "accession_number": cut(h.text("AccessionNumber"), 64, 16),  # SH
             "patient_id_hash": hash_patient_id(self.settings, h.text("PatientID")),
-            "modality": cut(h.text("Modality"), 16),
-            "body_part": cut(h.text("BodyPartExamined"), 64),
-            "view_position": cut(h.text("ViewPosition"), 16),
+            "modality": cut(h.text("Modality"), 16, 16),  # CS
+            "body_part": cut(h.text("BodyPartExamined"), 64, 16),  # CS
+            "view_position": cut(h.text("ViewPosition"), 16, 16),  # CS
             "rows": h.integer("Rows") or None,
             "columns": h.integer("Columns") or None,
         }

@@ -14,10 +14,11 @@ by the :func:`dimse_status` decorator, answers. This mirrors pynetdicom's
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,24 @@ def classify_exception(exc: BaseException) -> StoreRefused:
     if isinstance(exc, MemoryError):
         return OutOfResources("out of memory", "memory")
     return StoreRefused(f"internal error ({type(exc).__name__})", "processing_failure")
+
+
+@contextlib.contextmanager
+def reading_data_set() -> Iterator[None]:
+    """Around code that only *reads* the received data set (header parse, element values,
+    filters): an unexpected error there means the data set cannot be understood (C000,
+    PS3.4 B.2.3), not that the node failed (0110). Refusals and resource errors (database,
+    disk, memory) keep their own meaning."""
+    try:
+        yield
+    except (StoreRefused, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        if _is_database_error(exc):
+            raise
+        raise CannotUnderstand(
+            f"unparseable data set: an element cannot be read ({type(exc).__name__})"
+        ) from None
 
 
 def status_for_exception(exc: BaseException) -> int:

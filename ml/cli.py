@@ -113,6 +113,43 @@ def _register_train(sub: argparse._SubParsersAction, name: str) -> None:  # type
         "--backbone", choices=("densenet169", "tiny"), default=None, help=argparse.SUPPRESS
     )
     p.add_argument("--no-augment", action="store_true", help="disable augmentation")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="whole-model weights to start from; with --trainable conv5 their conv1-conv4 "
+        "are the frozen trunk whose features are cached (see ml/frozen.py)",
+    )
+    p.add_argument(
+        "--aug-copies",
+        type=int,
+        default=None,
+        help="--trainable conv5: augmented copies per image in the feature cache (default 3)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="--trainable conv5: feature cache folder, shared by runs (default OUT/features)",
+    )
+    p.add_argument(
+        "--source-balanced",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="--trainable conv5: draw every source of a class equally often (default on)",
+    )
+    p.add_argument(
+        "--leave-out",
+        default=None,
+        metavar="SOURCE[:CLASS]",
+        help="train without this source (or its CLASS images) and report its cell",
+    )
+    p.add_argument(
+        "--cross-source",
+        default=None,
+        metavar="ARM,ARM",
+        help="after training, run these leave-one-source-out arms (SOURCE[:CLASS], "
+        "comma-separated) with the same recipe and put the table in the model card",
+    )
     p.add_argument("--model-name", default=None, help="name in the model card")
     p.add_argument("--model-version", default="1", help="version in the model card")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
@@ -134,6 +171,7 @@ _CFG_ARGS = {
     "patience": "patience",
     "max_minutes": "max_minutes",
     "backbone": "backbone",
+    "init_from": "init_from",
 }
 
 
@@ -165,14 +203,77 @@ def _train_config(args: argparse.Namespace) -> Any:
         setattr(cfg, field, v)
     if args.no_augment:
         cfg.augment = False
+    if cfg.trainable == "conv5" and cfg.init_from:
+        cfg.extra.setdefault("stage", "conv5 + head on cached pool4 features (ml/frozen.py)")
+        cfg.extra.setdefault("square_policy", "trim-crop")
+        if getattr(args, "aug_copies", None) is not None:
+            cfg.extra["aug_copies"] = int(args.aug_copies)
+        cfg.extra.setdefault("aug_copies", 3)
+        if getattr(args, "source_balanced", None) is not None:
+            cfg.extra["source_balanced"] = bool(args.source_balanced)
+        cfg.extra.setdefault("source_balanced", True)
     return cfg
+
+
+def _pcfg(cfg: Any) -> Any:
+    from ml.preprocess import PreprocessConfig
+
+    return PreprocessConfig(
+        size=cfg.image_size,
+        equalization=cfg.equalization,
+        square_policy=cfg.extra.get("square_policy", "trim-crop"),
+    )
+
+
+def _train_frozen(
+    args: argparse.Namespace, cfg: Any, samples: list[Any], splits: dict[str, list[Any]]
+) -> dict[str, Any]:
+    """--trainable conv5 with --init-from: cached trunk features, arms (ml/frozen.py)."""
+    from ml.data import class_weights
+    from ml.frozen import LeaveOut, apply_leave_out, arm_cell, run_training
+
+    out: Path = args.out
+    cache = args.cache_dir or out / "features"
+    cw = class_weights(splits["train"]) if cfg.class_weights else None
+    leave = LeaveOut.parse(args.leave_out) if args.leave_out else None
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    state, (model, feats, idx, _) = run_training(
+        cfg, out, samples, splits, cache, leave=leave, class_weight=cw, log_fn=say
+    )
+    if leave is not None:
+        _, held = apply_leave_out(splits, samples, leave)
+        cell = arm_cell(model, feats, idx, held, leave)
+        (out / "cross_source_cell.json").write_text(json.dumps(cell, indent=2) + "\n")
+        say(f"left out {leave.name}: {cell['metric']} {cell['value']:.3f} (n={cell['n']})")
+    arms = [LeaveOut.parse(a) for a in (args.cross_source or "").split(",") if a.strip()]
+    if arms:
+        import keras
+
+        table = []
+        for arm in arms:
+            arm_out = out / "arms" / arm.name
+            say(f"cross-source arm: {arm.name} left out -> {arm_out}")
+            _, (arm_model, _, _, _) = run_training(
+                cfg, arm_out, samples, splits, cache, leave=arm, class_weight=cw, log_fn=say
+            )
+            _, held = apply_leave_out(splits, samples, arm)
+            cell = arm_cell(arm_model, feats, idx, held, arm)
+            (arm_out / "cross_source_cell.json").write_text(json.dumps(cell, indent=2) + "\n")
+            say(f"left out {arm.name}: {cell['metric']} {cell['value']:.3f} (n={cell['n']})")
+            table.append(cell)
+            del arm_model
+            keras.backend.clear_session()
+        (out / "cross_source.json").write_text(json.dumps(table, indent=2) + "\n")
+    return state
 
 
 @_friendly
 def cmd_train(args: argparse.Namespace) -> int:
     _setup_logging()
     from ml.data import class_weights, load_samples, split_samples
-    from ml.preprocess import PreprocessConfig
     from ml.train import read_state
 
     out: Path = args.out
@@ -190,12 +291,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"training in {out} already completed (epochs {state.get('epochs_run')}): finalising",
             flush=True,
         )
-    else:
+    if cfg.trainable == "conv5" and cfg.init_from and (
+        not state.get("completed") or args.cross_source or args.leave_out
+    ):  # a completed run still gets the arms it is asked for
+        state = _train_frozen(args, cfg, samples, splits)
+        print(f"training done: {json.dumps(state)}", flush=True)
+        if args.leave_out:
+            return 0  # an arm measures one cell; it is not an artifact to ship
+    elif not state.get("completed"):
         from ml.tfdata import make_dataset
         from ml.train import fit
 
         out.mkdir(parents=True, exist_ok=True)
-        pcfg = PreprocessConfig(size=cfg.image_size, equalization=cfg.equalization)  # type: ignore[arg-type]
+        pcfg = _pcfg(cfg)
         train_ds = make_dataset(splits["train"], pcfg, cfg.batch_size, shuffle=True, seed=cfg.seed)
         val_ds = make_dataset(splits["val"], pcfg, cfg.batch_size)
         cw = class_weights(splits["train"]) if cfg.class_weights else None
@@ -261,12 +369,11 @@ def finalise(
     from ml.calibration import ece, fit_temperature, softmax
     from ml.evaluate import compute_metrics, json_clean, targets, write_report
     from ml.labels import CLASSES
-    from ml.preprocess import PreprocessConfig
     from ml.runtime import Classifier
     from ml.train import HISTORY_FILE, plot_learning_curves, read_state
 
     state = read_state(out)
-    pcfg = PreprocessConfig(size=cfg.image_size, equalization=cfg.equalization)  # type: ignore[arg-type]
+    pcfg = _pcfg(cfg)
     arch = {
         "backbone": cfg.backbone,
         "head": cfg.head,
@@ -285,15 +392,20 @@ def finalise(
     }
     save_artifact(None, out, fields)  # provisional card (T=1) to load the runtime
     clf = Classifier.load(out, engine="keras")
-    from ml.evaluate import predict_samples
+    from ml.evaluate import predict_samples_pooled
 
     t0 = time.monotonic()
-    val_logits = predict_samples(clf, splits["val"])
+    val_logits, val_pooled = predict_samples_pooled(clf, splits["val"])
     y_val = [CLASSES.index(s.label) for s in splits["val"]]
     temperature = fit_temperature(val_logits, y_val)
-    test_logits = predict_samples(clf, splits["test"])
+    test_logits, test_pooled = predict_samples_pooled(clf, splits["test"])
     y_test = [CLASSES.index(s.label) for s in splits["test"]]
     import numpy as np
+
+    cross_source: list[dict[str, Any]] = []
+    if (out / "cross_source.json").is_file():
+        cross_source = json.loads((out / "cross_source.json").read_text())
+    ood_card = _finalise_ood(out, val_pooled, test_pooled)
 
     reports = out / "reports"
     metrics = {}
@@ -304,8 +416,13 @@ def finalise(
             probs, y_arr, CLASSES, [s.source for s in splits[split]], n_boot=args.bootstrap
         )
         m["ece_uncalibrated"] = ece(softmax(logits, 1.0), y_arr)
+        if ood_card:
+            m["ood"] = {
+                "threshold": ood_card["threshold"],
+                "pass_rate": ood_card[f"{split}_pass_rate"],
+            }
         if split == "test":
-            m["targets"] = targets(m)
+            m["targets"] = targets(m, cross_source)
         write_report(m, probs, y_arr, reports / split, title=f"{name} {split} split")
         metrics[split] = json_clean(m)
     log.info("finalise inference took %.0f s", time.monotonic() - t0)
@@ -339,6 +456,10 @@ def finalise(
         "evidence the model used, which need not be pathology.",
         f"Test split of {len(splits['test'])} images: see the confidence intervals.",
     ]
+    if ood_card:
+        fields["ood"] = ood_card
+    if cross_source:
+        fields["cross_source"] = cross_source
     fields.update(
         temperature=temperature,
         metrics=metrics,
@@ -368,6 +489,35 @@ def finalise(
 
         shutil.rmtree(backup, ignore_errors=True)
     return load_card(out)
+
+
+def _finalise_ood(out: Path, val_pooled: Any, test_pooled: Any) -> dict[str, Any] | None:
+    """Set the OOD threshold on val (95% pass) and record it, with the test pass rate."""
+    import numpy as np
+
+    from ml.artifact import sha256_file
+    from ml.ood import DEFAULT_COVERAGE, OOD_FILE, OOD_MESSAGE, MahalanobisOOD, threshold_for
+
+    path = out / OOD_FILE
+    if not path.is_file():
+        return None
+    det = MahalanobisOOD.load(path)
+    det.threshold = threshold_for(det.score(val_pooled), DEFAULT_COVERAGE)
+    det.save(path)
+    return {
+        "file": OOD_FILE,
+        "sha256": sha256_file(path),
+        "method": (
+            "Mahalanobis distance of global-average-pooled last-conv features to the nearest "
+            f"class mean (shared covariance, {det.components.shape[1]} principal components "
+            "of the training features)"
+        ),
+        "threshold": det.threshold,
+        "coverage_target": DEFAULT_COVERAGE,
+        "val_pass_rate": float(np.mean(det.score(val_pooled) <= det.threshold)),
+        "test_pass_rate": float(np.mean(det.score(test_pooled) <= det.threshold)),
+        "message": OOD_MESSAGE,
+    }
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -412,7 +562,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         compute_metrics,
         format_summary,
         json_clean,
-        predict_samples,
+        predict_samples_pooled,
         write_report,
     )
     from ml.runtime import Classifier
@@ -427,10 +577,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if missing:
         print(f"cxr evaluate: labels {missing} are not classes of the model", file=sys.stderr)
         return 2
-    logits = predict_samples(clf, samples)
+    logits, pooled = predict_samples_pooled(clf, samples)
     probs = softmax(logits, clf.temperature)
     labels = np.asarray([clf.classes.index(s.label) for s in samples])
     m = compute_metrics(probs, labels, clf.classes, [s.source for s in samples], args.bootstrap)
+    if clf.ood_detector is not None:
+        scores = clf.ood_detector.score(pooled)
+        flagged = scores > clf.ood_detector.threshold
+        m["ood"] = {
+            "threshold": clf.ood_detector.threshold,
+            "pass_rate": float(np.mean(~flagged)),
+            "n_flagged": int(flagged.sum()),
+            "per_source_pass_rate": {
+                src: float(np.mean(~flagged[[s.source == src for s in samples]]))
+                for src in sorted({s.source for s in samples})
+            },
+        }
+    if clf.card.get("cross_source"):
+        m["cross_source"] = clf.card["cross_source"]  # measured at training (leave-one-out)
     m["model"] = clf.info()
     m["split"] = args.split
     m = json_clean(m)
@@ -502,21 +666,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cam_file = None
         if args.cam_dir:
             cam_file = args.cam_dir / f"{i:03d}_{path.stem}.cam.png"
-            rgb = overlay(display, p.cam, text=DISCLAIMER)
+            rgb = overlay(display, p.cam, text=DISCLAIMER, box=p.frame_box)
             cv2.imwrite(str(cam_file), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
         if args.json:
             rec: dict[str, Any] = {
                 "file": str(path),
                 "label": p.label,
                 "probabilities": p.probabilities,
+                "ood_score": p.ood_score,
+                "ood": p.ood,
             }
+            if p.ood:
+                rec["warning"] = p.ood_message
             if cam_file:
                 rec["cam"] = str(cam_file)
             print(json.dumps(rec), flush=True)
         else:
             probs = ", ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())
+            ood = ""
+            if p.ood_score is not None:
+                ood = f" ood_score={p.ood_score:.1f}" + (f" [{p.ood_message}]" if p.ood else "")
             print(
-                f"{path}: {p.label} ({probs})" + (f" cam={cam_file}" if cam_file else ""),
+                f"{path}: {p.label} ({probs}){ood}" + (f" cam={cam_file}" if cam_file else ""),
                 flush=True,
             )
     return 1 if failed else 0

@@ -97,17 +97,32 @@ def upsample(cam: np.ndarray, size: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def cam_to_display(cam: np.ndarray, display_shape: tuple[int, ...]) -> np.ndarray:
+def cam_to_display(
+    cam: np.ndarray,
+    display_shape: tuple[int, ...],
+    box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
     """Map a square model-frame CAM onto the original (H, W) display image.
 
-    Preprocessing pads the display symmetrically to a square (``ml.preprocess.pad_to_square``)
-    and resizes it; this resizes the map to the padded square and crops the padding away.
+    ``box`` is the display region the model frame covers (``Prediction.frame_box``, from
+    :func:`ml.preprocess.model_frame_box`): the map is resized to it and placed there;
+    pixels outside it (borders cut away by the preprocessing) get 0. Without a box, the
+    ``pad`` policy's box (symmetric padding to a square) is assumed.
     """
     h, w = int(display_shape[0]), int(display_shape[1])
-    s = max(h, w)
-    full = cv2.resize(cam.astype(np.float32), (s, s), interpolation=cv2.INTER_LINEAR)
-    top, left = (s - h) // 2, (s - w) // 2
-    return np.clip(full[top : top + h, left : left + w], 0.0, 1.0)
+    if box is None:
+        s = max(h, w)
+        top, left = (s - h) // 2, (s - w) // 2
+        box = (-left, -top, s - left, s - top)
+    x0, y0, x1, y1 = (int(v) for v in box)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"empty frame box {box}")
+    full = cv2.resize(cam.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((h, w), np.float32)
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0:sy1, sx0:sx1] = full[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+    return np.clip(out, 0.0, 1.0)
 
 
 def overlay(
@@ -115,6 +130,7 @@ def overlay(
     cam: np.ndarray,
     alpha: float = DEFAULT_ALPHA,
     text: str | None = None,
+    box: tuple[int, int, int, int] | None = None,
 ) -> np.ndarray:
     """Colour-mapped CAM alpha-blended on a grey display image -> RGB uint8 (H, W, 3).
 
@@ -129,7 +145,7 @@ def overlay(
 
         grey = to_uint8(grey)
     h, w = grey.shape
-    m = cam if cam.shape == (h, w) else cam_to_display(cam, (h, w))
+    m = cam if cam.shape == (h, w) and box is None else cam_to_display(cam, (h, w), box)
     heat = cv2.applyColorMap(np.clip(m * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
     heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)
     base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)

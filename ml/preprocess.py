@@ -8,9 +8,19 @@ Pipeline (identical for DICOM, PNG and JPEG):
    stored range), then MONOCHROME1 is inverted so that bone/air look the same as in a
    MONOCHROME2 image. The result is 8-bit, like the PNGs the model is trained on. 8- to
    16-bit data and signed pixels are handled by pydicom's LUT functions.
-2. **Square policy** (:func:`pad_to_square`): the image is padded symmetrically with black
-   (0) to a square, never cropped or stretched, so the aspect ratio of the anatomy is
-   kept and no lung is cut off. Black matches collimation borders in real radiographs.
+2. **Square policy** (``PreprocessConfig.square_policy``):
+
+   * ``trim-crop`` (default since model 2.0.0): uniform borders (black or white bars,
+     padding, collimation, film edges; :func:`trim_borders`) are cut away, then the
+     centre square of what is left is kept (:func:`centre_square_box`). Every image, from
+     every source, reaches the model as anatomy filling a square frame: no black bar, no
+     aspect ratio, no border width survives to mark where it came from (the data's README,
+     "Known biases": NIH images are square, most COVID images were padded with bars).
+   * ``pad`` (model 1.0.0): padded symmetrically with black to a square. Kept so that
+     older artifacts keep serving exactly as they were trained.
+
+   :func:`model_frame_box` returns the region of the display image that the model's
+   square frame covers, so heat maps are mapped back onto the right pixels.
 3. **Resize** to the model's input size with ``cv2.INTER_AREA`` (anti-aliased downscaling).
 4. **Histogram equalisation** at the model resolution (``cv2.equalizeHist`` by default;
    CLAHE selectable). Equalising *after* resizing makes the step independent of the
@@ -38,6 +48,11 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 Equalization = Literal["hist", "clahe", "none"]
+SquarePolicy = Literal["trim-crop", "pad"]
+SQUARE_POLICIES = ("trim-crop", "pad")
+# names written into model cards (1.0.0's card says "pad-black-symmetric")
+_POLICY_NAMES = {"trim-crop": "trim-uniform-borders-centre-square", "pad": "pad-black-symmetric"}
+Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in display pixels (may lie outside: padding)
 DEFAULT_SIZE = 256
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -52,25 +67,38 @@ class PreprocessConfig:
     equalization: Equalization = "hist"
     clahe_clip: float = 2.0
     clahe_grid: int = 8
+    square_policy: SquarePolicy = "trim-crop"
+
+    def __post_init__(self) -> None:
+        if self.size < 16:
+            raise ValueError(f"image size {self.size} is too small")
+        if self.equalization not in ("hist", "clahe", "none"):
+            raise ValueError(f"unknown equalization {self.equalization!r}")
+        if self.square_policy not in SQUARE_POLICIES:
+            raise ValueError(f"unknown square policy {self.square_policy!r}")
 
     def to_dict(self) -> dict[str, object]:
+        step = "trim borders -> centre square" if self.square_policy == "trim-crop" else "pad"
         return {
             "size": self.size,
             "equalization": self.equalization,
             "clahe_clip": self.clahe_clip,
             "clahe_grid": self.clahe_grid,
-            "square_policy": "pad-black-symmetric",
+            "square_policy": _POLICY_NAMES[self.square_policy],
             "resize": "cv2.INTER_AREA",
-            "order": "display8bit -> pad -> resize -> equalize -> 3ch",
+            "order": f"display8bit -> {step} -> resize -> equalize -> 3ch",
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> PreprocessConfig:
+        name = str(d.get("square_policy", _POLICY_NAMES["pad"]))
+        policy = {v: k for k, v in _POLICY_NAMES.items()}.get(name, name)
         return cls(
-            size=int(d.get("size", DEFAULT_SIZE)),  # type: ignore[arg-type]
+            size=int(d.get("size", DEFAULT_SIZE)),  # type: ignore[call-overload]
             equalization=d.get("equalization", "hist"),  # type: ignore[arg-type]
             clahe_clip=float(d.get("clahe_clip", 2.0)),  # type: ignore[arg-type]
-            clahe_grid=int(d.get("clahe_grid", 8)),  # type: ignore[arg-type]
+            clahe_grid=int(d.get("clahe_grid", 8)),  # type: ignore[call-overload]
+            square_policy=policy,  # type: ignore[arg-type]
         )
 
 
@@ -200,12 +228,108 @@ def pad_to_square(img: np.ndarray) -> np.ndarray:
     return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, 0)
 
 
-def resize_square(img: np.ndarray, size: int) -> np.ndarray:
-    img = pad_to_square(img)
-    if img.shape[0] == size:
+# A border row/column is one whose pixels (95% of them) lie within BORDER_TOLERANCE grey
+# levels of its median, with that median dark or bright: a padding bar, a collimator
+# shadow, the film edge of a digitised film, a burnt-in frame. Text inside a bar is
+# tolerated by the 95% rule. No side loses more than MAX_TRIM of the image.
+BORDER_TOLERANCE = 12
+BORDER_DARK, BORDER_BRIGHT = 40, 215
+MAX_TRIM = 0.3
+
+
+def _border_lines(lines: np.ndarray) -> np.ndarray:
+    """(n, m) array of lines -> bool (n,): is each line a uniform dark/bright border?"""
+    med = np.median(lines, axis=1)
+    dev = np.percentile(np.abs(lines - med[:, None]), 95, axis=1)
+    return (dev <= BORDER_TOLERANCE) & ((med <= BORDER_DARK) | (med >= BORDER_BRIGHT))
+
+
+def _trim_count(flags: np.ndarray, limit: int) -> int:
+    """Leading True run of ``flags``, at most ``limit``."""
+    n = 0
+    while n < min(limit, len(flags)) and flags[n]:
+        n += 1
+    return n
+
+
+def trim_borders(img: np.ndarray) -> Box:
+    """The box (x0, y0, x1, y1) left after cutting uniform borders from each side.
+
+    Analysed on a copy of at most 512 px (speed), mapped back to full resolution.
+    Repeated until stable, so a white frame inside a black bar goes too.
+    """
+    h, w = img.shape[:2]
+    scale = min(1.0, 512.0 / max(h, w))
+    small = img if scale == 1.0 else cv2.resize(
+        img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    )
+    f = small.astype(np.float32)
+    sh, sw = f.shape
+    x0, y0, x1, y1 = 0, 0, sw, sh
+    for _ in range(4):
+        before = (x0, y0, x1, y1)
+        region = f[y0:y1, x0:x1]
+        rows, cols = _border_lines(region), _border_lines(region.T)
+        if rows.all() or cols.all():  # nothing but border (a blank image): keep it
+            break
+        lim_y, lim_x = int(MAX_TRIM * sh), int(MAX_TRIM * sw)
+        y0 += _trim_count(rows, lim_y - y0)
+        y1 -= _trim_count(rows[::-1], lim_y - (sh - y1))
+        x0 += _trim_count(cols, lim_x - x0)
+        x1 -= _trim_count(cols[::-1], lim_x - (sw - x1))
+        if (x0, y0, x1, y1) == before or x1 - x0 < 8 or y1 - y0 < 8:
+            break
+    inv = 1.0 / scale
+    bx0, by0 = int(np.floor(x0 * inv)), int(np.floor(y0 * inv))
+    bx1, by1 = min(w, int(np.ceil(x1 * inv))), min(h, int(np.ceil(y1 * inv)))
+    if bx1 - bx0 < 8 or by1 - by0 < 8:  # nothing but border: keep the whole image
+        return 0, 0, w, h
+    return bx0, by0, bx1, by1
+
+
+def centre_square_box(box: Box) -> Box:
+    """The centred square inside ``box`` (side = its shorter side)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    s = min(w, h)
+    left, top = x0 + (w - s) // 2, y0 + (h - s) // 2
+    return left, top, left + s, top + s
+
+
+def model_frame_box(img: np.ndarray, policy: SquarePolicy = "trim-crop") -> Box:
+    """The square region of ``img`` (display pixels) that becomes the model's frame.
+
+    For ``pad`` it reaches outside the image (the black padding)."""
+    h, w = img.shape[:2]
+    if policy == "pad":
+        s = max(h, w)
+        top, left = (s - h) // 2, (s - w) // 2
+        return -left, -top, w + (s - w - left), h + (s - h - top)
+    return centre_square_box(trim_borders(img))
+
+
+def crop_box(img: np.ndarray, box: Box) -> np.ndarray:
+    """``img`` cut to ``box``; parts outside the image are black (padding)."""
+    x0, y0, x1, y1 = box
+    h, w = img.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return img[y0:y1, x0:x1]
+    out = np.zeros((y1 - y0, x1 - x0), img.dtype)
+    sx0, sy0, sx1, sy1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = img[sy0:sy1, sx0:sx1]
+    return out
+
+
+def resize_to(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
         return img
     interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
     return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def resize_square(img: np.ndarray, size: int) -> np.ndarray:
+    """Pad to a square and resize (the ``pad`` policy; used for previews)."""
+    return resize_to(pad_to_square(img), size)
 
 
 def equalize(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
@@ -217,13 +341,19 @@ def equalize(img: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     return img
 
 
-def display_to_model_grey(display: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
-    """Steps 2-4: 8-bit display image -> equalised (size, size) uint8."""
+def display_to_model_frame(display: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Box]:
+    """Steps 2-4: 8-bit display image -> (equalised (size, size) uint8, frame box)."""
     if display.ndim != 2 or display.size == 0:
         raise PreprocessError(f"expected a non-empty grey image, got shape {display.shape}")
     if display.dtype != np.uint8:
         display = to_uint8(display)
-    return equalize(resize_square(display, cfg.size), cfg)
+    box = model_frame_box(display, cfg.square_policy)
+    return equalize(resize_to(crop_box(display, box), cfg.size), cfg), box
+
+
+def display_to_model_grey(display: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """Steps 2-4: 8-bit display image -> equalised (size, size) uint8."""
+    return display_to_model_frame(display, cfg)[0]
 
 
 def grey_to_input(grey: np.ndarray) -> np.ndarray:

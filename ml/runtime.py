@@ -35,7 +35,15 @@ import numpy as np
 from ml.artifact import ArtifactError, Card, load_card, sha256_file
 from ml.calibration import softmax
 from ml.gradcam import cam_from_features, normalise_cam, upsample
-from ml.preprocess import PreprocessConfig, display_to_model_grey, grey_to_input, load_display
+from ml.ood import OOD_MESSAGE, MahalanobisOOD
+from ml.preprocess import (
+    Box,
+    PreprocessConfig,
+    display_to_model_frame,
+    display_to_model_grey,
+    grey_to_input,
+    load_display,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +60,15 @@ class Prediction:
     cam: np.ndarray  # (S, S) float32 in [0, 1], Grad-CAM of the predicted class, model frame
     model_grey: np.ndarray  # (S, S) uint8 equalised model input
     timings_ms: dict[str, float] = field(default_factory=dict)  # preprocess, forward, cam
+    # the display-image region (x0, y0, x1, y1) the model frame covers (ml.preprocess)
+    frame_box: tuple[int, int, int, int] | None = None
+    # out-of-distribution score and flag (None when the model has no detector, e.g. 1.0.0)
+    ood_score: float | None = None
+    ood: bool | None = None
+
+    @property
+    def ood_message(self) -> str | None:
+        return OOD_MESSAGE if self.ood else None
 
     @property
     def confidence(self) -> float:
@@ -224,6 +241,7 @@ class Classifier:
         self._keras_model = keras_model
         self._gradcam_fn: Any = None
         self._lock = threading.Lock()
+        self.ood_detector: MahalanobisOOD | None = _load_ood(card, model_dir)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -314,6 +332,16 @@ class Classifier:
         """Display image -> (S, S) uint8 equalised model input."""
         return display_to_model_grey(display, self.preprocess_config)
 
+    def preprocess_frame(self, display: np.ndarray) -> tuple[np.ndarray, Box]:
+        """Display image -> ((S, S) uint8 model input, the display box it covers)."""
+        return display_to_model_frame(display, self.preprocess_config)
+
+    def ood_scores(self, features: np.ndarray) -> np.ndarray | None:
+        """(N, h, w, C) last-conv features -> (N,) OOD scores (None without a detector)."""
+        if self.ood_detector is None:
+            return None
+        return self.ood_detector.score(np.asarray(features, np.float32).mean(axis=(1, 2)))
+
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) float32 -> (features (N, h, w, C), logits (N, K))."""
         return self._engine.forward(np.asarray(x, np.float32))
@@ -343,12 +371,15 @@ class Classifier:
         for i in range(0, len(displays), batch_size):
             chunk = displays[i : i + batch_size]
             t0 = time.perf_counter()
-            greys = [self.preprocess(d) for d in chunk]
+            frames = [self.preprocess_frame(d) for d in chunk]
+            greys = [g for g, _ in frames]
             x = np.stack([grey_to_input(g) for g in greys])
             t1 = time.perf_counter()
             features, logits = self.forward(x)
             t2 = time.perf_counter()
             probs = self.probabilities(logits)
+            scores = self.ood_scores(features)
+            t3 = time.perf_counter()
             n = len(chunk)
             for j in range(n):
                 idx = int(np.argmax(probs[j]))
@@ -365,8 +396,14 @@ class Classifier:
                         timings_ms={
                             "preprocess": (t1 - t0) * 1000 / n,
                             "forward": (t2 - t1) * 1000 / n,
+                            "ood": (t3 - t2) * 1000 / n,
                             "cam": (time.perf_counter() - tc) * 1000,
                         },
+                        frame_box=frames[j][1],
+                        ood_score=None if scores is None else float(scores[j]),
+                        ood=None
+                        if scores is None or self.ood_detector is None
+                        else bool(scores[j] > self.ood_detector.threshold),
                     )
                 )
         return out
@@ -387,7 +424,19 @@ class Classifier:
             "classes": list(self.classes),
             "image_size": self.image_size,
             "temperature": self.temperature,
+            "ood_threshold": None if self.ood_detector is None else self.ood_detector.threshold,
         }
+
+
+def _load_ood(card: Any, model_dir: Path) -> MahalanobisOOD | None:
+    """The artifact's OOD detector, verified against the card (None if it has none)."""
+    info = card.get("ood")
+    if not info:
+        return None
+    path = model_dir / str(info.get("file", "ood.npz"))
+    if not path.is_file() or sha256_file(path) != info.get("sha256"):
+        raise ArtifactError(f"{model_dir}: OOD detector {path.name} missing or not the card's")
+    return MahalanobisOOD.load(path)
 
 
 # --------------------------------------------------------------------------- process cache

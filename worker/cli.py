@@ -177,9 +177,8 @@ def run_worker(args: argparse.Namespace) -> int:
 
 def _run_worker(args: argparse.Namespace, settings: Any) -> int:
     from cxr.logconfig import configure_logging
-    from cxr.metrics import start_metrics_server
-    from db.session import dispose_engines, init_db
-    from worker.celery_app import QUEUE, make_celery
+    from db.session import init_db
+    from worker.celery_app import make_celery
 
     configure_logging(settings.log_level, settings.log_json)
     init_db(settings.database_url)
@@ -214,9 +213,27 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
     status_dir = tempfile.mkdtemp(prefix="cxr-worker-model-")
     os.environ[MODEL_STATUS_ENV] = os.path.join(status_dir, "model-error")
     register_health_check("model", model_healthy)
-    start_metrics_server(settings.metrics_host, settings.metrics_port)
-
     stop = threading.Event()
+    try:
+        return _serve(args, settings, app, hostname, concurrency, stop)
+    finally:
+        stop.set()
+        shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def _serve(
+    args: argparse.Namespace,
+    settings: Any,
+    app: Any,
+    hostname: str,
+    concurrency: int,
+    stop: threading.Event,
+) -> int:
+    from cxr.metrics import start_metrics_server
+    from db.session import dispose_engines
+    from worker.celery_app import QUEUE
+
+    start_metrics_server(settings.metrics_host, settings.metrics_port)
     if not args.no_sweep:
         sweep_once(settings, app)
         threading.Thread(
@@ -243,9 +260,5 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
         without_mingle=True,
         optimization="fair",
     )
-    try:
-        w.start()
-    finally:
-        stop.set()
-        shutil.rmtree(status_dir, ignore_errors=True)
+    w.start()
     return int(getattr(w, "exitcode", 0) or 0)

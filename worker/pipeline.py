@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from cxr import metrics
-from cxr.logconfig import register_phi, scrub
+from cxr.logconfig import register_dataset_phi, scrub
 from cxr.settings import Destination, Settings
 from cxr.storage import Spool
 from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
@@ -323,6 +323,7 @@ def classify(
 ) -> tuple[_Built, dict[str, float]]:
     """Decode, classify, build SC (+SR), store them in the spool, upsert the inference and
     move the instance to ``classified``. The caller holds the ``processing`` claim."""
+    from ml.ood import OOD_MESSAGE
     from ml.preprocess import PreprocessError, dicom_to_display
     from worker.results import build_secondary_capture, build_structured_report
     from worker.uids import output_uids
@@ -351,7 +352,7 @@ def classify(
     except Exception as exc:
         raise PermanentError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from exc
     # from now on the patient's name/ID must never reach a log line or an audit reason
-    register_phi(ds.get("PatientName"), ds.get("PatientID"))
+    register_dataset_phi(ds)
     try:
         display = dicom_to_display(ds, max_pixels=settings.max_pixels)
     except PreprocessError as exc:
@@ -397,6 +398,8 @@ def classify(
         inf.p_normal = probs.get("Normal", 0.0)
         inf.p_other = probs.get("Other", 0.0)
         inf.verdict = pred.label
+        inf.ood_score = getattr(pred, "ood_score", None)
+        inf.ood = getattr(pred, "ood", None)
         inf.sc_series_uid = uids.sc_series
         inf.sc_sop_instance_uid = uids.sc_sop
         inf.sr_series_uid = uids.sr_series if sr_uid else None
@@ -418,7 +421,9 @@ def classify(
             s,
             instance_id,
             State.CLASSIFIED.value,
-            f"{pred.label} (model {clf.version})" + (f"; {NO_DESTINATIONS}" if no_dest else ""),
+            f"{pred.label} (model {clf.version})"
+            + (f"; {OOD_MESSAGE} (ood_score {pred.ood_score:.1f})" if getattr(pred, "ood", None) else "")
+            + (f"; {NO_DESTINATIONS}" if no_dest else ""),
         )
     metrics.INFERENCES.labels(pred.label).inc()
     for k, v in timings.items():

@@ -47,10 +47,11 @@ from pydicom.uid import (
 )
 
 from cxr import DISCLAIMER, __version__
-from cxr.logconfig import register_phi
+from cxr.logconfig import register_dataset_phi
 from dicom_node.filters import OWN_MANUFACTURER, OWN_SERIES_PREFIX
 from ml import gradcam
 from ml.labels import CLASSES
+from ml.ood import OOD_MESSAGE
 from worker.uids import uid_from
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,6 +91,8 @@ class PredictionLike(Protocol):
     label: str
     probabilities: dict[str, float]
     cam: np.ndarray | None
+    # optional (ml.runtime.Prediction has them; read with getattr):
+    # frame_box: display region of the model frame; ood: out-of-distribution flag
 
 
 @dataclass(frozen=True)
@@ -172,9 +175,13 @@ def overlay(
 def annotation_lines(prediction: PredictionLike, model: ModelInfo) -> list[str]:
     """The burned-in text (ASCII only: cv2's Hershey fonts)."""
     probs = _probabilities(prediction)
-    return [
+    lines = [
         f"AI TRIAGE: {VERDICT_TEXT[prediction.label]}",
         "  ".join(f"{c} {100 * probs[c]:.1f}%" for c in CLASSES),
+    ]
+    if getattr(prediction, "ood", None):
+        lines.append(OOD_MESSAGE.upper())
+    return lines + [
         f"Model {model.name} v{model.version}",
         "NOT FOR DIAGNOSTIC USE - RESEARCH USE ONLY",
     ]
@@ -192,11 +199,18 @@ def render_result_image(
         display = to_uint8(display)
     # downsize first (cheap overlay), then map the model-frame CAM onto that image: the
     # mapping only depends on the aspect ratio
+    h0, w0 = display.shape[:2]
     display = _fit_display(display)
     h, w = display.shape[:2]
     cam = getattr(prediction, "cam", None)
+    box = getattr(prediction, "frame_box", None)
+    if box is not None:  # the model frame in the original display: scale to this one
+        sx, sy = w / w0, h / h0
+        box = (
+            round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)
+        )
     if cam is not None:
-        image = overlay(display, gradcam.cam_to_display(np.asarray(cam), (h, w)))
+        image = overlay(display, gradcam.cam_to_display(np.asarray(cam), (h, w), box))
     else:
         image = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB)
 
@@ -212,7 +226,10 @@ def render_result_image(
     canvas = np.zeros((banner_h + h, w, 3), np.uint8)
     canvas[banner_h:] = image
     y = gap + line_h
-    colours = [(255, 255, 0), (255, 255, 255), (200, 200, 200), (255, 80, 80)]
+    colours = [(255, 255, 0), (255, 255, 255)]
+    if len(lines) == 5:
+        colours.append((255, 160, 0))  # the out-of-distribution warning
+    colours += [(200, 200, 200), (255, 80, 80)]
     for text, colour in zip(lines, colours, strict=True):
         cv2.putText(canvas, text, (8, y), font, scale, colour, thick, cv2.LINE_AA)
         y += line_h + gap
@@ -270,7 +287,7 @@ def _check_source(source: Dataset) -> None:
 def _no_phi_warnings(source: Dataset) -> Iterator[None]:
     """highdicom warns (and may log) about odd person names *quoting the name*: register
     the patient's name/ID with the log scrubber and silence those warnings."""
-    register_phi(source.get("PatientName"), source.get("PatientID"))
+    register_dataset_phi(source)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*person name.*", category=UserWarning)
         warnings.filterwarnings("ignore", message="Invalid value for VR", category=UserWarning)
@@ -471,6 +488,18 @@ def build_structured_report(
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
     root.ContentSequence.append(disclaimer)
+    if getattr(prediction, "ood", None):
+        root.ContentSequence.append(
+            hd.sr.TextContentItem(
+                name=codes.DCM.Comment,
+                value=(
+                    f"{OOD_MESSAGE[0].upper()}{OOD_MESSAGE[1:]}: out-of-distribution score "
+                    f"{float(getattr(prediction, 'ood_score', 0.0) or 0.0):.1f} is above the "
+                    "model's threshold; the probabilities above are not reliable."
+                ),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        )
     evidence = [_reference_copy(source, image=True)]
     if sc is not None:
         evidence.append(_reference_copy(sc, image=True))

@@ -31,6 +31,7 @@ each forked pool process drops the database connections it inherited
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 from celery import Task, shared_task
@@ -73,13 +74,18 @@ TRANSIENT_ERRORS = _transient_errors()
 
 
 def backoff_seconds(retries: int, settings: Settings) -> int:
-    """Exponential backoff with full jitter: up to 1, 2, 4 ... s, capped."""
-    return max(
-        1,
-        get_exponential_backoff_interval(
-            factor=1, retries=retries, maximum=settings.retry_backoff_max, full_jitter=True
-        ),
+    """Exponential backoff with "equal" jitter: the wait before retry ``retries + 1`` is
+    between half and all of ``CXR_RETRY_BACKOFF_BASE * 2**retries`` (capped at
+    ``CXR_RETRY_BACKOFF_MAX``). With the defaults (5 s, 300 s, 10 attempts) a result is
+    retried for about 10-20 minutes, through a PACS restart or a maintenance window;
+    full jitter (0 .. cap) used to let 5 attempts pass in a few seconds."""
+    cap = get_exponential_backoff_interval(
+        factor=settings.retry_backoff_base,
+        retries=retries,
+        maximum=settings.retry_backoff_max,
+        full_jitter=False,
     )
+    return max(1, int(round(cap / 2 + random.uniform(0, cap / 2))))
 
 
 @worker_process_init.connect

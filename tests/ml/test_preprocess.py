@@ -118,10 +118,12 @@ def test_8_to_16_bit_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("shape", [(60, 100), (100, 60)])
-def test_non_square_images_are_padded_black_symmetrically(shape: tuple[int, int]) -> None:
+def test_pad_policy_pads_black_symmetrically(shape: tuple[int, int]) -> None:
+    """Model 1.0.0's policy, kept so its artifact serves as it was trained."""
     h, w = shape
     display = np.full(shape, 200, np.uint8)
-    grey = display_to_model_grey(display, PreprocessConfig(size=50, equalization="none"))
+    cfg = PreprocessConfig(size=50, equalization="none", square_policy="pad")
+    grey = display_to_model_grey(display, cfg)
     assert grey.shape == (50, 50)
     content = grey > 100
     rows, cols = np.flatnonzero(content.any(1)), np.flatnonzero(content.any(0))

@@ -244,3 +244,64 @@ def test_settings_errors_name_the_variable(var, value, monkeypatch, workdir):
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError, match=var):
         load_settings()
+
+
+def test_idle_connections_do_not_lock_peers_out(node_factory, sqlite_url):
+    """Issue 9, defect 6: 150 idle TCP connections (no A-ASSOCIATE-RQ) used to block every
+    association until they closed. Real peers still associate, and the idle connections
+    are closed after CXR_REQUEST_TIMEOUT."""
+    import socket
+
+    node = node_factory(sqlite_url, request_timeout=2.0, acse_timeout=30, max_associations=5)
+    idle = [socket.create_connection(node.address, timeout=10) for _ in range(150)]
+    try:
+        t0 = time.monotonic()
+        assert echo(node.address) == SUCCESS
+        res = scu_send(node.address, [make_chest_dataset(seed=60)])
+        assert res.statuses == [SUCCESS]
+        assert time.monotonic() - t0 < 10
+        time.sleep(3.0)  # past the request timeout: the node has closed them
+        closed = 0
+        for s in idle:
+            try:
+                s.settimeout(2)
+                closed += s.recv(1) == b""
+            except OSError:
+                closed += 1
+        assert closed == len(idle)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_rejections_are_a_associate_rj_for_dcmtk(node_factory, sqlite_url):
+    """Issue 9, defect 7: an unknown calling AE, a wrong called AE and the association
+    limit reach the peer as A-ASSOCIATE-RJ with the documented reason (DCMTK's echoscu as
+    the third-party peer), not as an abort."""
+    from tests.conftest import dcmtk
+
+    echoscu = dcmtk("echoscu")
+    node = node_factory(sqlite_url, allowed_calling_aets="GOOD", max_associations=1)
+    host, port = node.address
+
+    def run(aet: str, aec: str) -> str:
+        r = subprocess.run([echoscu, "-v", "-aet", aet, "-aec", aec, host, str(port)],
+                           capture_output=True, text=True, timeout=60)
+        return r.stdout + r.stderr
+
+    out = run("BAD", "CXR_WORKER")
+    assert "Rejected Permanent" in out and "Calling AE Title Not Recognized" in out, out
+    out = run("GOOD", "WRONG")
+    assert "Rejected Permanent" in out and "Called AE Title Not Recognized" in out, out
+    ae = AE(ae_title="GOOD")
+    ae.add_requested_context(Verification)
+    held = ae.associate(host, port, ae_title="CXR_WORKER")
+    assert held.is_established
+    try:
+        out = run("GOOD", "CXR_WORKER")
+        assert "Rejected Transient" in out and "Local Limit Exceeded" in out, out
+    finally:
+        held.release()
+    assert "aborted" not in run("GOOD", "CXR_WORKER").lower()
+    outcomes = [a.outcome for a in associations(sqlite_url)]
+    assert outcomes.count("rejected") == 3

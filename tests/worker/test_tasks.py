@@ -233,9 +233,22 @@ def test_celery_task_eager_runs_pipeline(tmp_path, sqlite_url, tiny_model_dir, o
 def test_backoff_is_exponential_and_capped(tmp_path, sqlite_url, tiny_model_dir):  # type: ignore[no-untyped-def]
     from worker.tasks import backoff_seconds
 
-    s = _settings(tmp_path, sqlite_url, tiny_model_dir, retry_backoff_max=8)
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, retry_backoff_max=80)
     for retries in range(8):
-        cap = min(8, 2**retries)
+        cap = min(80, 5 * 2**retries)
         vals = {backoff_seconds(retries, s) for _ in range(50)}
-        assert all(1 <= v <= cap for v in vals), (retries, vals)
-    assert max(backoff_seconds(10, s) for _ in range(200)) <= 8
+        assert all(max(1, cap // 2) <= v <= cap for v in vals), (retries, vals)
+    assert max(backoff_seconds(10, s) for _ in range(200)) <= 80
+
+
+def test_default_delivery_schedule_outlasts_a_pacs_restart(tmp_path, sqlite_url, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """Issue 9, defect 5: with the default settings the attempts span well over the 60 s
+    a PACS restart takes (they used to be spent in 5.6-13.9 s)."""
+    from worker.tasks import backoff_seconds
+
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir)
+    assert s.delivery_max_attempts == 10 and s.retry_backoff_max == 300
+    for _ in range(20):
+        waits = [backoff_seconds(a, s) for a in range(s.delivery_max_attempts - 1)]
+        assert sum(waits) >= 600  # at least 10 minutes between the first and last attempt
+        assert max(waits) <= 300
