@@ -7,12 +7,13 @@ Reports, in one run:
 * throughput (images/s, forward + CAM) at several batch sizes, and the best one;
 * the ONNX Runtime / Keras ratios.
 
-Model: the shipped artifact (``CXR_MODEL_DIR`` / ``ml/models/cxr-densenet169-v1``) when
+Model: the shipped artifact (``CXR_MODEL_DIR`` / ``ml/models/cxr-densenet169-v2``) when
 present, else a freshly built DenseNet169 with random weights (same cost, meaningless
 outputs) - the output says which. Images: real radiographs from ../shared/data/cxr when
 present, else generated ones.
 
-    python benchmarks/inference.py [--model DIR] [--batches 1,4,8,16] [--json OUT]
+    python benchmarks/inference.py [--model DIR] [--baseline DIR] [--batches 1,4,8,16]
+                                   [--json OUT]
 """
 
 from __future__ import annotations
@@ -139,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         "--record-in-card",
         action="store_true",
         help="store a summary as 'engine_benchmark' in the measured artifact's model card",
+    )
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="a second artifact (e.g. the previous model version) measured in the same run: "
+        "per-image predict_display (preprocess + forward + OOD score + CAM), ONNX Runtime",
     )
     a = ap.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -297,6 +304,33 @@ def main(argv: list[str] | None = None) -> int:
         f"\nONNX Runtime vs Keras: {ratio_fwd:.2f}x at batch 1 (min), {ratio_thr:.2f}x at the best "
         f"batch sizes -> default engine '{results['default_engine']}'"
     )
+    ratios = [f"onnx/keras forward {ratio_fwd:.2f}", f"throughput {ratio_thr:.2f}"]
+    if a.baseline:
+        base = Classifier.load(Path(a.baseline), engine="onnx", cache_dir=cache)
+        pair = {"model": engines["onnx"], "baseline": base}
+        per: dict[str, list[float]] = {k: [] for k in pair}
+        for d in displays[:8]:
+            for clf_ in pair.values():
+                clf_.predict_display(d)  # warm-up on this image size
+            for _ in range(max(3, a.reps)):
+                for k, clf_ in pair.items():  # interleaved: load hits both alike
+                    t0 = time.perf_counter()
+                    clf_.predict_display(d)
+                    per[k].append((time.perf_counter() - t0) * 1000)
+        med = {k: statistics.median(v) for k, v in per.items()}
+        results["versus_baseline"] = {
+            "baseline": f"{base.name} {base.version} ({base.image_size} px)",
+            "model": f"{clf.name} {clf.version} ({clf.image_size} px)",
+            "predict_display_ms_median": med,
+            "ratio": med["model"] / med["baseline"],
+        }
+        print(
+            f"\nper image, all steps (preprocess + forward + OOD score + CAM), ONNX Runtime, "
+            f"median over 8 images x {max(3, a.reps)}, interleaved:\n"
+            f"  {clf.name} {clf.version} ({clf.image_size} px): {med['model']:.1f} ms\n"
+            f"  {base.name} {base.version} ({base.image_size} px): {med['baseline']:.1f} ms"
+        )
+        ratios.insert(0, f"model/baseline per image {med['model'] / med['baseline']:.2f}")
     if a.json_out:
         a.json_out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     if a.record_in_card and "RANDOM" not in model_desc:
@@ -318,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         save_artifact(None, model_dir, card)
         print(f"recorded engine_benchmark in {model_dir}/model_card.json")
+    print("ratios: " + " ".join(ratios))
     return 0
 
 

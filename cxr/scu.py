@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
 from pydicom import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, evt
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,16 @@ class StoreResult:
     elapsed_ms: float = 0.0
 
 
-def _association_failure(assoc: object) -> str:
-    """Why an association is not established, in a few words."""
+def _association_failure(assoc: object, connected: bool) -> str:
+    """Why an association is not established, in a few words. pynetdicom marks a
+    connection that never opened as aborted too: ``connected`` tells the two apart."""
+    if not connected:
+        return "no connection (refused or unreachable)"
     if getattr(assoc, "is_rejected", False):
         return "association rejected"
     if getattr(assoc, "is_aborted", False):
         return "association aborted"
-    return "no connection"
+    return "no association"
 
 
 def store_each(
@@ -76,8 +80,15 @@ def store_each(
 
     if not items:
         return results
+    connected = threading.Event()
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+        assoc = ae.associate(
+            host,
+            port,
+            ae_title=called_ae,
+            tls_args=tls_args,
+            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _e: connected.set())],
+        )
     except Exception as exc:  # TLS set-up errors, bad host names, ...
         why = f"association error: {type(exc).__name__}"
         log.warning("C-STORE to %s@%s:%d: %s", called_ae, host, port, why)
@@ -85,7 +96,7 @@ def store_each(
             done(it, StoreResult("unreachable", comment=why))
         return results
     if not assoc.is_established:
-        why = _association_failure(assoc)
+        why = _association_failure(assoc, connected.is_set())
         log.warning("C-STORE to %s@%s:%d: %s", called_ae, host, port, why)
         for it in items:
             done(it, StoreResult("unreachable", comment=why))

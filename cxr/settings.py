@@ -26,7 +26,7 @@ _DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$
 
 def default_model_dir() -> Path:
     """The shipped default model artifact inside the ``ml`` package."""
-    return Path(__file__).resolve().parent.parent / "ml" / "models" / "cxr-densenet169-v1"
+    return Path(__file__).resolve().parent.parent / "ml" / "models" / "cxr-densenet169-v2"
 
 
 class Destination(BaseModel):
@@ -206,7 +206,11 @@ class Settings(BaseSettings):
 
     # --- observability -----------------------------------------------------------------
     metrics_port: int = Field(
-        9108, ge=0, le=65535, description="Prometheus /metrics and /healthz port (0 = off)."
+        9108,
+        ge=0,
+        le=65535,
+        description="Prometheus /metrics and /healthz port (0 = off); when taken (several "
+        "processes on one host), a free port, named in the log.",
     )
     metrics_host: str = Field("127.0.0.1", description="Address of the metrics endpoint.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO")

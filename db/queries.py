@@ -448,3 +448,15 @@ def prepare_retry(
     if uid is not None and not actions and not notes:
         notes.append(f"no instance with SOP Instance UID {uid}")
     return actions, notes
+
+
+def oldest_processing_age(session: Session, now: datetime | None = None) -> float | None:
+    """Seconds since the longest-held ``processing`` claim was taken (None: none held).
+    A worker whose tasks stop completing leaves claims that only grow older: /healthz."""
+    oldest = session.execute(
+        select(func.min(Instance.updated_at)).where(Instance.state == State.PROCESSING.value)
+    ).scalar_one_or_none()
+    if oldest is None:
+        return None
+    now = now or datetime.now(UTC)
+    return (now - (aware(oldest) or now)).total_seconds()

@@ -235,6 +235,8 @@ class StorageNode:
         except BaseException:
             self._dispatch_q.put(_STOP)
             raise
+        if self.server.ssl_context is not None:
+            self.server.get_request = self._tls_get_request  # type: ignore[method-assign]
         if self._sweep_enabled:
             self._sweep_thread = threading.Thread(
                 target=self._sweep_loop, name="cxr-requeue-sweep", daemon=True
@@ -545,6 +547,37 @@ class StorageNode:
             st.db_id, outcome, st.counts["stored"], st.counts["ignored"],
             st.counts["duplicate"], st.counts["refused"],
         )
+
+    # ------------------------------------------------------------------ TLS
+    def _tls_get_request(self) -> tuple[Any, tuple[str, int]]:
+        """pynetdicom's ``AssociationServer.get_request`` with a bounded handshake and a
+        record of its failure: socketserver drops an ``OSError`` from here silently, so a
+        peer whose TLS handshake failed used to leave no audit row and no log line."""
+        server = self.server
+        assert server is not None and server.socket is not None
+        sock, address = server.socket.accept()
+        try:
+            sock.settimeout(self.settings.request_timeout)
+            tls = server.ssl_context.wrap_socket(sock, server_side=True)  # type: ignore[union-attr]
+            tls.settimeout(None)
+            return tls, address
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            why = f"TLS handshake failed: {getattr(exc, 'reason', None) or type(exc).__name__}"
+            log.warning("connection from %s refused: %s", address[0], why)
+            metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
+            try:
+                with session_scope(self.settings.database_url) as sess:
+                    sess.add(
+                        Association(
+                            calling_ae="", called_ae="", peer_host=address[0],
+                            peer_port=address[1], tls=True, outcome="rejected",
+                            reason=why[:255], ended_at=utcnow(),
+                        )
+                    )
+            except Exception as db_exc:
+                log.warning("could not record the TLS failure (%s)", type(db_exc).__name__)
+            raise
 
     # ------------------------------------------------------------------ health
     def scp_healthy(self) -> bool:

@@ -236,19 +236,70 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             lines.append(f"| {c} | " + " | ".join(cells) + " |")
         per_source = m.get("per_source") or {}
         if per_source:
-            lines += ["", "Per source:", "", "| source | n | accuracy |", "|---|---|---|"]
-            for s, ps in sorted(per_source.items()):
-                lines.append(f"| {s} | {ps.get('n')} | {_fmt(ps.get('accuracy'))} |")
-        targets = m.get("targets")
-        if targets:
             lines += [
                 "",
-                "Targets (issue 2): "
-                + "; ".join(
-                    f"{k}: {_fmt(v.get('value'))} ({'met' if v.get('met') else 'NOT met'})"
-                    for k, v in targets.items()
-                ),
+                "Per source (sources seen in training: a number here says little about a "
+                "new hospital; see the cross-source table):",
+                "",
+                "| source | n | accuracy | recall per class | predicted |",
+                "|---|---|---|---|---|",
             ]
+            for s, ps in sorted(per_source.items()):
+                rec = ", ".join(f"{c} {_fmt(v)}" for c, v in (ps.get("recall") or {}).items())
+                pred = ", ".join(f"{c} {v}" for c, v in (ps.get("predicted") or {}).items())
+                lines.append(
+                    f"| {s} | {ps.get('n')} | {_fmt(ps.get('accuracy'))} | {rec} | {pred} |"
+                )
+        if m.get("ood"):
+            lines += [
+                "",
+                f"Out-of-distribution flag: {_fmt(1 - float(m['ood']['pass_rate']))} of these "
+                f"images flagged (threshold {_fmt(m['ood']['threshold'])}).",
+            ]
+        targets = m.get("targets")
+        if targets:
+            lines += ["", "Targets (classifier v2):", ""]
+            lines += [
+                f"- {k}: {_fmt(v.get('value'))} ({'met' if v.get('met') else '**NOT met**'})"
+                for k, v in targets.items()
+            ]
+    cross = card.get("cross_source") or []
+    if cross:
+        lines += [
+            "",
+            "## Cross-source table (train without a source, test on it)",
+            "",
+            "Each arm is trained with the same recipe on the training split minus the "
+            "left-out images (and anything sharing a patient group with them), then tested "
+            "on every left-out image. This is the number that speaks for a new hospital.",
+            "",
+            "| left out | n | metric | value | predicted |",
+            "|---|---|---|---|---|",
+        ]
+        for c in cross:
+            pred = ", ".join(f"{k} {v}" for k, v in (c.get("predicted") or {}).items())
+            lines.append(
+                f"| {c.get('left_out')} | {c.get('n')} | {c.get('metric')} | "
+                f"{_fmt(c.get('value'))} | {pred} |"
+            )
+    ood = card.get("ood") or {}
+    if ood:
+        lines += [
+            "",
+            "## Out-of-distribution flag",
+            "",
+            f"- method: {ood.get('method')}",
+            f"- threshold {_fmt(ood.get('threshold'))}, set on the validation split so that "
+            f"{_fmt(ood.get('coverage_target'))} of its images pass (val pass rate "
+            f"{_fmt(ood.get('val_pass_rate'))}, test pass rate {_fmt(ood.get('test_pass_rate'))})",
+            f"- above it every output says: \"{ood.get('message')}\"; the three "
+            "probabilities are still given",
+        ]
+        if ood.get("checks"):
+            lines += [f"- {k}: {v}" for k, v in ood["checks"].items()]
+    if card.get("training_cost"):
+        lines += ["", "## Training cost", ""]
+        lines += [f"- {k}: {v}" for k, v in card["training_cost"].items()]
     data = card.get("data") or {}
     if data:
         lines += ["", "## Training data", ""]

@@ -379,7 +379,9 @@ def finalise(
         "head": cfg.head,
         "dropout": cfg.dropout,
         "trainable": cfg.trainable,
-        "init_weights": cfg.weights or "scratch",
+        "init_weights": cfg.weights
+        or (f"{Path(cfg.init_from).name} (conv1-conv4 frozen)" if cfg.trainable == "conv5"
+            and cfg.init_from else "scratch"),
     }
     name = args.model_name or f"cxr-{cfg.backbone}"
     fields: dict[str, Any] = {
@@ -458,6 +460,7 @@ def finalise(
     ]
     if ood_card:
         fields["ood"] = ood_card
+    fields["training_cost"] = _training_cost(out, args, state)
     if cross_source:
         fields["cross_source"] = cross_source
     fields.update(
@@ -489,6 +492,32 @@ def finalise(
 
         shutil.rmtree(backup, ignore_errors=True)
     return load_card(out)
+
+
+def _training_cost(out: Path, args: argparse.Namespace, state: dict[str, Any]) -> dict[str, Any]:
+    """What the training cost, measured: wall-clock seconds of each stage, where."""
+    import os
+
+    cost: dict[str, Any] = {
+        "hardware": f"{os.cpu_count()} CPU cores, no GPU (TensorFlow CPU)",
+        "head training (s)": round(float(state.get("train_seconds", 0.0)), 1),
+        "epochs": state.get("epochs_run"),
+    }
+    cache = getattr(args, "cache_dir", None) or out / "features"
+    meta = Path(cache) / "meta.json"
+    if meta.is_file():
+        m = json.loads(meta.read_text())
+        n = sum(m.get("done", []))
+        secs = float(m.get("seconds", 0.0))
+        cost["trunk feature cache (s)"] = round(secs, 1)
+        cost["trunk forward passes"] = n
+        if secs:
+            cost["trunk throughput (img/s)"] = round(n / secs, 2)
+    arms = sorted((out / "arms").glob("*/train_state.json")) if (out / "arms").is_dir() else []
+    for f in arms:
+        st = json.loads(f.read_text())
+        cost[f"arm {f.parent.name} head training (s)"] = round(float(st.get("train_seconds", 0)), 1)
+    return cost
 
 
 def _finalise_ood(out: Path, val_pooled: Any, test_pooled: Any) -> dict[str, Any] | None:

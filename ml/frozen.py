@@ -136,7 +136,8 @@ def build_feature_cache(
     s = pcfg.size
     out_shape = tuple(int(d) for d in trunk.compute_output_shape((1, s, s, 3))[1:])
     done: list[int] = meta.get("done", [0] * copies)
-    meta = {"key": key, "shape": list(out_shape), "done": done}
+    seconds = float(meta.get("seconds", 0.0))
+    meta = {"key": key, "shape": list(out_shape), "done": done, "seconds": seconds}
     n = len(files)
     t0 = time.monotonic()
     for c in range(copies):
@@ -159,6 +160,7 @@ def build_feature_cache(
             arr.flush()
             done[c] = hi
             meta["done"] = done
+            meta["seconds"] = seconds + time.monotonic() - t0
             _write_json(meta_path, meta)
             if progress and (hi // batch_size) % 10 == 0:
                 rate = (sum(done) - 0) / max(1e-9, time.monotonic() - t0)

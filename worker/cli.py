@@ -207,12 +207,18 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
         return True
 
     register_health_check("database", _db_ok)
+
+
     # the pool processes load the model; they flag a failure in this file (worker.pipeline)
     from worker.pipeline import MODEL_STATUS_ENV, model_healthy
 
     status_dir = tempfile.mkdtemp(prefix="cxr-worker-model-")
     os.environ[MODEL_STATUS_ENV] = os.path.join(status_dir, "model-error")
     register_health_check("model", model_healthy)
+    from worker.pipeline import TASK_STATUS_ENV, tasks_healthy
+
+    os.environ[TASK_STATUS_ENV] = status_dir  # pool processes mark the tasks they run
+    register_health_check("tasks", lambda: tasks_healthy(settings.task_time_limit + 30))
     stop = threading.Event()
     try:
         return _serve(args, settings, app, hostname, concurrency, stop)

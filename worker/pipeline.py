@@ -30,6 +30,7 @@ from the environment only, is not a documented setting, and is 0 unless set.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -145,6 +146,57 @@ def model_healthy() -> bool:
     if path:
         return not os.path.exists(path)
     return _model_error is None
+
+
+# the prefork parent's /healthz also watches the pool's tasks: each pool process keeps a
+# file ``busy-<pid>`` in this folder while it runs a task (its mtime: when it started)
+TASK_STATUS_ENV = "CXR_TASK_STATUS_DIR"
+
+
+def mark_busy(busy: bool) -> None:
+    folder = os.environ.get(TASK_STATUS_ENV)
+    if not folder:
+        return
+    path = os.path.join(folder, f"busy-{os.getpid()}")
+    try:
+        if busy:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(str(time.time()))
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot record the task status in %s: %s", folder, type(exc).__name__)
+
+
+def tasks_healthy(limit_seconds: float, now: float | None = None) -> bool:
+    """False when a live pool process has run one task for longer than ``limit_seconds``
+    (the hard time limit should have ended it: the pool is wedged). Files of pool
+    processes that died (SIGKILL) are removed: their tasks are redelivered."""
+    folder = os.environ.get(TASK_STATUS_ENV)
+    if not folder or not os.path.isdir(folder):
+        return True
+    now = time.time() if now is None else now
+    for name in os.listdir(folder):
+        if not name.startswith("busy-"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            pid = int(name[5:])
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            continue
+        except PermissionError:
+            pass
+        try:
+            if now - os.path.getmtime(path) > limit_seconds:
+                return False
+        except FileNotFoundError:
+            continue
+    return True
 
 
 def get_classifier(settings: Settings) -> Any:

@@ -36,7 +36,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from cxr import metrics
@@ -86,6 +86,16 @@ def backoff_seconds(retries: int, settings: Settings) -> int:
         full_jitter=False,
     )
     return max(1, int(round(cap / 2 + random.uniform(0, cap / 2))))
+
+
+@task_prerun.connect
+def _task_started(**_kwargs: Any) -> None:
+    pipeline.mark_busy(True)
+
+
+@task_postrun.connect
+def _task_finished(**_kwargs: Any) -> None:
+    pipeline.mark_busy(False)
 
 
 @worker_process_init.connect

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = REPO / "ml" / "models" / "cxr-densenet169-v1"
+SHIPPED = REPO / "ml" / "models" / "cxr-densenet169-v2"
 TINY_SIZE = 64
 
 

@@ -75,3 +75,30 @@ def test_unparseable_value_is_cannot_understand(node_factory, sqlite_url, tmp_pa
     assert "Traceback" not in text
     refused = [r for r in caplog.records if "C-STORE refused" in r.getMessage()]
     assert len(refused) == 1 and refused[0].levelno == logging.INFO
+
+
+def test_damaged_header_puts_no_phi_in_the_audit(node_factory, sqlite_url, tmp_path: Path):
+    """Issue 9, defect 2: an AccessionNumber whose length swallows the next elements, the
+    PatientName among them, used to put the name into ``accession_number`` (shown by
+    ``cxr audit list/export``). A value that breaks its VR is not stored."""
+    node = node_factory(sqlite_url)
+    ds = make_chest_dataset(seed=85)
+    ds.AccessionNumber = "ACC1"
+    path = tmp_path / "acc.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    el = b"\x08\x00\x50\x00SH\x04\x00ACC1"
+    at = raw.index(el)
+    end = raw.index(b"Doe^Jane", at) + len(b"Doe^Jane")
+    length = end - (at + 8)
+    length += length % 2
+    path.write_bytes(raw[:at + 6] + length.to_bytes(2, "little") + raw[at + 8:])
+    assert "Doe^Jane" in str(pydicom.dcmread(path, force=True).AccessionNumber)
+    status = _send_raw(node.address, path)
+    assert status is not None
+    (row,) = instances(sqlite_url)
+    for col in ("accession_number", "study_instance_uid", "series_instance_uid", "modality",
+                "body_part", "view_position", "reason"):
+        v = getattr(row, col) or ""
+        assert "Doe" not in v and "Jane" not in v and "PID-12345" not in v, (col, v)
+    assert row.accession_number is None

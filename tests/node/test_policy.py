@@ -161,6 +161,14 @@ def test_tls_association(node_factory, sqlite_url, tmp_path):
     # nor can a plain-TCP client
     assert echo(node.address) is None
     assert len(instances(sqlite_url)) == 1
+    # each failed handshake has an audit row with its reason (issue 9: there was none)
+    def rejected() -> list:
+        return [a for a in associations(sqlite_url, settle=0.5) if a.outcome == "rejected"]
+
+    wait_for(lambda: len(rejected()) >= 2, timeout=15)
+    failed = rejected()
+    assert len(failed) >= 2 and all(a.reason.startswith("TLS handshake failed") for a in failed), [(a.reason, a.calling_ae) for a in associations(sqlite_url)]
+    assert all(a.tls and a.peer_host == "127.0.0.1" for a in failed)
 
 
 def _run_cli(env: dict[str, str], cwd: Path) -> subprocess.Popen:
@@ -305,3 +313,19 @@ def test_rejections_are_a_associate_rj_for_dcmtk(node_factory, sqlite_url):
     assert "aborted" not in run("GOOD", "CXR_WORKER").lower()
     outcomes = [a.outcome for a in associations(sqlite_url)]
     assert outcomes.count("rejected") == 3
+
+
+def test_scu_names_refused_connection_and_rejection(node_factory, sqlite_url):
+    """Issue 9, smaller defect: the SCU said "association aborted" when the connection
+    was refused. It now tells a refused connection from a rejection."""
+    from cxr.scu import store_each
+
+    ae = AE(ae_title="PACS")
+    ae.acse_timeout = ae.network_timeout = 5
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")
+    ds = make_chest_dataset(seed=61)
+    ((_, res),) = store_each(ae, "127.0.0.1", free_port(), "CXR_WORKER", [ds], lambda d: d)
+    assert res.kind == "unreachable" and res.comment == "no connection (refused or unreachable)"
+    node = node_factory(sqlite_url, allowed_calling_aets="OTHER")
+    ((_, res),) = store_each(ae, *node.address, "CXR_WORKER", [ds], lambda d: d)
+    assert res.kind == "unreachable" and res.comment == "association rejected"

@@ -252,3 +252,28 @@ def test_default_delivery_schedule_outlasts_a_pacs_restart(tmp_path, sqlite_url,
         waits = [backoff_seconds(a, s) for a in range(s.delivery_max_attempts - 1)]
         assert sum(waits) >= 600  # at least 10 minutes between the first and last attempt
         assert max(waits) <= 300
+
+
+def test_tasks_health_reports_a_wedged_pool(tmp_path, monkeypatch):  # type: ignore[no-untyped-def]
+    """/healthz of a worker turns unhealthy when a live pool process has run one task for
+    longer than the hard limit (issue 9: health that tells the truth); a dead pool
+    process's marker (SIGKILL, its task is redelivered) does not count and is removed."""
+    import os
+    import subprocess
+    import time
+
+    from worker.pipeline import TASK_STATUS_ENV, mark_busy, tasks_healthy
+
+    monkeypatch.setenv(TASK_STATUS_ENV, str(tmp_path))
+    assert tasks_healthy(60)
+    mark_busy(True)
+    assert tasks_healthy(60)
+    assert not tasks_healthy(60, now=time.time() + 120)  # the same task 2 minutes later
+    mark_busy(False)
+    assert tasks_healthy(60, now=time.time() + 120)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    marker = tmp_path / f"busy-{dead.pid}"
+    marker.write_text("0")
+    os.utime(marker, (0, 0))
+    assert tasks_healthy(60) and not marker.exists()

@@ -1,0 +1,43 @@
+"""Alembic migrations upgrade and downgrade on SQLite and PostgreSQL (issue 8 adds
+0002: the inference's OOD score and flag), keeping the rows that were there."""
+
+from __future__ import annotations
+
+from alembic import command
+from sqlalchemy import inspect, text
+
+from db.session import alembic_config, dispose_engines, get_engine
+
+
+def _columns(url: str, table: str) -> set[str]:
+    return {c["name"] for c in inspect(get_engine(url)).get_columns(table)}
+
+
+def test_0002_upgrade_downgrade_keeps_rows(db_url: str) -> None:
+    cfg = alembic_config(db_url)
+    command.upgrade(cfg, "0001")
+    assert "ood_score" not in _columns(db_url, "inferences")
+    with get_engine(db_url).begin() as c:
+        c.execute(text(
+            "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
+            " updated_at, attempts) VALUES ('1.2.3', 'ab', 1, 'classified', CURRENT_TIMESTAMP,"
+            " CURRENT_TIMESTAMP, 1)"
+        ))
+        iid = c.execute(text("SELECT id FROM instances")).scalar_one()
+        c.execute(text(
+            "INSERT INTO inferences (instance_id, created_at, model_version, model_sha256,"
+            " p_covid, p_normal, p_other, verdict) VALUES"
+            f" ({iid}, CURRENT_TIMESTAMP, '1.0.0', 'x', 0.1, 0.8, 0.1, 'Normal')"
+        ))
+    command.upgrade(cfg, "head")
+    assert {"ood_score", "ood"} <= _columns(db_url, "inferences")
+    with get_engine(db_url).begin() as c:
+        row = c.execute(text("SELECT verdict, ood_score, ood FROM inferences")).one()
+        assert tuple(row) == ("Normal", None, None)
+        c.execute(text("UPDATE inferences SET ood_score = 17.5, ood = :t"), {"t": True})
+    command.downgrade(cfg, "0001")
+    assert "ood_score" not in _columns(db_url, "inferences")
+    with get_engine(db_url).begin() as c:
+        assert c.execute(text("SELECT verdict FROM inferences")).scalar_one() == "Normal"
+    command.upgrade(cfg, "head")
+    dispose_engines()
