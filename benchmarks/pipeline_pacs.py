@@ -16,7 +16,7 @@ Services: Orthanc on free loopback ports (the PACS), ``cxr node`` + ``cxr worker
 subprocesses, Redis (127.0.0.1:6379, DB 14, flushed) as the broker when reachable
 (``--broker embedded`` for the SQLite broker), an SQLite audit DB (``--db-url`` for
 PostgreSQL). Images: the shared chest samples (``../shared/dicom-samples/chest``), copied
-with new UIDs. Model: ``--model``, else the shipped ``ml/models/cxr-densenet169-v1`` when
+with new UIDs. Model: ``--model``, else the shipped ``ml/models/cxr-densenet169-v2`` when
 present, else a tiny random test model (then the output says so).
 
     python benchmarks/pipeline_pacs.py [--backlog 200] [--low-load 20] [--concurrency 1]

@@ -270,6 +270,7 @@ def train_head(
     state_path = out_dir / STATE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
     if state.get("completed"):
+        model.load_weights(out_dir / WEIGHTS_FILE)  # the trained weights, not the init's
         return state
     _, head, _ = split_model(model)
     for layer in head.layers:
@@ -452,12 +453,13 @@ def run_training(
     )
     from ml.ood import OOD_FILE, MahalanobisOOD
 
+    # always (re)fitted on the weights just trained or loaded: a detector left from an
+    # earlier, interrupted run would describe other weights
     ood_path = out / OOD_FILE
-    if not ood_path.is_file():
-        tr = split_data(idx, kept["train"])
-        pooled = head_pooled(head_feat, feats[0], tr.index)
-        MahalanobisOOD.fit(pooled, tr.labels).save(ood_path)
-        log_fn(f"OOD detector fitted on {len(pooled)} training images -> {ood_path.name}")
+    tr = split_data(idx, kept["train"])
+    pooled = head_pooled(head_feat, feats[0], tr.index)
+    MahalanobisOOD.fit(pooled, tr.labels).save(ood_path)
+    log_fn(f"OOD detector fitted on {len(pooled)} training images -> {ood_path.name}")
     return state, (model, feats, idx, head_feat)
 
 

@@ -3,8 +3,10 @@
 The score is the Mahalanobis distance (Lee et al., NeurIPS 2018) of an image's
 global-average-pooled last-conv features to the nearest class mean of the training set,
 with one covariance shared by the classes. The features are first centred and projected on
-their leading principal components (fitted on the training set), which keeps the
-covariance well conditioned with ~1,500 training images and the stored detector small.
+their leading principal components (fitted on the training set; up to 1,024 of the 1,664
+axes, at most N - 1), with a small shrinkage that keeps the covariance invertible. Measured
+(docs/benchmarks.md section 7.4): 128 axes missed a lateral thorax radiograph and a natural
+photograph that 1,024 axes flag, at the same 95% validation pass rate.
 
 The threshold is set on the validation split: the value that 95% of its (in-distribution)
 images stay below (:func:`threshold_for`). A prediction whose score is above it is
@@ -24,7 +26,7 @@ import numpy as np
 
 OOD_FILE = "ood.npz"
 OOD_MESSAGE = "outside the model's training distribution - low confidence"
-DEFAULT_COMPONENTS = 128
+DEFAULT_COMPONENTS = 1024  # capped at N - 1 training images
 DEFAULT_COVERAGE = 0.95
 
 
@@ -77,12 +79,16 @@ class MahalanobisOOD:
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as fh:
+            # float16 matrices keep the artifact under 60 MB with 1,024 axes; the precision
+            # is stored divided by its largest magnitude (float16 overflows at 65,504)
+            scale = float(np.max(np.abs(self.precision))) or 1.0
             np.savez(
                 fh,
                 centre=self.centre,
-                components=self.components,
+                components=self.components.astype(np.float16),
                 class_means=self.class_means,
-                precision=self.precision,
+                precision=(self.precision / scale).astype(np.float16),
+                precision_scale=np.float64(scale),
                 threshold=np.float64(self.threshold),
             )
         tmp.replace(path)
@@ -92,10 +98,11 @@ class MahalanobisOOD:
     def load(cls, path: str | Path) -> MahalanobisOOD:
         with np.load(path) as z:
             return cls(
-                centre=z["centre"],
-                components=z["components"],
-                class_means=z["class_means"],
-                precision=z["precision"],
+                centre=z["centre"].astype(np.float32),
+                components=z["components"].astype(np.float32),
+                class_means=z["class_means"].astype(np.float32),
+                precision=z["precision"].astype(np.float32)
+                * np.float32(z["precision_scale"] if "precision_scale" in z else 1.0),
                 threshold=float(z["threshold"]),
             )
 

@@ -109,3 +109,18 @@ def test_frozen_training_arms_ood_and_resume(
     noise = np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)
     far = clf.predict_display(noise)
     assert far.ood_score is not None
+    # a completed run asked again (e.g. for its arms) uses the TRAINED weights: the same
+    # cell and the same OOD detector come out, not the init weights'
+    ood_before = (out / OOD_FILE).read_bytes()
+    (out / OOD_FILE).unlink()
+    assert main([*args, "--epochs", "3", "--cross-source", "srcC"]) == 0
+    again = load_card(out)
+    assert again["cross_source"] == card["cross_source"]
+    from ml.ood import MahalanobisOOD
+
+    a = MahalanobisOOD.load(out / OOD_FILE)
+    (out / "b.npz").write_bytes(ood_before)
+    b = MahalanobisOOD.load(out / "b.npz")
+    probe = np.random.default_rng(2).normal(0, 1, (5, a.centre.shape[0])).astype(np.float32)
+    probe = np.abs(probe) * float(np.abs(a.centre).mean()) + a.centre
+    np.testing.assert_allclose(a.score(probe), b.score(probe), rtol=5e-2)

@@ -109,7 +109,9 @@ def test_prediction_contract(tiny_artifact: Path, onnx_cache: Path) -> None:
     assert p.cam.shape == (TINY_SIZE, TINY_SIZE) and p.cam.dtype == np.float32
     assert 0.0 <= p.cam.min() and p.cam.max() <= 1.0
     assert p.model_grey.shape == (TINY_SIZE, TINY_SIZE) and p.model_grey.dtype == np.uint8
-    assert set(p.timings_ms) == {"preprocess", "forward", "cam"}
+    assert set(p.timings_ms) == {"preprocess", "forward", "ood", "cam"}
+    assert p.ood_score is None and p.ood is None  # the tiny artifact has no OOD detector
+    assert p.frame_box is not None
     # batched == one at a time
     ds = _displays(4)
     batch = clf.predict_displays(ds, batch_size=3)

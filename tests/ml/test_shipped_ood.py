@@ -92,3 +92,21 @@ def test_test_split_radiographs_pass(clf: Classifier, cxr_data) -> None:  # type
     _, pooled = predict_samples_pooled(clf, test)
     passed = clf.ood_detector.score(pooled) <= clf.ood_detector.threshold
     assert passed.mean() >= 0.90, passed.mean()
+
+
+def test_predict_json_carries_the_ood_flag(tmp_path, dicom_samples, capsys, workdir) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from cxr.cli import main
+    from cxr.demo import demo_dataset
+
+    phantom = tmp_path / "phantom.dcm"
+    demo_dataset(0).save_as(phantom, enforce_file_format=True)
+    chest = dicom_samples / "chest" / "cr_chest_sc_jpeg_baseline.dcm"
+    assert main(["predict", "--json", "--engine", "keras", "--model", str(SHIPPED),
+                 str(phantom), str(chest)]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 2
+    for rec in lines:
+        assert isinstance(rec["ood_score"], float) and isinstance(rec["ood"], bool)
+    assert lines[0]["ood"] is True and lines[0]["warning"] == OOD_MESSAGE
