@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 from datetime import UTC, datetime
@@ -123,6 +124,15 @@ class PhiFilter(logging.Filter):
         return True
 
 
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _unquote(msg: str) -> str:
+    """pynetdicom quotes the peer's values in its messages (an over-long "UID" can hold the
+    bytes of the next elements: a patient name): keep the message, drop the values."""
+    return _QUOTED.sub("'...'", msg)
+
+
 class PeerNoiseFilter(logging.Filter):
     """A peer that sends garbage makes pynetdicom log ERROR lines with tracebacks, several
     per connection (60 garbage connections made 607 ERROR lines). Keep one WARNING line per
@@ -137,7 +147,10 @@ class PeerNoiseFilter(logging.Filter):
         self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.name.startswith("pynetdicom") or record.levelno < logging.ERROR:
+        if not record.name.startswith("pynetdicom") or record.levelno < logging.WARNING:
+            return True
+        if record.levelno < logging.ERROR:  # a warning: keep it, without quoted peer values
+            record.msg, record.args = _unquote(record.getMessage()), None
             return True
         key = record.thread or 0
         with self._lock:
@@ -148,7 +161,7 @@ class PeerNoiseFilter(logging.Filter):
         if not first:
             return False
         try:
-            msg = record.getMessage().splitlines()[0][:200]
+            msg = _unquote(record.getMessage().splitlines()[0])[:200]
         except Exception:
             msg = "unreadable message"
         record.msg, record.args = f"DICOM peer connection error: {msg}", None
