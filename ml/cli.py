@@ -628,6 +628,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     m["split"] = args.split
     m = json_clean(m)
     print(format_summary(m))
+    if m.get("ood"):
+        print(
+            f"out-of-distribution: {m['ood']['n_flagged']} of {m['n']} flagged "
+            f"(threshold {m['ood']['threshold']:.2f}, pass rate {m['ood']['pass_rate']:.3f})"
+        )
+    for cell in m.get("cross_source") or []:
+        print(
+            f"cross-source (measured at training): left out {cell['left_out']}: "
+            f"{cell['metric']} {cell['value']:.3f} (n={cell['n']})"
+        )
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(m, indent=2) + "\n")
