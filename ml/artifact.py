@@ -241,14 +241,18 @@ def render_markdown(card: Mapping[str, Any]) -> str:
                 "Per source (sources seen in training: a number here says little about a "
                 "new hospital; see the cross-source table):",
                 "",
-                "| source | n | accuracy | recall per class | predicted |",
-                "|---|---|---|---|---|",
+                "| source | n | accuracy | recall per class | predicted | AUC within the source |",
+                "|---|---|---|---|---|---|",
             ]
             for s, ps in sorted(per_source.items()):
                 rec = ", ".join(f"{c} {_fmt(v)}" for c, v in (ps.get("recall") or {}).items())
                 pred = ", ".join(f"{c} {v}" for c, v in (ps.get("predicted") or {}).items())
+                auc = ", ".join(
+                    f"{c} {_fmt(v)}" for c, v in (ps.get("auc_within_source") or {}).items()
+                )
                 lines.append(
-                    f"| {s} | {ps.get('n')} | {_fmt(ps.get('accuracy'))} | {rec} | {pred} |"
+                    f"| {s} | {ps.get('n')} | {_fmt(ps.get('accuracy'))} | {rec} | {pred} | "
+                    f"{auc or '-'} |"
                 )
         if m.get("ood"):
             lines += [

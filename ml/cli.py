@@ -354,7 +354,19 @@ def _readme_bias(data_root: Path) -> str | None:
     readme = data_root / "README.md"
     if not readme.is_file():
         return None
-    for block in readme.read_text(encoding="utf-8").split("\n\n"):
+    text = readme.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # a "## ... bias ..." section: its body, not its title
+        if line.startswith("#") and "bias" in line.lower():
+            body = []
+            for nxt in lines[i + 1 :]:
+                if nxt.startswith("#"):
+                    break
+                body.append(nxt.strip())
+            joined = " ".join(x for x in body if x)
+            if joined:
+                return " ".join(joined.split())
+    for block in text.split("\n\n"):
         for para in block.split("\n- "):
             if "bias" in para.lower():
                 return " ".join(para.lstrip("- ").split())

@@ -146,6 +146,12 @@ def compute_metrics(
                 "recall": recall,
                 "predicted": {classes[c]: int((preds == c).sum()) for c in range(len(classes))},
             }
+            present = [c for c in range(len(classes)) if counts[classes[c]]]
+            if len(present) > 1:  # can the model tell the classes apart WITHIN this source?
+                per_source[s]["auc_within_source"] = {
+                    classes[c]: _auc((labels[sel] == c).astype(int), probs[sel][:, c])
+                    for c in present
+                }
         m["per_source"] = per_source
     return m
 

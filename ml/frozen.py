@@ -277,7 +277,11 @@ def train_head(
         layer.trainable = True
     opt = keras.optimizers.Adam(cfg.learning_rate)
     loss_fn = make_loss(cfg)
-    head.compile(optimizer=opt, loss=loss_fn)
+    head.compile(
+        optimizer=opt,
+        loss=loss_fn,
+        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+    )
     opt.build(head.trainable_variables)
     epoch = int(state.get("epochs_run", 0))
     best = float(state.get("best_val_loss", math.inf))
@@ -312,6 +316,7 @@ def train_head(
         h = head.fit(x, y, sample_weight=sw, batch_size=cfg.batch_size, epochs=1,
                      shuffle=False, verbose=0)
         train_loss = float(h.history["loss"][-1])
+        train_acc = float(h.history["accuracy"][-1])
         lv = head_logits(head, xv, np.arange(len(xv)))
         val_loss = float(np.mean(np.asarray(loss_fn(yv, lv))))
         val_acc = float(np.mean(np.argmax(lv, 1) == val.labels))
@@ -334,9 +339,9 @@ def train_head(
         with open(hist, "a") as fh:
             if new:
                 fh.write("epoch,accuracy,loss,val_accuracy,val_loss\n")
-            acc = float(np.mean(np.argmax(head_logits(head, x, np.arange(min(len(x), 256))), 1)
-                                == train.labels[pick][:256]))
-            fh.write(f"{epoch - 1},{acc:.5f},{train_loss:.5f},{val_acc:.5f},{val_loss:.5f}\n")
+            fh.write(
+                f"{epoch - 1},{train_acc:.5f},{train_loss:.5f},{val_acc:.5f},{val_loss:.5f}\n"
+            )
         state.update(
             epochs_run=epoch,
             epochs_since_best=since_best,
