@@ -83,8 +83,24 @@ def pg_url() -> Iterator[str]:
     with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as c:
         c.execute(f'CREATE SCHEMA "{schema}"')
     yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as c:
-        c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+    # a component of the test (a node still stopping) may hold locks in the schema: close
+    # this process's pooled connections first, and retry the drop if it deadlocks with one
+    import time
+
+    from db.session import dispose_engines
+
+    dispose_engines()
+    for attempt in range(10):
+        try:
+            with psycopg.connect(
+                "host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True
+            ) as c:
+                c.execute(f'DROP SCHEMA "{schema}" CASCADE')
+            break
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.LockNotAvailable):
+            if attempt == 9:
+                raise
+            time.sleep(0.5)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
