@@ -106,6 +106,12 @@ def _register_train(sub: argparse._SubParsersAction, name: str) -> None:  # type
         help="train everything or only conv5 + head (the study's freezing)",
     )
     p.add_argument("--equalization", choices=("hist", "clahe", "none"), default=None)
+    p.add_argument(
+        "--square-policy",
+        choices=("trim-crop", "lung-box", "pad"),
+        default=None,
+        help="region the model sees (ml/preprocess.py; default trim-crop)",
+    )
     p.add_argument("--learning-rate", type=float, default=None)
     p.add_argument("--patience", type=int, default=None, help="early-stopping patience")
     p.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget")
@@ -205,6 +211,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         cfg.augment = False
     if cfg.trainable == "conv5" and cfg.init_from:
         cfg.extra.setdefault("stage", "conv5 + head on cached pool4 features (ml/frozen.py)")
+        if getattr(args, "square_policy", None) is not None:
+            cfg.extra["square_policy"] = args.square_policy
         cfg.extra.setdefault("square_policy", "trim-crop")
         if getattr(args, "aug_copies", None) is not None:
             cfg.extra["aug_copies"] = int(args.aug_copies)

@@ -16,6 +16,10 @@ Pipeline (identical for DICOM, PNG and JPEG):
      every source, reaches the model as anatomy filling a square frame: no black bar, no
      aspect ratio, no border width survives to mark where it came from (the data's README,
      "Known biases": NIH images are square, most COVID images were padded with bars).
+   * ``lung-box`` (measured against ``trim-crop``, docs/benchmarks.md §7.7): after the
+     trim, the two lung fields are found with OpenCV and their darkness profiles
+     (:func:`lung_fields`) and the square around them,
+     with a margin, is kept; when they are not found it falls back to the centre square.
    * ``pad`` (model 1.0.0): padded symmetrically with black to a square. Kept so that
      older artifacts keep serving exactly as they were trained.
 
@@ -48,10 +52,14 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 Equalization = Literal["hist", "clahe", "none"]
-SquarePolicy = Literal["trim-crop", "pad"]
-SQUARE_POLICIES = ("trim-crop", "pad")
+SquarePolicy = Literal["trim-crop", "pad", "lung-box"]
+SQUARE_POLICIES = ("trim-crop", "pad", "lung-box")
 # names written into model cards (1.0.0's card says "pad-black-symmetric")
-_POLICY_NAMES = {"trim-crop": "trim-uniform-borders-centre-square", "pad": "pad-black-symmetric"}
+_POLICY_NAMES = {
+    "trim-crop": "trim-uniform-borders-centre-square",
+    "pad": "pad-black-symmetric",
+    "lung-box": "trim-uniform-borders-lung-field-square",
+}
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in display pixels (may lie outside: padding)
 DEFAULT_SIZE = 256
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -78,7 +86,11 @@ class PreprocessConfig:
             raise ValueError(f"unknown square policy {self.square_policy!r}")
 
     def to_dict(self) -> dict[str, object]:
-        step = "trim borders -> centre square" if self.square_policy == "trim-crop" else "pad"
+        step = {
+            "trim-crop": "trim borders -> centre square",
+            "lung-box": "trim borders -> square around the lung fields",
+            "pad": "pad",
+        }[self.square_policy]
         return {
             "size": self.size,
             "equalization": self.equalization,
@@ -296,6 +308,95 @@ def centre_square_box(box: Box) -> Box:
     return left, top, left + s, top + s
 
 
+LUNG_WORK_SIZE = 256
+LUNG_MARGIN = 0.08
+LUNG_CONTRAST = 12.0  # darkness (0-255, equalised) the lungs need over the mediastinum
+
+
+def _smooth(v: np.ndarray, k: int) -> np.ndarray:
+    k = max(1, k | 1)
+    return np.convolve(np.pad(v, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
+
+
+def _extent(
+    profile: np.ndarray, peak: int, lo: int, hi: int, frac: float = 0.5
+) -> tuple[int, int]:
+    """From ``peak`` walk outward (within lo..hi) while ``profile`` stays above ``frac`` of
+    the way from the lowest value on that side up to the peak."""
+    left_min = float(profile[lo : peak + 1].min())
+    right_min = float(profile[peak:hi].min())
+    t_left = left_min + frac * (float(profile[peak]) - left_min)
+    t_right = right_min + frac * (float(profile[peak]) - right_min)
+    a = peak
+    while a > lo and profile[a - 1] > t_left:
+        a -= 1
+    b = peak
+    while b < hi - 1 and profile[b + 1] > t_right:
+        b += 1
+    return a, b + 1
+
+
+def lung_fields(img: np.ndarray, box: Box) -> Box | None:
+    """The box around both lung fields inside ``box`` (display pixels), or None.
+
+    Found on a blurred, histogram-equalised copy of at most 256 px from its darkness
+    profiles: across the columns of the mid-thorax rows, the two lungs are the darkest
+    bands left and right of the bright mediastinum; each lung's lateral edge is where the
+    darkness falls half-way to the ribs and soft tissue beside it. Down the rows of those
+    lung bands, the apices and the diaphragm bound the lungs the same way. When the two
+    bands are not clearly darker than the mediastinum, or the box is implausibly small,
+    the answer is "not found"."""
+    x0, y0, x1, y1 = box
+    region = img[y0:y1, x0:x1]
+    h, w = region.shape[:2]
+    if h < 16 or w < 16:
+        return None
+    scale = min(1.0, LUNG_WORK_SIZE / max(h, w))
+    sw, sh = max(16, round(w * scale)), max(16, round(h * scale))
+    small = cv2.resize(region, (sw, sh), interpolation=cv2.INTER_AREA)
+    dark = 255.0 - cv2.equalizeHist(cv2.GaussianBlur(small, (5, 5), 0)).astype(np.float32)
+    cols = _smooth(dark[int(0.2 * sh) : int(0.7 * sh)].mean(0), sw // 25)
+    lo_m, hi_m = int(0.3 * sw), int(0.7 * sw)
+    mid = lo_m + int(np.argmin(cols[lo_m:hi_m]))
+    lpk = int(np.argmax(cols[: mid - 1]))
+    rpk = mid + 1 + int(np.argmax(cols[mid + 1 :]))
+    if min(cols[lpk], cols[rpk]) - cols[mid] < LUNG_CONTRAST:
+        return None
+    la, _ = _extent(cols, lpk, 0, mid + 1)
+    _, rb = _extent(cols, rpk, mid, sw)
+    lungs = np.r_[la:mid, mid + 1 : rb]
+    rows = _smooth(dark[:, lungs].mean(1), sh // 25)
+    lo_r, hi_r = int(0.15 * sh), int(0.8 * sh)
+    rpk_row = lo_r + int(np.argmax(rows[lo_r:hi_r]))
+    ta, tb = _extent(rows, rpk_row, 0, sh, frac=0.3)  # the bases are paler
+    if rb - la < 0.35 * sw or tb - ta < 0.3 * sh:
+        return None
+    inv = 1.0 / scale
+    return (
+        x0 + int(la * inv),
+        y0 + int(ta * inv),
+        x0 + min(w, int(np.ceil(rb * inv))),
+        y0 + min(h, int(np.ceil(tb * inv))),
+    )
+
+
+def lung_field_box(img: np.ndarray) -> Box:
+    """``lung-box`` policy: the square around the lung fields (plus a margin), inside the
+    trimmed image; the centre square of the trimmed image when no lung fields are found."""
+    trimmed = trim_borders(img)
+    lungs = lung_fields(img, trimmed)
+    if lungs is None:
+        return centre_square_box(trimmed)
+    tx0, ty0, tx1, ty1 = trimmed
+    lx0, ly0, lx1, ly1 = lungs
+    side = int(round(max(lx1 - lx0, ly1 - ly0) * (1 + 2 * LUNG_MARGIN)))
+    side = max(16, min(side, tx1 - tx0, ty1 - ty0))
+    cx, cy = (lx0 + lx1) // 2, (ly0 + ly1) // 2
+    left = min(max(cx - side // 2, tx0), tx1 - side)
+    top = min(max(cy - side // 2, ty0), ty1 - side)
+    return left, top, left + side, top + side
+
+
 def model_frame_box(img: np.ndarray, policy: SquarePolicy = "trim-crop") -> Box:
     """The square region of ``img`` (display pixels) that becomes the model's frame.
 
@@ -305,6 +406,8 @@ def model_frame_box(img: np.ndarray, policy: SquarePolicy = "trim-crop") -> Box:
         s = max(h, w)
         top, left = (s - h) // 2, (s - w) // 2
         return -left, -top, w + (s - w - left), h + (s - h - top)
+    if policy == "lung-box":
+        return lung_field_box(img)
     return centre_square_box(trim_borders(img))
 
 
