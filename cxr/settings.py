@@ -171,6 +171,13 @@ class Settings(BaseSettings):
         5, ge=1, description="First retry backoff (s); it doubles per retry, with jitter."
     )
     retry_backoff_max: int = Field(300, ge=1, description="Largest retry backoff (s).")
+    retry_eta_max: int = Field(
+        30,
+        ge=0,
+        description="Longest retry wait held by the broker (s); longer ones wait in the audit "
+        "DB for the sweep, so a killed worker's task is redelivered after "
+        "CXR_TASK_TIME_LIMIT + this + 15 s.",
+    )
     requeue_interval: float = Field(
         30.0, gt=0, description="Seconds between re-queue sweeps of stranded instances."
     )
@@ -260,6 +267,13 @@ class Settings(BaseSettings):
         if self.task_soft_time_limit >= self.task_time_limit:
             raise ValueError("CXR_TASK_SOFT_TIME_LIMIT must be below CXR_TASK_TIME_LIMIT")
         return self
+
+    @property
+    def redelivery_timeout(self) -> int:
+        """Seconds after which the broker hands a task of a killed worker to another one
+        (Redis ``visibility_timeout``): a task runs at most ``task_time_limit`` after a
+        countdown of at most ``retry_eta_max``, plus 15 s of slack."""
+        return self.task_time_limit + self.retry_eta_max + 15
 
     @property
     def tls_enabled(self) -> bool:

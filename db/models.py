@@ -108,6 +108,10 @@ class Instance(Base):
     state: Mapped[str] = mapped_column(String(32), default=State.RECEIVED.value)
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # a delivery retry waiting in the DB (backoff longer than CXR_RETRY_ETA_MAX): the
+    # attempt number it will be, and when the sweep sends it (db/lifecycle.py)
+    retry_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    retry_attempt: Mapped[int | None] = mapped_column(Integer)
 
     association: Mapped[Association | None] = relationship(back_populates="instances")
     events: Mapped[list[Event]] = relationship(

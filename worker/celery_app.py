@@ -29,9 +29,14 @@ def make_celery(settings: Settings | None = None) -> Celery:
     app = Celery("cxr", broker=broker, include=["worker.tasks"])
     transport_options: dict[str, object] = {}
     if broker.startswith(("redis://", "rediss://")):
-        # unacked (killed-worker) messages come back after this long; our own re-queue
-        # sweep covers stuck rows sooner, and tasks are idempotent
-        transport_options["visibility_timeout"] = max(2 * s.task_time_limit, 300)
+        # a killed worker's unacknowledged task comes back after this long: it must exceed
+        # the longest legitimate hold (a countdown of at most CXR_RETRY_ETA_MAX, then a run
+        # of at most CXR_TASK_TIME_LIMIT); longer retry waits are kept in the audit DB
+        # (db/lifecycle.py). kombu looks for expired messages every 10 s but scans only on
+        # every 10th look by default (100 s late); scan every 5 s.
+        transport_options["visibility_timeout"] = s.redelivery_timeout
+        transport_options["unacked_restore_interval"] = 5
+        transport_options["unacked_restore_throttle"] = 1
     if broker.startswith("sqla+"):
         # kombu's SQLAlchemy transport passes its transport options to create_engine(),
         # which rejects 'polling_interval': set the poll period on the transport class

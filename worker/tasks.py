@@ -42,6 +42,7 @@ from celery.utils.time import get_exponential_backoff_interval
 from cxr import metrics
 from cxr.logconfig import scrub
 from cxr.settings import Settings, get_settings
+from db import lifecycle
 from db.models import State
 from worker import pipeline
 from worker.celery_app import QUEUE, TASK_CLASSIFY, TASK_DELIVER
@@ -111,9 +112,27 @@ def _reason(exc: BaseException) -> str:
     return scrub(f"{type(exc).__name__}: {exc}")[:1000]
 
 
+def broker_countdown(countdown: int, settings: Settings) -> int:
+    """A retry countdown the broker may hold: at most ``CXR_RETRY_ETA_MAX`` (see
+    :attr:`cxr.settings.Settings.redelivery_timeout`)."""
+    return max(0, min(countdown, settings.retry_eta_max))
+
+
 def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt: int) -> None:
-    """Queue ``cxr.deliver_instance`` after a backoff (``attempt`` = attempts made so far)."""
+    """Queue ``cxr.deliver_instance`` after a backoff (``attempt`` = attempts made so far).
+
+    A backoff the broker may hold (``CXR_RETRY_ETA_MAX``) is a task countdown; a longer
+    one waits in the audit DB and the re-queue sweep sends it when due."""
     countdown = backoff_seconds(attempt - 1, settings)
+    if countdown > settings.retry_eta_max:
+        lifecycle.schedule_delivery_retry(settings.database_url, instance_id, attempt + 1, countdown)
+        log.info(
+            "instance %d: delivery attempt %d in %d s (waiting in the audit DB)",
+            instance_id,
+            attempt + 1,
+            countdown,
+        )
+        return
     task.app.send_task(
         TASK_DELIVER,
         args=[instance_id],
@@ -182,7 +201,7 @@ def _retry_model(
             retries,
         )
         return MODEL_UNAVAILABLE
-    countdown = backoff_seconds(retries, settings)
+    countdown = broker_countdown(backoff_seconds(retries, settings), settings)
     log.warning(
         "instance %d: model unavailable, retry %d/%d in %d s",
         instance_id,
@@ -205,7 +224,7 @@ def _retry_or_fail(task: Task, settings: Settings, instance_id: int, exc: BaseEx
         return State.FAILED.value
     pipeline.release_claim(settings, instance_id, f"transient: {_reason(exc)}")
     metrics.TASK_OUTCOMES.labels("retry").inc()
-    countdown = backoff_seconds(retries, settings)
+    countdown = broker_countdown(backoff_seconds(retries, settings), settings)
     log.warning(
         "instance %d: transient %s, retry %d/%d in %d s",
         instance_id,
@@ -252,7 +271,7 @@ def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool
             return State.DELIVERY_FAILED.value
         raise self.retry(
             exc=exc,
-            countdown=backoff_seconds(self.request.retries, settings),
+            countdown=broker_countdown(backoff_seconds(self.request.retries, settings), settings),
             max_retries=settings.task_max_retries,
         ) from exc
     except Exception as exc:
@@ -262,10 +281,27 @@ def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool
     return out.action
 
 
+def send_due_delivery_retries(settings: Settings, app: Any) -> int:
+    """Send the delivery retries that waited in the audit DB and are due. Returns the count."""
+    n = 0
+    for instance_id, attempt in lifecycle.take_due_delivery_retries(settings.database_url):
+        try:
+            app.send_task(TASK_DELIVER, args=[instance_id], kwargs={"attempt": attempt}, queue=QUEUE)
+        except Exception as exc:
+            # put it back: the next sweep tries again
+            lifecycle.schedule_delivery_retry(settings.database_url, instance_id, attempt, 0)
+            log.warning("delivery retry sweep: broker unavailable (%s)", type(exc).__name__)
+            break
+        log.info("instance %d: delivery attempt %d sent (was waiting)", instance_id, attempt)
+        n += 1
+    return n
+
+
 def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None = None) -> int:
-    """Re-send ``cxr.deliver_instance`` for instances left ``classified`` (not finished) for
-    longer than ``CXR_REQUEUE_STALE_AFTER`` (a worker died between classification and
-    delivery, or a scheduled delivery retry was lost with it). Returns the count."""
+    """Send the due delivery retries, and re-send ``cxr.deliver_instance`` for instances
+    left ``classified`` (not finished, no retry waiting) for longer than
+    ``CXR_REQUEUE_STALE_AFTER`` (a worker died between classification and delivery, or a
+    retry countdown was lost with it). Returns the count."""
     from datetime import timedelta
 
     from sqlalchemy import select
@@ -275,6 +311,7 @@ def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None 
 
     if not settings.destinations:
         return 0
+    due = send_due_delivery_retries(settings, app)
     cutoff = utcnow() - timedelta(
         seconds=settings.requeue_stale_after if stale_after is None else stale_after
     )
@@ -283,6 +320,7 @@ def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None 
             select(Instance.id).where(
                 Instance.state == State.CLASSIFIED.value,
                 Instance.finished_at.is_(None),
+                Instance.retry_due_at.is_(None),
                 Instance.updated_at <= cutoff,
             )
         ).scalars().all()
@@ -300,4 +338,4 @@ def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None 
         n += 1
     if n:
         log.info("undelivered sweep re-sent %d instance(s)", n)
-    return n
+    return n + due

@@ -84,6 +84,37 @@ def test_worker_sigkilled_mid_task(pg_url, private_redis, make_stack, dicom_samp
 
 
 @pytest.mark.redis
+@pytest.mark.postgres
+def test_sigkilled_task_is_redelivered_by_the_broker_in_its_timeout(pg_url, private_redis, make_stack, dicom_samples):  # type: ignore[no-untyped-def]
+    """Issue 9, defect 9: with the re-queue sweep out of the way (a stale age of an hour),
+    Redis itself gives a SIGKILLed worker's task to the next worker after the redelivery
+    timeout (CXR_TASK_TIME_LIMIT + CXR_RETRY_ETA_MAX + 15 s; 225 s with the defaults, here
+    16 + 2 + 15 = 33 s), not after kombu's 100 s scan period on top of it."""
+    stack = make_stack(
+        pg_url, private_redis.url, CXR_REQUEUE_STALE_AFTER=3600,
+        CXR_TASK_SOFT_TIME_LIMIT=14, CXR_TASK_TIME_LIMIT=16, CXR_RETRY_ETA_MAX=2,
+    )
+    timeout = 16 + 2 + 15
+    w1 = stack.start_worker(CXR_TEST_STAGE_DELAY=10)
+    stack.start_node()
+    sources = _push(stack, dicom_samples, names=SMALL[:1])
+    wait_for(lambda: any(r.state == State.PROCESSING.value for r in stack.instances()), 60,
+             what="the instance in processing")
+    seen = time.monotonic()
+    w1.kill(signal.SIGKILL)
+    stack.start_worker()
+    rows = stack.wait_all_final(1, timeout + 60)
+    waited = time.monotonic() - seen
+    print(f"redelivered and delivered {waited:.1f} s after the claim (timeout {timeout} s)")
+    assert rows[0].state == State.DELIVERED.value
+    # not earlier than the timeout (nothing else re-sent it), and not a scan period late
+    assert timeout - 5 <= waited <= timeout + 25, waited
+    assert any(e.detail == "redelivered task resumes" for e in _events(stack, "takeover"))
+    check_audit_story(stack, set(sources))
+    check_pacs_holds_results(stack, sources)
+
+
+@pytest.mark.redis
 def test_pacs_down_during_delivery_then_back(private_redis, make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
     stack = make_stack(
         f"sqlite:///{tmp_path / 'audit.db'}", private_redis.url,

@@ -1,5 +1,6 @@
 """Alembic migrations upgrade and downgrade on SQLite and PostgreSQL (issue 8 adds
-0002: the inference's OOD score and flag), keeping the rows that were there."""
+0002: the inference's OOD score and flag; issue 9 adds 0003: the delivery retry waiting
+in the DB), keeping the rows that were there."""
 
 from __future__ import annotations
 
@@ -39,5 +40,30 @@ def test_0002_upgrade_downgrade_keeps_rows(db_url: str) -> None:
     assert "ood_score" not in _columns(db_url, "inferences")
     with get_engine(db_url).begin() as c:
         assert c.execute(text("SELECT verdict FROM inferences")).scalar_one() == "Normal"
+    command.upgrade(cfg, "head")
+    dispose_engines()
+
+
+def test_0003_upgrade_downgrade_keeps_rows(db_url: str) -> None:
+    """0003: the delivery retry that waits in the DB (instances.retry_due_at/attempt)."""
+    cfg = alembic_config(db_url)
+    command.upgrade(cfg, "0002")
+    assert "retry_due_at" not in _columns(db_url, "instances")
+    with get_engine(db_url).begin() as c:
+        c.execute(text(
+            "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
+            " updated_at, attempts) VALUES ('1.2.4', 'cd', 1, 'classified', CURRENT_TIMESTAMP,"
+            " CURRENT_TIMESTAMP, 1)"
+        ))
+    command.upgrade(cfg, "head")
+    assert {"retry_due_at", "retry_attempt"} <= _columns(db_url, "instances")
+    with get_engine(db_url).begin() as c:
+        row = c.execute(text("SELECT state, retry_due_at, retry_attempt FROM instances")).one()
+        assert tuple(row) == ("classified", None, None)
+        c.execute(text("UPDATE instances SET retry_due_at = CURRENT_TIMESTAMP, retry_attempt = 3"))
+    command.downgrade(cfg, "0002")
+    assert "retry_due_at" not in _columns(db_url, "instances")
+    with get_engine(db_url).begin() as c:
+        assert c.execute(text("SELECT state FROM instances")).scalar_one() == "classified"
     command.upgrade(cfg, "head")
     dispose_engines()

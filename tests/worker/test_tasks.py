@@ -277,3 +277,82 @@ def test_tasks_health_reports_a_wedged_pool(tmp_path, monkeypatch):  # type: ign
     marker.write_text("0")
     os.utime(marker, (0, 0))
     assert tasks_healthy(60) and not marker.exists()
+
+
+@pytest.mark.redis
+def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(tmp_path, db_url, tiny_model_dir, private_redis):  # type: ignore[no-untyped-def]
+    """Issue 9, defect 9: a retry wait the broker would hold longer than
+    CXR_RETRY_ETA_MAX is written to the audit DB instead (Redis would otherwise need a
+    visibility timeout longer than the wait, and a killed worker's task would wait that
+    long too); the sweep sends it once it is due, exactly once with two sweepers."""
+    import redis
+
+    from db import lifecycle
+    from worker.celery_app import QUEUE, make_celery
+    from worker.tasks import _schedule_delivery, requeue_undelivered
+
+    dead = f"DEAD@127.0.0.1:{free_port()}"
+    s = _settings(
+        tmp_path, db_url, tiny_model_dir, dead, broker_url=private_redis.url,
+        retry_backoff_base=40, retry_eta_max=10,
+    )
+    app = make_celery(s)
+    r = redis.Redis.from_url(private_redis.url)
+    iid = insert_instance(s, dataset_bytes(make_chest_dataset()), state=State.CLASSIFIED.value)
+
+    class _Task:  # what _schedule_delivery uses of the bound task: its (real) app
+        pass
+
+    task = _Task()
+    task.app = app  # type: ignore[attr-defined]
+    before = utcnow()
+    _schedule_delivery(task, iid, s, attempt=1)  # type: ignore[arg-type]
+    assert r.llen(QUEUE) == 0  # nothing parked in the broker
+    inst = _state(s, iid)
+    assert inst.retry_attempt == 2
+    due = inst.retry_due_at.replace(tzinfo=before.tzinfo) if inst.retry_due_at.tzinfo is None else inst.retry_due_at  # type: ignore[union-attr]
+    assert before + timedelta(seconds=19) <= due <= utcnow() + timedelta(seconds=41)
+    # not due yet: the sweep sends nothing, and the stale-undelivered rule leaves it alone
+    assert requeue_undelivered(s, app, stale_after=0) == 0
+    assert r.llen(QUEUE) == 0
+    # due: sent once, with its attempt number; a second sweeper finds nothing
+    with session_scope(s.database_url) as ss:
+        ss.execute(update(Instance).where(Instance.id == iid).values(retry_due_at=utcnow() - timedelta(seconds=1)))
+    assert requeue_undelivered(s, app, stale_after=3600) == 1
+    assert requeue_undelivered(s, app, stale_after=3600) == 0
+    assert r.llen(QUEUE) == 1
+    import json
+
+    msg = json.loads(r.lindex(QUEUE, 0))
+    assert msg["headers"]["task"] == "cxr.deliver_instance"
+    assert json.loads(__import__("base64").b64decode(msg["body"]))[1] == {"attempt": 2}
+    assert _state(s, iid).retry_due_at is None
+    # a due retry of an instance that finished meanwhile is dropped, not sent
+    lifecycle.schedule_delivery_retry(s.database_url, iid, 3, 0)
+    with session_scope(s.database_url) as ss:
+        ss.execute(update(Instance).where(Instance.id == iid).values(state=State.DELIVERED.value, finished_at=utcnow()))
+    assert lifecycle.take_due_delivery_retries(s.database_url) == []
+    assert _state(s, iid).retry_due_at is None
+
+    # a short wait stays a broker countdown (published now, with an ETA)
+    r.delete(QUEUE)
+    s2 = _settings(tmp_path, db_url, tiny_model_dir, dead, broker_url=private_redis.url,
+                   retry_backoff_base=4, retry_eta_max=10)
+    iid2 = insert_instance(s2, dataset_bytes(make_chest_dataset(seed=2)), state=State.CLASSIFIED.value)
+    _schedule_delivery(task, iid2, s2, attempt=1)  # type: ignore[arg-type]
+    assert r.llen(QUEUE) == 1
+    assert json.loads(r.lindex(QUEUE, 0))["headers"]["eta"]
+    assert _state(s2, iid2).retry_due_at is None
+
+
+def test_redelivery_timeout_follows_the_task_limits(tmp_path, sqlite_url, tiny_model_dir):  # type: ignore[no-untyped-def]
+    """The Redis visibility timeout is the time limit + the longest broker-held wait +
+    15 s (225 s with the defaults, was 360 s), and kombu scans for expired messages every
+    5 s (it scanned every 100 s)."""
+    from worker.celery_app import make_celery
+
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, broker_url="redis://127.0.0.1:6379/0")
+    assert s.redelivery_timeout == s.task_time_limit + s.retry_eta_max + 15 == 225
+    opts = make_celery(s).conf.broker_transport_options
+    assert opts["visibility_timeout"] == 225
+    assert opts["unacked_restore_interval"] == 5 and opts["unacked_restore_throttle"] == 1
