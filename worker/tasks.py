@@ -4,13 +4,17 @@ Thin wrappers around :mod:`worker.pipeline`, which holds the idempotent logic. W
 tasks add is the retry policy:
 
 * transient infrastructure errors (database ``OperationalError``/``InterfaceError``,
-  broker/network errors, timeouts) are retried with exponential backoff (1 s, 2 s, 4 s ...
-  with full jitter, capped at ``CXR_RETRY_BACKOFF_MAX``) up to ``CXR_TASK_MAX_RETRIES``
-  times, after which the instance ends ``failed`` with the reason;
+  broker/network errors, timeouts) are retried with exponential backoff (``equal`` jitter
+  from ``CXR_RETRY_BACKOFF_BASE``, each wait capped at ``CXR_RETRY_ETA_MAX``) up to
+  ``CXR_TASK_MAX_RETRIES`` times, after which the instance ends ``failed`` with the reason;
 * a destination that refuses or cannot be reached is retried by ``cxr.deliver_instance``
-  with the same backoff, up to ``CXR_DELIVERY_MAX_ATTEMPTS`` attempts in all, after which
-  the instance ends ``delivery_failed`` (``cxr audit retry`` sends ``cxr.deliver_instance``
-  again for it);
+  with the full backoff (up to ``CXR_RETRY_BACKOFF_MAX``), up to
+  ``CXR_DELIVERY_MAX_ATTEMPTS`` attempts in all, after which the instance ends
+  ``delivery_failed`` (``cxr audit retry`` sends ``cxr.deliver_instance`` again for it).
+  A wait longer than ``CXR_RETRY_ETA_MAX`` is not a broker countdown: it waits in the
+  audit DB and the re-queue sweep sends it when due (:mod:`db.lifecycle`), so the Redis
+  visibility timeout, which is also how long a killed worker's task waits, stays short
+  (:attr:`cxr.settings.Settings.redelivery_timeout`);
 * a model that cannot be loaded (:class:`worker.pipeline.ModelUnavailable`: broken
   artifact, or the soft time limit hit while loading) is this worker's problem, not the
   instance's: the task is retried with the same backoff without claiming the instance
