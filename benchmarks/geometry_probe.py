@@ -33,9 +33,12 @@ def variants(img: np.ndarray) -> dict[str, np.ndarray]:
     frame = max(4, h // 12)
     return {
         "as is": img,
-        "black bars to 4:3": cv2.copyMakeBorder(img, 0, 0, side, side, cv2.BORDER_CONSTANT, value=0),
-        "black frame": cv2.copyMakeBorder(img, frame, frame, frame, frame, cv2.BORDER_CONSTANT,
-                                          value=0),
+        "black bars to 4:3": cv2.copyMakeBorder(
+            img, 0, 0, side, side, cv2.BORDER_CONSTANT, value=0
+        ),
+        "black frame": cv2.copyMakeBorder(
+            img, frame, frame, frame, frame, cv2.BORDER_CONSTANT, value=0
+        ),
     }
 
 
@@ -51,15 +54,22 @@ def probe(model_dir: Path, samples: list, cache: Path) -> dict[str, dict[str, fl
         for n, p in zip(names, clf.predict_displays([vs[n] for n in names]), strict=True):
             labels[n].append(p.label)
     base = labels["as is"]
-    out = {"as is": {"Normal": float(np.mean([x == "Normal" for x in base])),
-                     "COVID": float(np.mean([x == "COVID" for x in base]))}}
+    out = {
+        "as is": {
+            "Normal": float(np.mean([x == "Normal" for x in base])),
+            "COVID": float(np.mean([x == "COVID" for x in base])),
+        }
+    }
     for n in names[1:]:
         out[n] = {
             "Normal": float(np.mean([x == "Normal" for x in labels[n]])),
             "COVID": float(np.mean([x == "COVID" for x in labels[n]])),
             "changed": float(np.mean([a != b for a, b in zip(base, labels[n], strict=True)])),
-            "to COVID": float(np.mean([a != "COVID" and b == "COVID"
-                                       for a, b in zip(base, labels[n], strict=True)])),
+            "to COVID": float(
+                np.mean(
+                    [a != "COVID" and b == "COVID" for a, b in zip(base, labels[n], strict=True)]
+                )
+            ),
         }
     return {"model": {"name": f"{clf.name} {clf.version}"}, **out}  # type: ignore[dict-item]
 
@@ -81,18 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     results = {"model": probe(a.model, normals, cache)}
     if a.baseline:
         results["baseline"] = probe(a.baseline, normals, cache)
-    print(f"geometry probe: {len(normals)} test-split Normal radiographs "
-          f"({', '.join(sorted({s.source for s in normals}))})")
-    print("| model | presented | called Normal | called COVID | verdict changed | "
-          "Normal/Other -> COVID |")
+    print(
+        f"geometry probe: {len(normals)} test-split Normal radiographs "
+        f"({', '.join(sorted({s.source for s in normals}))})"
+    )
+    print(
+        "| model | presented | called Normal | called COVID | verdict changed | "
+        "Normal/Other -> COVID |"
+    )
     print("|---|---|---|---|---|---|")
     for r in results.values():
         name = r["model"]["name"]  # type: ignore[index]
         for k, v in r.items():
             if k == "model":
                 continue
-            print(f"| {name} | {k} | {v['Normal']:.3f} | {v['COVID']:.3f} | "
-                  f"{v.get('changed', 0.0):.3f} | {v.get('to COVID', 0.0):.3f} |")
+            print(
+                f"| {name} | {k} | {v['Normal']:.3f} | {v['COVID']:.3f} | "
+                f"{v.get('changed', 0.0):.3f} | {v.get('to COVID', 0.0):.3f} |"
+            )
     m = results["model"]["black bars to 4:3"]["to COVID"]
     if "baseline" in results:
         b = results["baseline"]["black bars to 4:3"]["to COVID"]

@@ -47,8 +47,12 @@ def free_port() -> int:
 def _pixels(rows: int, cols: int, bits: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    lungs = np.exp(-(((xx - cols * 0.32) / (cols * 0.16)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2))
-    lungs += np.exp(-(((xx - cols * 0.68) / (cols * 0.16)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2))
+    lungs = np.exp(
+        -(((xx - cols * 0.32) / (cols * 0.16)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2)
+    )
+    lungs += np.exp(
+        -(((xx - cols * 0.68) / (cols * 0.16)) ** 2 + ((yy - rows * 0.5) / (rows * 0.3)) ** 2)
+    )
     img = 0.65 - 0.35 * lungs + 0.05 * np.sin(yy / 9.0) + 0.04 * rng.standard_normal((rows, cols))
     return (img.clip(0, 1) * (2**bits - 1)).astype(np.uint16)
 
@@ -212,8 +216,18 @@ def _start(target: str, port: int, work: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "cxr.cli", "node"]
     else:
         env = dict(os.environ)
-        cmd = [sys.executable, "-m", "pynetdicom", "storescp", str(port), "--ignore",
-               "-aet", AET, "--max-pdu", "0"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pynetdicom",
+            "storescp",
+            str(port),
+            "--ignore",
+            "-aet",
+            AET,
+            "--max-pdu",
+            "0",
+        ]
     proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=logf, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while not _echo_ok(("127.0.0.1", port)):
@@ -288,18 +302,24 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         files = generate(work / "images", args.count, args.min_mb, args.max_mb)
         sizes = np.array([p.stat().st_size for p in files]) / 1e6
-        print(f"generated {len(files)} images in {time.perf_counter() - t:.1f}s: "
-              f"{sizes.sum():.0f} MB, {sizes.min():.1f}-{sizes.max():.1f} MB each "
-              f"(mean {sizes.mean():.1f} MB); CPUs: {os.cpu_count()}")
-        print(f"{'target':<10}{'assocs':>7}{'ok':>6}{'fail':>6}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
-              f"{'ratio':>8}")
+        print(
+            f"generated {len(files)} images in {time.perf_counter() - t:.1f}s: "
+            f"{sizes.sum():.0f} MB, {sizes.min():.1f}-{sizes.max():.1f} MB each "
+            f"(mean {sizes.mean():.1f} MB); CPUs: {os.cpu_count()}"
+        )
+        print(
+            f"{'target':<10}{'assocs':>7}{'ok':>6}{'fail':>6}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
+            f"{'ratio':>8}"
+        )
         for conc in args.concurrency:
             base = run_target("storescp", files, conc, work)
             node = run_target("node", files, conc, work)
             for r in (base, node):
                 ratio = f"{r.mbps / base.mbps:.2f}x" if r is node else "1.00x"
-                print(f"{r.target:<10}{r.concurrency:>7}{r.ok:>6}{r.failed:>6}{r.seconds:>9.2f}"
-                      f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}")
+                print(
+                    f"{r.target:<10}{r.concurrency:>7}{r.ok:>6}{r.failed:>6}{r.seconds:>9.2f}"
+                    f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}"
+                )
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

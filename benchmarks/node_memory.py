@@ -67,16 +67,28 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="cxr-node-memory-"))
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update({
-        "CXR_DICOM_HOST": "127.0.0.1", "CXR_DICOM_PORT": str(port),
-        "CXR_DATABASE_URL": f"sqlite:///{work / 'audit.db'}", "CXR_SPOOL_DIR": str(work / "spool"),
-        "CXR_EMBEDDED_BROKER_PATH": str(work / "broker.sqlite"), "CXR_METRICS_PORT": "0",
-        "CXR_MAX_PIXELS": "10000000", "CXR_REQUEST_TIMEOUT": "2", "CXR_REQUEUE_INTERVAL": "3600",
-        "CXR_LOG_LEVEL": "WARNING",
-    })
+    env.update(
+        {
+            "CXR_DICOM_HOST": "127.0.0.1",
+            "CXR_DICOM_PORT": str(port),
+            "CXR_DATABASE_URL": f"sqlite:///{work / 'audit.db'}",
+            "CXR_SPOOL_DIR": str(work / "spool"),
+            "CXR_EMBEDDED_BROKER_PATH": str(work / "broker.sqlite"),
+            "CXR_METRICS_PORT": "0",
+            "CXR_MAX_PIXELS": "10000000",
+            "CXR_REQUEST_TIMEOUT": "2",
+            "CXR_REQUEUE_INTERVAL": "3600",
+            "CXR_LOG_LEVEL": "WARNING",
+        }
+    )
     log = open(work / "node.log", "wb")
-    node = subprocess.Popen([sys.executable, "-m", "cxr.cli", "node"], env=env, cwd=REPO,
-                            stdout=log, stderr=subprocess.STDOUT)
+    node = subprocess.Popen(
+        [sys.executable, "-m", "cxr.cli", "node"],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         _wait_port(port, 120)
         rng = random.Random(SEED)
@@ -102,8 +114,11 @@ def main() -> int:
                 held = _connection_faults(("127.0.0.1", port), rng)
                 rss = _rss_mb(node.pid)
                 samples.append((answered, rss))
-                print(f"{answered:6d} answered  rss {rss:6.1f} MB  "
-                      f"({answered / (time.monotonic() - t0):.1f} inputs/s)", flush=True)
+                print(
+                    f"{answered:6d} answered  rss {rss:6.1f} MB  "
+                    f"({answered / (time.monotonic() - t0):.1f} inputs/s)",
+                    flush=True,
+                )
         sender.close()
         for s in held:
             s.close()
@@ -121,10 +136,14 @@ def main() -> int:
     peak = max(r for _, r in samples)
     mid = samples[len(samples) // 2][1]
     first, second = mid - warm, end - mid
-    print(f"rss: start {samples[0][1]:.0f} MB, after warm-up ({args.warmup}) {warm:.0f}, "
-          f"middle {mid:.0f}, end {end:.0f}, peak {peak:.0f} MB over {answered} answered inputs")
-    print(f"ratios: rss end/warm-up {end / warm:.2f}, rss peak/warm-up {peak / warm:.2f}, "
-          f"second half growth/first half growth {second / first if abs(first) > 0.5 else 0.0:.2f}")
+    print(
+        f"rss: start {samples[0][1]:.0f} MB, after warm-up ({args.warmup}) {warm:.0f}, "
+        f"middle {mid:.0f}, end {end:.0f}, peak {peak:.0f} MB over {answered} answered inputs"
+    )
+    print(
+        f"ratios: rss end/warm-up {end / warm:.2f}, rss peak/warm-up {peak / warm:.2f}, "
+        f"second half growth/first half growth {second / first if abs(first) > 0.5 else 0.0:.2f}"
+    )
     return 0
 
 

@@ -53,8 +53,14 @@ def pick_model(arg: str | None, work: Path) -> tuple[Path, str]:
             return Path(cand), "artifact"
     out = work / "tiny-model"
     subprocess.run(
-        [sys.executable, "-c", f"from ml.artifact import make_tiny_artifact; make_tiny_artifact({str(out)!r})"],
-        check=True, cwd=REPO, capture_output=True,
+        [
+            sys.executable,
+            "-c",
+            f"from ml.artifact import make_tiny_artifact; make_tiny_artifact({str(out)!r})",
+        ],
+        check=True,
+        cwd=REPO,
+        capture_output=True,
     )
     return out, "TINY RANDOM TEST MODEL (plumbing only)"
 
@@ -73,8 +79,9 @@ def start_pacs() -> tuple[object, int, list[str]]:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
     return server, port, got
 
 
@@ -106,7 +113,9 @@ def wait_delivered(db_url: str, n: int, proc: subprocess.Popen, timeout: float) 
             r = rows(db_url)
         except Exception:
             r = []
-        if len(r) >= n and all(x[0] in ("delivered", "failed", "ignored", "delivery_failed") for x in r):
+        if len(r) >= n and all(
+            x[0] in ("delivered", "failed", "ignored", "delivery_failed") for x in r
+        ):
             return r
         time.sleep(0.25)
     raise SystemExit(f"timeout waiting for {n} instances")
@@ -114,9 +123,18 @@ def wait_delivered(db_url: str, n: int, proc: subprocess.Popen, timeout: float) 
 
 def send(folder: Path, port: int) -> None:
     subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "send", str(folder), "--no-progress",
-         "--to", f"CXR_WORKER@127.0.0.1:{port}"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "cxr.cli",
+            "send",
+            str(folder),
+            "--no-progress",
+            "--to",
+            f"CXR_WORKER@127.0.0.1:{port}",
+        ],
+        check=True,
+        capture_output=True,
     )
 
 
@@ -132,15 +150,24 @@ def measure(workers: int, count: int, size: int, model: Path, base: Path) -> dic
     db_url = f"sqlite:///{work / 'audit.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(
-        CXR_DICOM_HOST="127.0.0.1", CXR_DICOM_PORT=str(dicom_port), CXR_METRICS_PORT="0",
-        CXR_DATABASE_URL=db_url, CXR_SPOOL_DIR=str(work / "spool"),
-        CXR_EMBEDDED_BROKER_PATH=str(work / "broker.sqlite"), CXR_MODEL_DIR=str(model),
-        CXR_MODEL_CACHE_DIR=str(base / "model-cache"), CXR_LOG_LEVEL="WARNING",
+        CXR_DICOM_HOST="127.0.0.1",
+        CXR_DICOM_PORT=str(dicom_port),
+        CXR_METRICS_PORT="0",
+        CXR_DATABASE_URL=db_url,
+        CXR_SPOOL_DIR=str(work / "spool"),
+        CXR_EMBEDDED_BROKER_PATH=str(work / "broker.sqlite"),
+        CXR_MODEL_DIR=str(model),
+        CXR_MODEL_CACHE_DIR=str(base / "model-cache"),
+        CXR_LOG_LEVEL="WARNING",
         CXR_DESTINATIONS=f"BENCH_PACS@127.0.0.1:{pacs_port}",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "cxr.cli", "run", "--workers", str(workers), "--quiet"],
-        cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -183,19 +210,25 @@ def main() -> int:
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="cxr-bench-pipeline-"))
     model, kind = pick_model(a.model, base)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
-          f"Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), "
+        f"Python {platform.python_version()}"
+    )
     print(f"model: {model} ({kind}); {a.count} images of {a.size}x{a.size} px 12-bit")
     try:
         results = {w: measure(w, a.count, a.size, model, base) for w in a.workers}
     finally:
         shutil.rmtree(base, ignore_errors=True)
     baseline = results[a.workers[0]]["ips"]
-    print(f"\n| workers | instances/s | latency p50 s | latency p95 s | delivered | ratio to {a.workers[0]} worker(s) |")
+    print(
+        f"\n| workers | instances/s | latency p50 s | latency p95 s | delivered | ratio to {a.workers[0]} worker(s) |"
+    )
     print("|---|---|---|---|---|---|")
     for w, m in results.items():
-        print(f"| {w} | {m['ips']:.2f} | {m['p50']:.2f} | {m['p95']:.2f} | "
-              f"{m['delivered']}/{a.count} | {m['ips'] / baseline:.2f} |")
+        print(
+            f"| {w} | {m['ips']:.2f} | {m['p50']:.2f} | {m['p95']:.2f} | "
+            f"{m['delivered']}/{a.count} | {m['ips'] / baseline:.2f} |"
+        )
     return 0
 
 

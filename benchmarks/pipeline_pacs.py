@@ -81,12 +81,21 @@ def pick_model(arg: str | None, work: Path) -> tuple[Path, str]:
         if (d / "model_card.json").is_file():
             return d, kind
         keras.utils.set_random_seed(0)
-        m = build_model(image_size=256, backbone="densenet169", head="gap", weights=None, dropout=0.0)
-        save_artifact(m, d, {
-            "name": "cxr-densenet169-random", "version": "bench-0", "image_size": 256,
-            "architecture": {"backbone": "densenet169", "head": "gap", "dropout": 0.0},
-            "temperature": 1.0, "limitations": ["random weights: a benchmark stand-in"],
-        })
+        m = build_model(
+            image_size=256, backbone="densenet169", head="gap", weights=None, dropout=0.0
+        )
+        save_artifact(
+            m,
+            d,
+            {
+                "name": "cxr-densenet169-random",
+                "version": "bench-0",
+                "image_size": 256,
+                "architecture": {"backbone": "densenet169", "head": "gap", "dropout": 0.0},
+                "temperature": 1.0,
+                "limitations": ["random weights: a benchmark stand-in"],
+            },
+        )
         return d, kind
     if arg:
         return Path(arg), "given"
@@ -110,7 +119,9 @@ def make_images(out: Path, n: int) -> list[Path]:
     for i in range(n):
         ds = bases[i % len(bases)]
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = (
-            generate_uid(), generate_uid(), generate_uid()
+            generate_uid(),
+            generate_uid(),
+            generate_uid(),
         )
         if not getattr(ds, "file_meta", None) or "TransferSyntaxUID" not in ds.file_meta:
             ds.file_meta = FileMetaDataset()
@@ -168,7 +179,12 @@ def sc_times(db_url: str, uids: list[str]) -> dict[str, tuple[datetime, datetime
     out: dict[str, tuple[datetime, datetime | None]] = {}
     with session_scope(db_url) as s:
         rows = s.execute(
-            select(Instance.sop_instance_uid, Instance.received_at, Instance.state, Delivery.delivered_at)
+            select(
+                Instance.sop_instance_uid,
+                Instance.received_at,
+                Instance.state,
+                Delivery.delivered_at,
+            )
             .outerjoin(Delivery, (Delivery.instance_id == Instance.id) & (Delivery.kind == "SC"))
             .where(Instance.sop_instance_uid.in_(uids))
         ).all()
@@ -179,7 +195,9 @@ def sc_times(db_url: str, uids: list[str]) -> dict[str, tuple[datetime, datetime
     return out
 
 
-def wait_done(db_url: str, uids: list[str], procs: list[subprocess.Popen], timeout: float, orthanc=None) -> dict:  # type: ignore[type-arg,no-untyped-def]
+def wait_done(
+    db_url: str, uids: list[str], procs: list[subprocess.Popen], timeout: float, orthanc=None
+) -> dict:  # type: ignore[type-arg,no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         t = sc_times(db_url, uids)
@@ -210,7 +228,9 @@ def pct(values: list[float], q: float) -> float:
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
-def model_throughput(model: Path, engine: str, cache: Path, files: list[Path], n: int) -> tuple[float, float]:
+def model_throughput(
+    model: Path, engine: str, cache: Path, files: list[Path], n: int
+) -> tuple[float, float]:
     """(median ms per image, images/min) of predict_display, no I/O (displays decoded first)."""
     import pydicom
 
@@ -232,12 +252,15 @@ def model_throughput(model: Path, engine: str, cache: Path, files: list[Path], n
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--backlog", type=int, default=200)
     ap.add_argument("--low-load", type=int, default=20, help="images for the latency run")
     ap.add_argument("--concurrency", type=int, default=1, help="worker pool processes")
     ap.add_argument(
-        "--model", default=None,
+        "--model",
+        default=None,
         help="model dir, or 'densenet169-random' for an untrained stand-in of the shipped one",
     )
     ap.add_argument("--engine", default="auto", choices=["auto", "onnx", "keras"])
@@ -264,7 +287,11 @@ def main() -> int:
         r.flushdb()
     n_warm = a.concurrency
     files = make_images(work / "in", n_warm + a.low_load + a.backlog)
-    warm, low, backlog = files[:n_warm], files[n_warm : n_warm + a.low_load], files[n_warm + a.low_load :]
+    warm, low, backlog = (
+        files[:n_warm],
+        files[n_warm : n_warm + a.low_load],
+        files[n_warm + a.low_load :],
+    )
 
     import pydicom
 
@@ -275,22 +302,35 @@ def main() -> int:
     node_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(
-        CXR_DATABASE_URL=db_url, CXR_SPOOL_DIR=str(work / "spool"), CXR_MODEL_DIR=str(model),
-        CXR_MODEL_CACHE_DIR=str(CACHE / "model-cache"), CXR_INFERENCE_ENGINE=a.engine,
-        CXR_EMBEDDED_BROKER_PATH=str(work / "broker.sqlite"), CXR_BROKER_URL=broker,
-        CXR_DESTINATIONS=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}", CXR_DICOM_HOST="127.0.0.1",
-        CXR_DICOM_PORT=str(node_port), CXR_METRICS_PORT="0", CXR_LOG_LEVEL="WARNING",
-        CXR_WORKER_CONCURRENCY=str(a.concurrency), CXR_REQUEUE_STALE_AFTER="600",
+        CXR_DATABASE_URL=db_url,
+        CXR_SPOOL_DIR=str(work / "spool"),
+        CXR_MODEL_DIR=str(model),
+        CXR_MODEL_CACHE_DIR=str(CACHE / "model-cache"),
+        CXR_INFERENCE_ENGINE=a.engine,
+        CXR_EMBEDDED_BROKER_PATH=str(work / "broker.sqlite"),
+        CXR_BROKER_URL=broker,
+        CXR_DESTINATIONS=f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+        CXR_DICOM_HOST="127.0.0.1",
+        CXR_DICOM_PORT=str(node_port),
+        CXR_METRICS_PORT="0",
+        CXR_LOG_LEVEL="WARNING",
+        CXR_WORKER_CONCURRENCY=str(a.concurrency),
+        CXR_REQUEUE_STALE_AFTER="600",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
     procs: list[subprocess.Popen] = []  # type: ignore[type-arg]
     try:
         for args in (["worker"], ["node"]):
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cxr.cli", *args], env=env, cwd=REPO,
-                stdout=open(work / f"{args[0]}.log", "wb"), stderr=subprocess.STDOUT,  # noqa: SIM115
-                start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "cxr.cli", *args],
+                    env=env,
+                    cwd=REPO,
+                    stdout=open(work / f"{args[0]}.log", "wb"),
+                    stderr=subprocess.STDOUT,  # noqa: SIM115
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + 60
         while not port_open(node_port):
             if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
@@ -306,7 +346,7 @@ def main() -> int:
         lat = []
         for f in low:
             sender.send([f])
-            (rec, dlv), = wait_done(db_url, uids([f]), procs, 120, orthanc).values()
+            ((rec, dlv),) = wait_done(db_url, uids([f]), procs, 120, orthanc).values()
             lat.append((dlv - rec).total_seconds() * 1000)
 
         # 2. backlog
@@ -334,31 +374,45 @@ def main() -> int:
         orthanc.stop()
 
     # 3. the model alone (after the pipeline stopped: no contention)
-    model_ms, model_ipm = model_throughput(model, a.engine, CACHE / "model-cache", files, max(20, min(100, a.backlog)))
+    model_ms, model_ipm = model_throughput(
+        model, a.engine, CACHE / "model-cache", files, max(20, min(100, a.backlog))
+    )
 
     p50, p95 = statistics.median(lat), pct(lat, 0.95)
     ratio = steady / model_ipm
     lat_ratio = p95 / model_ms
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"broker {'redis' if broker else 'embedded SQLite'}, audit DB {db_url.split(':')[0]}, "
-          f"{a.concurrency} worker process(es)")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+        f"broker {'redis' if broker else 'embedded SQLite'}, audit DB {db_url.split(':')[0]}, "
+        f"{a.concurrency} worker process(es)"
+    )
     print(f"model: {model} ({kind}), engine {a.engine}")
-    print(f"images: the {len(SAMPLE_FILES)} shared chest samples (169x211 .. 1576x1976) cycled, new UIDs")
+    print(
+        f"images: the {len(SAMPLE_FILES)} shared chest samples (169x211 .. 1576x1976) cycled, new UIDs"
+    )
     print(f"PACS holds {n_pacs} objects (expected {2 * len(files)} = SC+SR per image)")
     print()
     print("| figure | value |")
     print("|---|---|")
-    print(f"| low-load latency p50 (receipt -> SC acknowledged by Orthanc), n={len(lat)} | {p50:.0f} ms |")
+    print(
+        f"| low-load latency p50 (receipt -> SC acknowledged by Orthanc), n={len(lat)} | {p50:.0f} ms |"
+    )
     print(f"| low-load latency p95 | {p95:.0f} ms |")
     print(f"| backlog sent (images / seconds to receive all) | {len(backlog)} / {t_sent:.1f} s |")
-    print(f"| steady-state pipeline throughput (last 90 % of {len(backlog)}) | {steady:.1f} images/min |")
+    print(
+        f"| steady-state pipeline throughput (last 90 % of {len(backlog)}) | {steady:.1f} images/min |"
+    )
     print(f"| overall backlog throughput (first receipt -> last SC) | {overall:.1f} images/min |")
     print(f"| model alone: single-image time (median) | {model_ms:.0f} ms |")
     print(f"| model alone: throughput | {model_ipm:.1f} images/min |")
     print()
     ok1, ok2 = ratio >= 0.85, lat_ratio <= 2.0
-    print(f"pipeline / model throughput = {ratio:.2f} (target >= 0.85): {'PASS' if ok1 else 'MISS'}")
-    print(f"p95 latency / single-image model time = {lat_ratio:.2f} (target <= 2): {'PASS' if ok2 else 'MISS'}")
+    print(
+        f"pipeline / model throughput = {ratio:.2f} (target >= 0.85): {'PASS' if ok1 else 'MISS'}"
+    )
+    print(
+        f"p95 latency / single-image model time = {lat_ratio:.2f} (target <= 2): {'PASS' if ok2 else 'MISS'}"
+    )
     if not a.keep:
         import shutil
 

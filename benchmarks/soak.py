@@ -129,8 +129,11 @@ def _postgres_db() -> Iterator[str]:
     from sqlalchemy import create_engine, text
 
     name = f"cxr_soak_{os.getpid()}"
-    admin = create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
-                          isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    admin = create_engine(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=True,
+    )
     with admin.connect() as c:
         c.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         c.execute(text(f"CREATE DATABASE {name}"))
@@ -147,13 +150,25 @@ def _postgres_db() -> Iterator[str]:
 
 def _restart_postgres() -> None:
     ver = sorted(os.listdir("/etc/postgresql"))[-1]
-    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", ver, "main", "restart"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        ["pg_ctlcluster", "--skip-systemctl-redirect", ver, "main", "restart"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def _run_phase(
-    stack: Stack, redis: RedisServer, name: str, n: int, offset: int, associations: int,
-    faults: bool, pacs_down: float, pg: bool, workers: list[Any],
+    stack: Stack,
+    redis: RedisServer,
+    name: str,
+    n: int,
+    offset: int,
+    associations: int,
+    faults: bool,
+    pacs_down: float,
+    pg: bool,
+    workers: list[Any],
 ) -> Phase:
     from worker.uids import output_uids
 
@@ -203,11 +218,16 @@ def _run_phase(
     if injector:
         while injector.is_alive():
             injector.join(0.5)
-    ok_uids = {str(d.SOPInstanceUID) for d, s in zip(datasets, statuses, strict=True)
-               if s == SUCCESS}
+    ok_uids = {
+        str(d.SOPInstanceUID) for d, s in zip(datasets, statuses, strict=True) if s == SUCCESS
+    }
     try:
-        wait_for(lambda: _final_count(stack, ok_uids) == len(ok_uids), 60 + 10 * n,
-                 interval=1.0, what=f"{name}: all instances final")
+        wait_for(
+            lambda: _final_count(stack, ok_uids) == len(ok_uids),
+            60 + 10 * n,
+            interval=1.0,
+            what=f"{name}: all instances final",
+        )
     except AssertionError:
         pass  # counted as lost below
     ph.wall_s = time.monotonic() - t0
@@ -238,8 +258,9 @@ def _run_phase(
     # every source has its own study: more than one SC and one SR of ours in a study of
     # this phase is a duplicate (a result sent twice under another UID)
     studies = {str(d.StudyInstanceUID) for d in datasets}
-    per_study = Counter(str(t.get("StudyInstanceUID")) for t in ours
-                        if str(t.get("StudyInstanceUID")) in studies)
+    per_study = Counter(
+        str(t.get("StudyInstanceUID")) for t in ours if str(t.get("StudyInstanceUID")) in studies
+    )
     ph.duplicates = sum(c - 1 for c in in_pacs.values() if c > 1) + sum(
         max(0, c - 2) for c in per_study.values()
     )
@@ -292,26 +313,48 @@ def main(argv: list[str] | None = None) -> int:
     redis = RedisServer(work / "redis", free_port()).start()
     orthanc = Orthanc(work / "orthanc", free_port(), free_port()).start()
     phases: list[Phase] = []
-    db_ctx = _postgres_db() if a.db == "postgres" else contextlib.nullcontext(
-        f"sqlite:///{work / 'audit.db'}"
+    db_ctx = (
+        _postgres_db()
+        if a.db == "postgres"
+        else contextlib.nullcontext(f"sqlite:///{work / 'audit.db'}")
     )
     try:
         with db_ctx as db_url:
             stack = Stack(
-                work, orthanc, db_url, model, cache, redis.url,
-                CXR_DELIVERY_MAX_ATTEMPTS=40, CXR_RETRY_BACKOFF_BASE=1, CXR_RETRY_BACKOFF_MAX=4,
-                CXR_REQUEUE_INTERVAL=2, CXR_REQUEUE_STALE_AFTER=30,
+                work,
+                orthanc,
+                db_url,
+                model,
+                cache,
+                redis.url,
+                CXR_DELIVERY_MAX_ATTEMPTS=40,
+                CXR_RETRY_BACKOFF_BASE=1,
+                CXR_RETRY_BACKOFF_MAX=4,
+                CXR_REQUEUE_INTERVAL=2,
+                CXR_REQUEUE_STALE_AFTER=30,
                 CXR_MAX_ASSOCIATIONS=max(10, a.associations + 2),
             )
             try:
                 stack.start_node()
                 workers = [stack.start_worker(concurrency=1) for _ in range(a.workers)]
-                for name, faults, offset in (("no faults", False, 0),
-                                             ("faults", True, a.instances)):
-                    phases.append(_run_phase(
-                        stack, redis, name, a.instances, 10_000 + offset, a.associations,
-                        faults, a.pacs_down, a.db == "postgres", workers,
-                    ))
+                for name, faults, offset in (
+                    ("no faults", False, 0),
+                    ("faults", True, a.instances),
+                ):
+                    phases.append(
+                        _run_phase(
+                            stack,
+                            redis,
+                            name,
+                            a.instances,
+                            10_000 + offset,
+                            a.associations,
+                            faults,
+                            a.pacs_down,
+                            a.db == "postgres",
+                            workers,
+                        )
+                    )
             finally:
                 stack.close()
     finally:
@@ -319,16 +362,22 @@ def main(argv: list[str] | None = None) -> int:
         redis.stop()
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print(f"soak: {a.instances} instances per phase over {a.associations} associations, "
-          f"{a.workers} workers, broker redis (private), audit DB {a.db}, model {a.model}, "
-          f"PACS Orthanc; {os.cpu_count()} CPUs")
-    print("| phase | sent | Success | final states | SC+SR in PACS | duplicates | lost | "
-          "wall s | images/min | recovery s |")
+    print(
+        f"soak: {a.instances} instances per phase over {a.associations} associations, "
+        f"{a.workers} workers, broker redis (private), audit DB {a.db}, model {a.model}, "
+        f"PACS Orthanc; {os.cpu_count()} CPUs"
+    )
+    print(
+        "| phase | sent | Success | final states | SC+SR in PACS | duplicates | lost | "
+        "wall s | images/min | recovery s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for ph in phases:
-        print(f"| {ph.name} | {ph.sent} | {ph.success} | {json.dumps(ph.states)} | "
-              f"{ph.pacs_sc_sr} | {ph.duplicates} | {ph.lost} | {ph.wall_s:.1f} | "
-              f"{ph.images_per_min:.1f} | {json.dumps(ph.recovery_s) if ph.recovery_s else '-'} |")
+        print(
+            f"| {ph.name} | {ph.sent} | {ph.success} | {json.dumps(ph.states)} | "
+            f"{ph.pacs_sc_sr} | {ph.duplicates} | {ph.lost} | {ph.wall_s:.1f} | "
+            f"{ph.images_per_min:.1f} | {json.dumps(ph.recovery_s) if ph.recovery_s else '-'} |"
+        )
     if a.json_out:
         a.json_out.write_text(json.dumps([ph.__dict__ for ph in phases], indent=2) + "\n")
     bad = sum(ph.lost + ph.duplicates for ph in phases)

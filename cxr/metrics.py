@@ -28,9 +28,7 @@ INSTANCES_REFUSED = Counter(
 INSTANCES_DUPLICATE = Counter(
     "cxr_instances_duplicate_total", "Identical re-sends acknowledged without reprocessing"
 )
-ASSOCIATIONS = Counter(
-    "cxr_associations_total", "Association requests by outcome", ["outcome"]
-)
+ASSOCIATIONS = Counter("cxr_associations_total", "Association requests by outcome", ["outcome"])
 ACTIVE_ASSOCIATIONS = Gauge("cxr_associations_active", "Associations currently open")
 QUEUE_DEPTH = Gauge(
     "cxr_queue_depth",
@@ -74,6 +72,9 @@ def start_metrics_server(host: str, port: int, fallback: bool = True) -> object 
     log.warning(
         "metrics port %s:%d is in use (another cxr process?); /metrics and /healthz of this "
         "process are on %s:%d instead (set CXR_METRICS_PORT per process to fix it)",
-        host, port, host, actual,
+        host,
+        port,
+        host,
+        actual,
     )
     return server

@@ -449,7 +449,9 @@ class Supervisor:
                 sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sk.bind((s.dicom_host, s.dicom_port))
         except OSError as exc:
-            return f"cannot listen on {s.dicom_host}:{s.dicom_port} (CXR_DICOM_PORT): {exc.strerror}"
+            return (
+                f"cannot listen on {s.dicom_host}:{s.dicom_port} (CXR_DICOM_PORT): {exc.strerror}"
+            )
         return None
 
     def run(self) -> int:
@@ -486,8 +488,9 @@ class Supervisor:
                         self._ready_announced = True
                         self.announce()
                     elif now > deadline_ready:
-                        log.warning("the node is not listening yet on port %d",
-                                    self.settings.dicom_port)
+                        log.warning(
+                            "the node is not listening yet on port %d", self.settings.dicom_port
+                        )
                         deadline_ready = now + 120
                 if now >= next_status:
                     self.print_status()
@@ -590,6 +593,4 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("cxr run: --workers must be at least 1", file=sys.stderr)
         return 2
-    return Supervisor(
-        settings, workers=args.workers, grace=args.grace, status=not args.quiet
-    ).run()
+    return Supervisor(settings, workers=args.workers, grace=args.grace, status=not args.quiet).run()

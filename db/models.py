@@ -59,7 +59,9 @@ class Association(Base):
     tls: Mapped[bool] = mapped_column(default=False)
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    outcome: Mapped[str] = mapped_column(String(32), default="open")  # open/released/aborted/rejected
+    outcome: Mapped[str] = mapped_column(
+        String(32), default="open"
+    )  # open/released/aborted/rejected
     reason: Mapped[str | None] = mapped_column(Text)
     n_stored: Mapped[int] = mapped_column(Integer, default=0)
     n_ignored: Mapped[int] = mapped_column(Integer, default=0)
@@ -142,9 +144,7 @@ class Event(Base):
 
 class Inference(Base):
     __tablename__ = "inferences"
-    __table_args__ = (
-        UniqueConstraint("instance_id", "model_version", name="uq_inference_model"),
-    )
+    __table_args__ = (UniqueConstraint("instance_id", "model_version", name="uq_inference_model"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)

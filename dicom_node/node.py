@@ -248,7 +248,9 @@ class StorageNode:
             except OSError as exc:  # the SCP matters more than its metrics
                 log.error(
                     "metrics endpoint %s:%d unavailable (%s); the node runs without it",
-                    s.metrics_host, s.metrics_port, exc,
+                    s.metrics_host,
+                    s.metrics_port,
+                    exc,
                 )
             from cxr.health import register_health_check
 
@@ -359,22 +361,26 @@ class StorageNode:
             except Exception as exc:
                 log.warning(
                     "broker unavailable, %d instance(s) stay 'received' for the sweep: %s",
-                    len(ids) - len(sent), type(exc).__name__,
+                    len(ids) - len(sent),
+                    type(exc).__name__,
                 )
                 break
             sent.append(instance_id)
         if not sent:
             return
         with session_scope(self.settings.database_url) as sess:
-            moved = sess.execute(
-                update(Instance)
-                .where(Instance.id.in_(sent), Instance.state == State.RECEIVED.value)
-                .values(state=State.QUEUED.value, updated_at=utcnow())
-                .returning(Instance.id)
-            ).scalars().all()
+            moved = (
+                sess.execute(
+                    update(Instance)
+                    .where(Instance.id.in_(sent), Instance.state == State.RECEIVED.value)
+                    .values(state=State.QUEUED.value, updated_at=utcnow())
+                    .returning(Instance.id)
+                )
+                .scalars()
+                .all()
+            )
             sess.add_all(
-                Event(instance_id=i, kind=State.QUEUED.value, detail="sent to queue")
-                for i in moved
+                Event(instance_id=i, kind=State.QUEUED.value, detail="sent to queue") for i in moved
             )
 
     def flush(self, timeout: float = 30.0) -> bool:
@@ -495,9 +501,7 @@ class StorageNode:
         metrics.ACTIVE_ASSOCIATIONS.inc()
         st = self._state(event.assoc)
         st.counts["_established"] = 1
-        log.info(
-            "association %s accepted from %s (%s)", st.db_id, st.calling_ae, st.host
-        )
+        log.info("association %s accepted from %s (%s)", st.db_id, st.calling_ae, st.host)
 
     def handle_closed(self, event: Any) -> None:
         PEER_NOISE.connection_closed(threading.get_ident())
@@ -544,8 +548,12 @@ class StorageNode:
             log.warning("could not close association %s record (%s)", st.db_id, type(exc).__name__)
         log.info(
             "association %s %s: stored=%d ignored=%d duplicate=%d refused=%d",
-            st.db_id, outcome, st.counts["stored"], st.counts["ignored"],
-            st.counts["duplicate"], st.counts["refused"],
+            st.db_id,
+            outcome,
+            st.counts["stored"],
+            st.counts["ignored"],
+            st.counts["duplicate"],
+            st.counts["refused"],
         )
 
     # ------------------------------------------------------------------ TLS
@@ -570,9 +578,14 @@ class StorageNode:
                 with session_scope(self.settings.database_url) as sess:
                     sess.add(
                         Association(
-                            calling_ae="", called_ae="", peer_host=address[0],
-                            peer_port=address[1], tls=True, outcome="rejected",
-                            reason=why[:255], ended_at=utcnow(),
+                            calling_ae="",
+                            called_ae="",
+                            peer_host=address[0],
+                            peer_port=address[1],
+                            tls=True,
+                            outcome="rejected",
+                            reason=why[:255],
+                            ended_at=utcnow(),
                         )
                     )
             except Exception as db_exc:
@@ -626,8 +639,15 @@ class StorageNode:
             with self._handlers_lock:
                 self._handlers.pop(key, None)
 
-    def _store(self, event: Any, st: _AssocState, cur: dict[str, Any], head: bytes,
-               body: memoryview, t0: float) -> int:
+    def _store(
+        self,
+        event: Any,
+        st: _AssocState,
+        cur: dict[str, Any],
+        head: bytes,
+        body: memoryview,
+        t0: float,
+    ) -> int:
         size = len(head) + len(body)
         cur["size_bytes"] = size
         if size > self.settings.max_instance_bytes:
@@ -646,13 +666,17 @@ class StorageNode:
             if not sop_uid:
                 raise DoesNotMatchSOPClass("no SOP Instance UID in the data set", "missing_uid")
             if len(sop_uid) > 64 or not _PRINTABLE_UID.fullmatch(sop_uid):
-                raise DoesNotMatchSOPClass("SOP Instance UID is not a valid UI value", "invalid_uid")
+                raise DoesNotMatchSOPClass(
+                    "SOP Instance UID is not a valid UI value", "invalid_uid"
+                )
             if cur["sop_instance_uid"] and sop_uid != cur["sop_instance_uid"]:
                 raise DoesNotMatchSOPClass(
                     "SOP Instance UID differs from the C-STORE request", "uid_mismatch"
                 )
             if cur["sop_class_uid"] and header.text("SOPClassUID") != cur["sop_class_uid"]:
-                raise DoesNotMatchSOPClass("SOP Class UID differs from the C-STORE request", "class_mismatch")
+                raise DoesNotMatchSOPClass(
+                    "SOP Class UID differs from the C-STORE request", "class_mismatch"
+                )
             cur.update(self._header_fields(header))
             filters.check_image_structure(header, self.rules)
 
@@ -740,13 +764,25 @@ class StorageNode:
         }
 
     _INSTANCE_KEYS = (
-        "sop_instance_uid", "sop_class_uid", "study_instance_uid", "series_instance_uid",
-        "transfer_syntax_uid", "accession_number", "patient_id_hash", "modality", "body_part",
-        "view_position", "rows", "columns", "size_bytes", "spool_path",
+        "sop_instance_uid",
+        "sop_class_uid",
+        "study_instance_uid",
+        "series_instance_uid",
+        "transfer_syntax_uid",
+        "accession_number",
+        "patient_id_hash",
+        "modality",
+        "body_part",
+        "view_position",
+        "rows",
+        "columns",
+        "size_bytes",
+        "spool_path",
     )
 
-    def _instance(self, st: _AssocState, cur: dict[str, Any], state: State, reason: str | None,
-                  version: int) -> Instance:
+    def _instance(
+        self, st: _AssocState, cur: dict[str, Any], state: State, reason: str | None, version: int
+    ) -> Instance:
         fields = {k: cur.get(k) for k in self._INSTANCE_KEYS}
         for k, v in fields.items():
             if isinstance(v, str):
@@ -795,8 +831,9 @@ class StorageNode:
             existing = self._find(sess, cur)
             if existing is None:  # pragma: no cover - deleted between the two transactions
                 raise OutOfResources("audit row vanished", "database")
-            sess.add(Event(instance_id=existing.id, kind=kind, detail=detail,
-                           association_id=st.db_id))
+            sess.add(
+                Event(instance_id=existing.id, kind=kind, detail=detail, association_id=st.db_id)
+            )
             return existing.id
 
     def _record_received(self, st: _AssocState, cur: dict[str, Any]) -> tuple[str, int]:
@@ -805,8 +842,10 @@ class StorageNode:
         try:
             with session_scope(self.settings.database_url) as sess:
                 existing = self._find(sess, cur)
-                if existing is not None and existing.spool_path is None and existing.state in (
-                    State.FAILED.value, State.IGNORED.value
+                if (
+                    existing is not None
+                    and existing.spool_path is None
+                    and existing.state in (State.FAILED.value, State.IGNORED.value)
                 ):
                     # the same content was refused (e.g. disk full) or ignored before and no
                     # data was kept: this re-send is stored now and must be processed
@@ -818,34 +857,53 @@ class StorageNode:
                     existing.attempts = 0
                     existing.association_id = st.db_id
                     cur["version"] = existing.version
-                    sess.add(Event(
-                        instance_id=existing.id, kind=State.RECEIVED.value,
-                        association_id=st.db_id,
-                        detail=f"stored on re-send (previously {prev}, no data kept)",
-                    ))
+                    sess.add(
+                        Event(
+                            instance_id=existing.id,
+                            kind=State.RECEIVED.value,
+                            association_id=st.db_id,
+                            detail=f"stored on re-send (previously {prev}, no data kept)",
+                        )
+                    )
                     return "stored", existing.id
                 if existing is not None:
                     if existing.spool_path is None:  # e.g. purged by retention: re-point
                         existing.spool_path = cur["spool_path"]
-                    sess.add(Event(instance_id=existing.id, kind="duplicate", detail=dup_detail,
-                                   association_id=st.db_id))
+                    sess.add(
+                        Event(
+                            instance_id=existing.id,
+                            kind="duplicate",
+                            detail=dup_detail,
+                            association_id=st.db_id,
+                        )
+                    )
                     return "duplicate", existing.id
                 version = self._next_version(sess, cur["sop_instance_uid"])
                 cur["version"] = version
                 inst = self._instance(st, cur, State.RECEIVED, None, version)
                 sess.add(inst)
                 sess.flush()
-                sess.add(Event(
-                    instance_id=inst.id, kind=State.RECEIVED.value, association_id=st.db_id,
-                    detail=f"stored, version {version}" + (" (new content under a known UID)"
-                                                           if version > 1 else ""),
-                ))
+                sess.add(
+                    Event(
+                        instance_id=inst.id,
+                        kind=State.RECEIVED.value,
+                        association_id=st.db_id,
+                        detail=f"stored, version {version}"
+                        + (" (new content under a known UID)" if version > 1 else ""),
+                    )
+                )
                 return "stored", inst.id
         except IntegrityError:  # the same content committed concurrently
             return "duplicate", self._duplicate_event(st, cur, "duplicate", dup_detail)
 
-    def _record_final(self, st: _AssocState, cur: dict[str, Any], state: State, reason: str,
-                      event_kind: str | None = None) -> str:
+    def _record_final(
+        self,
+        st: _AssocState,
+        cur: dict[str, Any],
+        state: State,
+        reason: str,
+        event_kind: str | None = None,
+    ) -> str:
         """Record an ignored/refused instance; a repeat of the same content adds an event.
         Returns 'ignored', 'refused' or 'duplicate'."""
         kind = "ignored" if state == State.IGNORED else "refused"
@@ -854,15 +912,24 @@ class StorageNode:
                 existing = self._find(sess, cur)
                 if existing is not None:
                     ev = "duplicate" if state == State.IGNORED else (event_kind or kind)
-                    sess.add(Event(instance_id=existing.id, kind=ev, detail=reason,
-                                   association_id=st.db_id))
+                    sess.add(
+                        Event(
+                            instance_id=existing.id, kind=ev, detail=reason, association_id=st.db_id
+                        )
+                    )
                     return "duplicate" if state == State.IGNORED else kind
                 version = self._next_version(sess, cur["sop_instance_uid"])
                 inst = self._instance(st, cur, state, reason, version)
                 sess.add(inst)
                 sess.flush()
-                sess.add(Event(instance_id=inst.id, kind=event_kind or state.value,
-                               detail=reason, association_id=st.db_id))
+                sess.add(
+                    Event(
+                        instance_id=inst.id,
+                        kind=event_kind or state.value,
+                        detail=reason,
+                        association_id=st.db_id,
+                    )
+                )
                 return kind
         except IntegrityError:
             self._duplicate_event(st, cur, "duplicate" if state == State.IGNORED else kind, reason)

@@ -296,7 +296,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
             f"- threshold {_fmt(ood.get('threshold'))}, set on the validation split so that "
             f"{_fmt(ood.get('coverage_target'))} of its images pass (val pass rate "
             f"{_fmt(ood.get('val_pass_rate'))}, test pass rate {_fmt(ood.get('test_pass_rate'))})",
-            f"- above it every output says: \"{ood.get('message')}\"; the three "
+            f'- above it every output says: "{ood.get("message")}"; the three '
             "probabilities are still given",
         ]
         if ood.get("checks"):

@@ -79,14 +79,24 @@ def _borders(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             if side in (0, 1):
                 n = max(1, int(frac * h))
                 out = cv2.copyMakeBorder(
-                    out, n if side == 0 else 0, n if side == 1 else 0, 0, 0,
-                    cv2.BORDER_CONSTANT, value=value,
+                    out,
+                    n if side == 0 else 0,
+                    n if side == 1 else 0,
+                    0,
+                    0,
+                    cv2.BORDER_CONSTANT,
+                    value=value,
                 )
             else:
                 n = max(1, int(frac * w))
                 out = cv2.copyMakeBorder(
-                    out, 0, 0, n if side == 2 else 0, n if side == 3 else 0,
-                    cv2.BORDER_CONSTANT, value=value,
+                    out,
+                    0,
+                    0,
+                    n if side == 2 else 0,
+                    n if side == 3 else 0,
+                    cv2.BORDER_CONSTANT,
+                    value=value,
                 )
     return out
 
@@ -104,8 +114,14 @@ def _marks(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             text = str(rng.choice(_MARKERS))
             scale = float(rng.uniform(0.4, 1.6)) * max(h, w) / 384.0
             cv2.putText(
-                out, text, (x, y), cv2.FONT_HERSHEY_SIMPLEX, scale, colour,
-                max(1, int(round(2 * scale))), cv2.LINE_AA,
+                out,
+                text,
+                (x, y),
+                cv2.FONT_HERSHEY_SIMPLEX,
+                scale,
+                colour,
+                max(1, int(round(2 * scale))),
+                cv2.LINE_AA,
             )
     return out
 

@@ -299,8 +299,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"training in {out} already completed (epochs {state.get('epochs_run')}): finalising",
             flush=True,
         )
-    if cfg.trainable == "conv5" and cfg.init_from and (
-        not state.get("completed") or args.cross_source or args.leave_out
+    if (
+        cfg.trainable == "conv5"
+        and cfg.init_from
+        and (not state.get("completed") or args.cross_source or args.leave_out)
     ):  # a completed run still gets the arms it is asked for
         state = _train_frozen(args, cfg, samples, splits)
         print(f"training done: {json.dumps(state)}", flush=True)
@@ -400,8 +402,11 @@ def finalise(
         "dropout": cfg.dropout,
         "trainable": cfg.trainable,
         "init_weights": cfg.weights
-        or (f"{Path(cfg.init_from).name} (conv1-conv4 frozen)" if cfg.trainable == "conv5"
-            and cfg.init_from else "scratch"),
+        or (
+            f"{Path(cfg.init_from).name} (conv1-conv4 frozen)"
+            if cfg.trainable == "conv5" and cfg.init_from
+            else "scratch"
+        ),
     }
     name = args.model_name or f"cxr-{cfg.backbone}"
     fields: dict[str, Any] = {

@@ -313,8 +313,9 @@ def train_head(
         if class_weight:
             sw = np.asarray([class_weight[int(c)] for c in train.labels[pick]], np.float32)
         t0 = time.monotonic()
-        h = head.fit(x, y, sample_weight=sw, batch_size=cfg.batch_size, epochs=1,
-                     shuffle=False, verbose=0)
+        h = head.fit(
+            x, y, sample_weight=sw, batch_size=cfg.batch_size, epochs=1, shuffle=False, verbose=0
+        )
         train_loss = float(h.history["loss"][-1])
         train_acc = float(h.history["accuracy"][-1])
         lv = head_logits(head, xv, np.arange(len(xv)))
@@ -339,9 +340,7 @@ def train_head(
         with open(hist, "a") as fh:
             if new:
                 fh.write("epoch,accuracy,loss,val_accuracy,val_loss\n")
-            fh.write(
-                f"{epoch - 1},{train_acc:.5f},{train_loss:.5f},{val_acc:.5f},{val_loss:.5f}\n"
-            )
+            fh.write(f"{epoch - 1},{train_acc:.5f},{train_loss:.5f},{val_acc:.5f},{val_loss:.5f}\n")
         state.update(
             epochs_run=epoch,
             epochs_since_best=since_best,
@@ -433,7 +432,10 @@ def run_training(
         square_policy=cfg.extra.get("square_policy", "trim-crop"),
     )
     model = build_model(
-        cfg.image_size, head=cfg.head, dropout=cfg.dropout, backbone=cfg.backbone  # type: ignore[arg-type]
+        cfg.image_size,
+        head=cfg.head,
+        dropout=cfg.dropout,
+        backbone=cfg.backbone,  # type: ignore[arg-type]
     )
     model.load_weights(cfg.init_from)
     trunk, _, head_feat = split_model(model)
@@ -453,8 +455,14 @@ def run_training(
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
     state = train_head(
-        model, feats, split_data(idx, kept["train"]), split_data(idx, kept["val"]), out, cfg,
-        class_weight=class_weight, log_fn=log_fn,
+        model,
+        feats,
+        split_data(idx, kept["train"]),
+        split_data(idx, kept["val"]),
+        out,
+        cfg,
+        class_weight=class_weight,
+        log_fn=log_fn,
     )
     from ml.ood import OOD_FILE, MahalanobisOOD
 
@@ -487,8 +495,6 @@ def arm_cell(
             for c in labels
         },
     }
-    cell["metric"] = (
-        f"{labels[0]} recall" if len(labels) == 1 else "accuracy"
-    )
+    cell["metric"] = f"{labels[0]} recall" if len(labels) == 1 else "accuracy"
     cell["value"] = cell["recall"][labels[0]] if len(labels) == 1 else cell["accuracy"]
     return cell

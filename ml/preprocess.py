@@ -272,8 +272,12 @@ def trim_borders(img: np.ndarray) -> Box:
     """
     h, w = img.shape[:2]
     scale = min(1.0, 512.0 / max(h, w))
-    small = img if scale == 1.0 else cv2.resize(
-        img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+    small = (
+        img
+        if scale == 1.0
+        else cv2.resize(
+            img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA
+        )
     )
     f = small.astype(np.float32)
     sh, sw = f.shape
@@ -318,9 +322,7 @@ def _smooth(v: np.ndarray, k: int) -> np.ndarray:
     return np.convolve(np.pad(v, k // 2, mode="edge"), np.ones(k) / k, mode="valid")
 
 
-def _extent(
-    profile: np.ndarray, peak: int, lo: int, hi: int, frac: float = 0.5
-) -> tuple[int, int]:
+def _extent(profile: np.ndarray, peak: int, lo: int, hi: int, frac: float = 0.5) -> tuple[int, int]:
     """From ``peak`` walk outward (within lo..hi) while ``profile`` stays above ``frac`` of
     the way from the lowest value on that side up to the peak."""
     left_min = float(profile[lo : peak + 1].min())

@@ -39,7 +39,8 @@ def main() -> None:
     ap.add_argument("--backbone", default="tiny", choices=["tiny", "densenet169"])
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument(
-        "--arms", default="hist/gap,clahe/gap,hist/study",
+        "--arms",
+        default="hist/gap,clahe/gap,hist/study",
         help="comma-separated EQUALIZATION/HEAD pairs, run seed-major (all arms for the "
         "first seed, then the next seed)",
     )
@@ -68,8 +69,14 @@ def main() -> None:
     for seed, (eq, head) in ((seed, arm) for seed in seeds for arm in arms):
         xtr, xva = arrays("train", eq), arrays("val", eq)
         cfg = TrainConfig(
-            image_size=a.size, epochs=a.epochs, batch_size=32, head=head,
-            backbone=a.backbone, equalization=eq, learning_rate=a.lr, patience=a.epochs,
+            image_size=a.size,
+            epochs=a.epochs,
+            batch_size=32,
+            head=head,
+            backbone=a.backbone,
+            equalization=eq,
+            learning_rate=a.lr,
+            patience=a.epochs,
             seed=seed,
         )
         t0 = time.monotonic()
@@ -77,8 +84,12 @@ def main() -> None:
             fit(cfg, d, (xtr, labels["train"]), (xva, labels["val"]), verbose=0)
             st = read_state(d)
         row = {
-            "equalization": eq, "head": head, "seed": seed, "best_val_loss": st["best_val_loss"],
-            "best_val_accuracy": st["best_val_accuracy"], "best_epoch": st["best_epoch"],
+            "equalization": eq,
+            "head": head,
+            "seed": seed,
+            "best_val_loss": st["best_val_loss"],
+            "best_val_accuracy": st["best_val_accuracy"],
+            "best_epoch": st["best_epoch"],
             "seconds": round(time.monotonic() - t0, 1),
         }
         results.append(row)

@@ -68,8 +68,10 @@ def main() -> int:
         return 1
     if a.check:
         if current != block():
-            print(f"{a.readme}: settings table out of date; run {Path(__file__).name} --write",
-                  file=sys.stderr)
+            print(
+                f"{a.readme}: settings table out of date; run {Path(__file__).name} --write",
+                file=sys.stderr,
+            )
             return 1
         return 0
     a.readme.write_text(text.replace(current, block()))

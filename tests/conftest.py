@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 DICOM_SAMPLES = SHARED / "dicom-samples"
 CXR_DATA = SHARED / "data" / "cxr"
-PG_ADMIN_URL = os.environ.get("CXR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+PG_ADMIN_URL = os.environ.get(
+    "CXR_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
 REDIS_URL = os.environ.get("CXR_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 # pynetdicom installs its own storescu/echoscu on PATH: use DCMTK's binaries explicitly
 DCMTK_BIN = Path("/usr/bin")
@@ -61,7 +63,9 @@ def _pg_available() -> bool:
     try:
         import psycopg
 
-        with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=3):
+        with psycopg.connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=test", connect_timeout=3
+        ):
             return True
     except Exception:
         return False
@@ -80,7 +84,9 @@ def pg_url() -> Iterator[str]:
     import psycopg
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True) as c:
+    with psycopg.connect(
+        "host=127.0.0.1 port=5432 user=postgres dbname=test", autocommit=True
+    ) as c:
         c.execute(f'CREATE SCHEMA "{schema}"')
     yield f"{PG_ADMIN_URL}?options=-csearch_path%3D{schema}"
     # a component of the test (a node still stopping) may hold locks in the schema: close
@@ -154,7 +160,9 @@ def make_chest_dataset(
 
     if sop_class is None:
         sop_class = (
-            ComputedRadiographyImageStorage if modality == "CR" else DigitalXRayImageStorageForPresentation
+            ComputedRadiographyImageStorage
+            if modality == "CR"
+            else DigitalXRayImageStorageForPresentation
         )
     rng = np.random.default_rng(seed)
     if pixels is None:

@@ -17,8 +17,10 @@ def test_peer_values_quoted_by_pynetdicom_are_dropped() -> None:
     """Found by the fuzz test: a mutated data set whose SOP Instance UID swallowed the next
     elements made pynetdicom log the "UID", patient name included, before any PHI could be
     registered."""
-    msg = ("Invalid 'Affected SOP Instance UID' value '1.2.826.0.1.3680043.8.498.39\\x08"
-           "\\x00Fuzzname^Qwerty' - must not exceed 64 characters")
+    msg = (
+        "Invalid 'Affected SOP Instance UID' value '1.2.826.0.1.3680043.8.498.39\\x08"
+        "\\x00Fuzzname^Qwerty' - must not exceed 64 characters"
+    )
     rec = _record("pynetdicom.utils", logging.ERROR, msg)
     assert PeerNoiseFilter().filter(rec)
     out = logging.Formatter().format(rec)
@@ -30,8 +32,10 @@ def test_peer_values_quoted_by_pynetdicom_are_dropped() -> None:
 
 def test_one_line_per_connection_thread() -> None:
     f = PeerNoiseFilter()
-    kept = [f.filter(_record("pynetdicom.dul", logging.ERROR, f"Unknown PDU type {i}"))
-            for i in range(5)]
+    kept = [
+        f.filter(_record("pynetdicom.dul", logging.ERROR, f"Unknown PDU type {i}"))
+        for i in range(5)
+    ]
     assert kept == [True, False, False, False, False]
     f.connection_closed(threading.get_ident())
     assert f.filter(_record("pynetdicom.dul", logging.ERROR, "next connection"))
@@ -44,8 +48,9 @@ def test_undecodable_names_are_masked_from_their_raw_bytes() -> None:
     from pydicom.tag import Tag
 
     ds = Dataset()
-    ds._dict[Tag(0x00100010)] = RawDataElement(Tag(0x00100010), "PN", 12, b"Zqxw^Vbnm\xff\xfe ",
-                                               0, False, True)
+    ds._dict[Tag(0x00100010)] = RawDataElement(
+        Tag(0x00100010), "PN", 12, b"Zqxw^Vbnm\xff\xfe ", 0, False, True
+    )
     register_dataset_phi(ds)
     rec = _record("x", logging.WARNING, "value b'Zqxw^Vbnm\\xff\\xfe' cannot be decoded")
     assert PhiFilter().filter(rec)

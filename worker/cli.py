@@ -45,7 +45,10 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
-        "--concurrency", type=int, default=None, help="pool processes (default CXR_WORKER_CONCURRENCY)"
+        "--concurrency",
+        type=int,
+        default=None,
+        help="pool processes (default CXR_WORKER_CONCURRENCY)",
     )
     p.add_argument("--hostname", default=None, help="Celery node name (default cxr@<host>-<pid>)")
     p.add_argument(
@@ -207,7 +210,6 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
         return True
 
     register_health_check("database", _db_ok)
-
 
     # the pool processes load the model; they flag a failure in this file (worker.pipeline)
     from worker.pipeline import MODEL_STATUS_ENV, model_healthy

@@ -57,9 +57,7 @@ def enqueue_instance(settings: Settings, app: Celery, instance_id: int) -> bool:
     return True
 
 
-def requeue_stranded(
-    settings: Settings, app: Celery, received_older_than: float = 5.0
-) -> int:
+def requeue_stranded(settings: Settings, app: Celery, received_older_than: float = 5.0) -> int:
     """Re-send instances stranded in ``received`` (broker was down) or stuck in
     ``queued``/``processing`` for longer than ``CXR_REQUEUE_STALE_AFTER``. Returns count."""
     now = utcnow()

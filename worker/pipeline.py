@@ -238,9 +238,7 @@ def model_info(classifier: Any) -> Any:
 
     if hasattr(ModelInfo, "from_classifier"):
         return ModelInfo.from_classifier(classifier)
-    return ModelInfo(
-        name=classifier.name, version=classifier.version, sha256=classifier.sha256
-    )
+    return ModelInfo(name=classifier.name, version=classifier.version, sha256=classifier.sha256)
 
 
 # --------------------------------------------------------------------------- claim
@@ -327,18 +325,25 @@ def claim(
         inst.updated_at = now
         inst.finished_at = None
         inst.reason = None
-        _event(s, instance_id, State.PROCESSING.value, f"task {task_id or '-'} attempt {inst.attempts}")
+        _event(
+            s, instance_id, State.PROCESSING.value, f"task {task_id or '-'} attempt {inst.attempts}"
+        )
         return "classify", State.PROCESSING.value
 
 
-def mark_failed(settings: Settings, instance_id: int, reason: str, state: State = State.FAILED) -> None:
+def mark_failed(
+    settings: Settings, instance_id: int, reason: str, state: State = State.FAILED
+) -> None:
     """Close an instance for good with its reason (``failed`` or ``delivery_failed``)."""
     reason = scrub(reason)[:2000]
     with session_scope(settings.database_url) as s:
         inst = s.get(Instance, instance_id)
         if inst is None:
             return
-        if is_finished(inst.state, _aware(inst.finished_at)) and inst.state != State.DELIVERY_FAILED.value:
+        if (
+            is_finished(inst.state, _aware(inst.finished_at))
+            and inst.state != State.DELIVERY_FAILED.value
+        ):
             return  # another attempt finished it meanwhile
         inst.state = state.value
         inst.reason = reason
@@ -359,7 +364,9 @@ def release_claim(settings: Settings, instance_id: int, detail: str) -> None:
                 inst.updated_at = utcnow()
                 _event(s, instance_id, "retry", scrub(detail)[:2000])
     except Exception as exc:  # the DB itself may be what is down
-        log.warning("could not release instance %d before retry: %s", instance_id, type(exc).__name__)
+        log.warning(
+            "could not release instance %d before retry: %s", instance_id, type(exc).__name__
+        )
 
 
 # --------------------------------------------------------------------------- classify
@@ -474,7 +481,11 @@ def classify(
             instance_id,
             State.CLASSIFIED.value,
             f"{pred.label} (model {clf.version})"
-            + (f"; {OOD_MESSAGE} (ood_score {pred.ood_score:.1f})" if getattr(pred, "ood", None) else "")
+            + (
+                f"; {OOD_MESSAGE} (ood_score {pred.ood_score:.1f})"
+                if getattr(pred, "ood", None)
+                else ""
+            )
             + (f"; {NO_DESTINATIONS}" if no_dest else ""),
         )
     metrics.INFERENCES.labels(pred.label).inc()
@@ -559,7 +570,9 @@ def deliver(settings: Settings, instance_id: int, final_attempt: bool = True) ->
             if uid not in datasets:
                 path = spool.result_path(uid)
                 if not path.exists():
-                    mark_failed(settings, instance_id, f"result file missing from spool: {path.name}")
+                    mark_failed(
+                        settings, instance_id, f"result file missing from spool: {path.name}"
+                    )
                     return Outcome(instance_id, "failed", State.FAILED.value, "result missing")
                 datasets[uid] = spool.read_dataset(path)
             to_send.append(datasets[uid])
@@ -611,11 +624,15 @@ def deliver(settings: Settings, instance_id: int, final_attempt: bool = True) ->
                 max(0.0, (now - received_at).total_seconds())
             )
         metrics.TASK_OUTCOMES.labels(State.DELIVERED.value).inc()
-        return Outcome(instance_id, "delivered", State.DELIVERED.value, timings_ms={"send": send_ms})
+        return Outcome(
+            instance_id, "delivered", State.DELIVERED.value, timings_ms={"send": send_ms}
+        )
     if final_attempt:
         metrics.TASK_OUTCOMES.labels(State.DELIVERY_FAILED.value).inc()
         log.warning("instance %d delivery_failed: %s", instance_id, "; ".join(problems))
-        return Outcome(instance_id, "delivery_failed", State.DELIVERY_FAILED.value, "; ".join(problems))
+        return Outcome(
+            instance_id, "delivery_failed", State.DELIVERY_FAILED.value, "; ".join(problems)
+        )
     raise DeliveryIncomplete("; ".join(problems))
 
 

@@ -206,9 +206,7 @@ def render_result_image(
     box = getattr(prediction, "frame_box", None)
     if box is not None:  # the model frame in the original display: scale to this one
         sx, sy = w / w0, h / h0
-        box = (
-            round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy)
-        )
+        box = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
     if cam is not None:
         image = overlay(display, gradcam.cam_to_display(np.asarray(cam), (h, w), box))
     else:

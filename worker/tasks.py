@@ -129,7 +129,9 @@ def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt
     one waits in the audit DB and the re-queue sweep sends it when due."""
     countdown = backoff_seconds(attempt - 1, settings)
     if countdown > settings.retry_eta_max:
-        lifecycle.schedule_delivery_retry(settings.database_url, instance_id, attempt + 1, countdown)
+        lifecycle.schedule_delivery_retry(
+            settings.database_url, instance_id, attempt + 1, countdown
+        )
         log.info(
             "instance %d: delivery attempt %d in %d s (waiting in the audit DB)",
             instance_id,
@@ -259,7 +261,9 @@ def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool
     try:
         out = pipeline.deliver(settings, instance_id, final_attempt=final)
     except pipeline.DeliveryIncomplete as exc:
-        log.info("instance %d: delivery attempt %d incomplete (%s)", instance_id, attempt, exc.detail)
+        log.info(
+            "instance %d: delivery attempt %d incomplete (%s)", instance_id, attempt, exc.detail
+        )
         metrics.TASK_OUTCOMES.labels("delivery_retry").inc()
         _schedule_delivery(self, instance_id, settings, attempt=attempt)
         return "delivery_pending"
@@ -290,7 +294,9 @@ def send_due_delivery_retries(settings: Settings, app: Any) -> int:
     n = 0
     for instance_id, attempt in lifecycle.take_due_delivery_retries(settings.database_url):
         try:
-            app.send_task(TASK_DELIVER, args=[instance_id], kwargs={"attempt": attempt}, queue=QUEUE)
+            app.send_task(
+                TASK_DELIVER, args=[instance_id], kwargs={"attempt": attempt}, queue=QUEUE
+            )
         except Exception as exc:
             # put it back: the next sweep tries again
             lifecycle.schedule_delivery_retry(settings.database_url, instance_id, attempt, 0)
@@ -320,14 +326,18 @@ def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None 
         seconds=settings.requeue_stale_after if stale_after is None else stale_after
     )
     with session_scope(settings.database_url) as s:
-        ids = s.execute(
-            select(Instance.id).where(
-                Instance.state == State.CLASSIFIED.value,
-                Instance.finished_at.is_(None),
-                Instance.retry_due_at.is_(None),
-                Instance.updated_at <= cutoff,
+        ids = (
+            s.execute(
+                select(Instance.id).where(
+                    Instance.state == State.CLASSIFIED.value,
+                    Instance.finished_at.is_(None),
+                    Instance.retry_due_at.is_(None),
+                    Instance.updated_at <= cutoff,
+                )
             )
-        ).scalars().all()
+            .scalars()
+            .all()
+        )
     n = 0
     for instance_id in ids:
         try:

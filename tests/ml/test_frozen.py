@@ -69,11 +69,29 @@ def test_frozen_training_arms_ood_and_resume(
     init = make_tiny_artifact(workdir / "init", image_size=TINY_SIZE)
     out, cache = workdir / "model", workdir / "features"
     args = [
-        "train", "--data", str(three_source_folder), "--out", str(out),
-        "--backbone", "tiny", "--image-size", str(TINY_SIZE), "--trainable", "conv5",
-        "--init-from", str(init / "model.weights.h5"), "--aug-copies", "1",
-        "--cache-dir", str(cache), "--batch-size", "8", "--bootstrap", "20",
-        "--model-version", "2.0.0",
+        "train",
+        "--data",
+        str(three_source_folder),
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--image-size",
+        str(TINY_SIZE),
+        "--trainable",
+        "conv5",
+        "--init-from",
+        str(init / "model.weights.h5"),
+        "--aug-copies",
+        "1",
+        "--cache-dir",
+        str(cache),
+        "--batch-size",
+        "8",
+        "--bootstrap",
+        "20",
+        "--model-version",
+        "2.0.0",
     ]
     # a first run of 1 epoch, "interrupted" there (train only) ...
     assert main([*args, "--epochs", "1", "--no-finalise"]) == 0

@@ -51,8 +51,9 @@ def _max_mean_diff(cfg: PreprocessConfig, variants: dict[str, np.ndarray]) -> fl
     compared at 32 x 32 (the anatomy, not a pixel-exact texture: a shift of a pixel or two
     of rib texture is not a different input to a network that pools over 32 px)."""
     greys = [
-        cv2.resize(display_to_model_grey(v, cfg), (32, 32), interpolation=cv2.INTER_AREA)
-        .astype(np.float32)
+        cv2.resize(display_to_model_grey(v, cfg), (32, 32), interpolation=cv2.INTER_AREA).astype(
+            np.float32
+        )
         for v in variants.values()
     ]
     return max(float(np.abs(g - greys[0]).mean()) for g in greys[1:])

@@ -103,8 +103,21 @@ def test_predict_json_carries_the_ood_flag(tmp_path, dicom_samples, capsys, work
     phantom = tmp_path / "phantom.dcm"
     demo_dataset(0).save_as(phantom, enforce_file_format=True)
     chest = dicom_samples / "chest" / "cr_chest_sc_jpeg_baseline.dcm"
-    assert main(["predict", "--json", "--engine", "keras", "--model", str(SHIPPED),
-                 str(phantom), str(chest)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--json",
+                "--engine",
+                "keras",
+                "--model",
+                str(SHIPPED),
+                str(phantom),
+                str(chest),
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == 2
     for rec in lines:

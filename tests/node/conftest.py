@@ -113,7 +113,11 @@ def scu_send(
     proposed: dict[tuple[str, str], None] = {}
     items = [_loadable(it) for it in items]
     for it in items:
-        ds = it if isinstance(it, pydicom.Dataset) else pydicom.dcmread(it, stop_before_pixels=True, force=True)
+        ds = (
+            it
+            if isinstance(it, pydicom.Dataset)
+            else pydicom.dcmread(it, stop_before_pixels=True, force=True)
+        )
         ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
         proposed[(str(ds.SOPClassUID), str(ts or pydicom.uid.ImplicitVRLittleEndian))] = None
     for sop, ts in proposed:
@@ -176,8 +180,9 @@ def events(db_url: str, instance_id: int | None = None) -> list[Any]:
 def associations(db_url: str, settle: float = 10.0) -> list[Any]:
     """Association rows, after waiting (up to ``settle`` s) until none is still open: the
     closing update runs in the node's association thread just after the peer's release."""
-    rows = wait_for(lambda: (r := _associations(db_url)) and all(a.ended_at for a in r) and r,
-                    timeout=settle)
+    rows = wait_for(
+        lambda: (r := _associations(db_url)) and all(a.ended_at for a in r) and r, timeout=settle
+    )
     return rows or _associations(db_url)
 
 

@@ -30,10 +30,16 @@ def _short_pixels(ds):
     [
         (lambda: _no_pixels(make_chest_dataset(seed=80)), "without pixel data"),
         (lambda: _no_pixels(make_chest_dataset(seed=81, view="LL")), "without pixel data"),
-        (lambda: _short_pixels(make_chest_dataset(seed=82, modality="DX", sop_class=DX)),
-         "expected"),
-        (lambda: _short_pixels(make_chest_dataset(seed=83, modality="OT", sop_class=SC,
-                                                  body_part="KNEE")), "expected"),
+        (
+            lambda: _short_pixels(make_chest_dataset(seed=82, modality="DX", sop_class=DX)),
+            "expected",
+        ),
+        (
+            lambda: _short_pixels(
+                make_chest_dataset(seed=83, modality="OT", sop_class=SC, body_part="KNEE")
+            ),
+            "expected",
+        ),
     ],
     ids=["cr-no-pixels", "cr-lateral-no-pixels", "dx-short-pixels", "sc-knee-short-pixels"],
 )
@@ -52,8 +58,7 @@ def _no_pixels(ds):
     return ds
 
 
-def test_unparseable_value_is_cannot_understand(node_factory, sqlite_url, tmp_path: Path,
-                                                caplog):
+def test_unparseable_value_is_cannot_understand(node_factory, sqlite_url, tmp_path: Path, caplog):
     """BitsAllocated encoded with 3 bytes: the data set parses, but a value the filters
     read cannot be (pydicom's BytesLengthException): C000, not 0110 + a traceback."""
     caplog.set_level(logging.INFO)
@@ -92,13 +97,20 @@ def test_damaged_header_puts_no_phi_in_the_audit(node_factory, sqlite_url, tmp_p
     end = raw.index(b"Doe^Jane", at) + len(b"Doe^Jane")
     length = end - (at + 8)
     length += length % 2
-    path.write_bytes(raw[:at + 6] + length.to_bytes(2, "little") + raw[at + 8:])
+    path.write_bytes(raw[: at + 6] + length.to_bytes(2, "little") + raw[at + 8 :])
     assert "Doe^Jane" in str(pydicom.dcmread(path, force=True).AccessionNumber)
     status = _send_raw(node.address, path)
     assert status is not None
     (row,) = instances(sqlite_url)
-    for col in ("accession_number", "study_instance_uid", "series_instance_uid", "modality",
-                "body_part", "view_position", "reason"):
+    for col in (
+        "accession_number",
+        "study_instance_uid",
+        "series_instance_uid",
+        "modality",
+        "body_part",
+        "view_position",
+        "reason",
+    ):
         v = getattr(row, col) or ""
         assert "Doe" not in v and "Jane" not in v and "PID-12345" not in v, (col, v)
     assert row.accession_number is None

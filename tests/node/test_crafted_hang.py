@@ -58,12 +58,14 @@ def _healthz(port: int) -> tuple[int, dict[str, object]]:
 @pytest.mark.parametrize("level", ["INFO", "DEBUG"])
 def test_crafted_patient_name_does_not_hang(tmp_path: Path, node_redis: str, level: str) -> None:
     port, mport = free_port(), free_port()
-    env = _cli_env(
-        tmp_path, port, node_redis, CXR_METRICS_PORT=str(mport), CXR_LOG_LEVEL=level
-    )
+    env = _cli_env(tmp_path, port, node_redis, CXR_METRICS_PORT=str(mport), CXR_LOG_LEVEL=level)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "node"], env=env, cwd=tmp_path,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "cxr.cli", "node"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     out = ""
     try:

@@ -123,8 +123,11 @@ def test_status_mapping_is_single_and_named():
         == status.DATASET_DOES_NOT_MATCH_SOP_CLASS
     )
     assert status.status_for_exception(RuntimeError("bug")) == status.PROCESSING_FAILURE
-    assert (status.OUT_OF_RESOURCES, status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-            status.CANNOT_UNDERSTAND) == (0xA700, 0xA900, 0xC000)
+    assert (
+        status.OUT_OF_RESOURCES,
+        status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        status.CANNOT_UNDERSTAND,
+    ) == (0xA700, 0xA900, 0xC000)
 
     class H:
         seen: list = []
@@ -186,5 +189,7 @@ def test_metrics_endpoint(node_factory, sqlite_url):
     body = urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics", timeout=5).read().decode()
     accepted = [ln for ln in body.splitlines() if ln.startswith("cxr_instances_accepted_total ")]
     assert accepted and float(accepted[0].split()[-1]) >= 1
-    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=5).read())
+    health = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=5).read()
+    )
     assert health["checks"]["scp"] is True

@@ -49,8 +49,26 @@ REAL = [
     "chest/dx_thorax_monochrome1.dcm",
     "not-chest/mr.dcm",
 ]
-VRS = [b"US", b"UI", b"CS", b"PN", b"LO", b"SH", b"DA", b"TM", b"IS", b"DS", b"OW", b"OB",
-       b"SQ", b"UL", b"FD", b"AT", b"UN", b"UT"]
+VRS = [
+    b"US",
+    b"UI",
+    b"CS",
+    b"PN",
+    b"LO",
+    b"SH",
+    b"DA",
+    b"TM",
+    b"IS",
+    b"DS",
+    b"OW",
+    b"OB",
+    b"SQ",
+    b"UL",
+    b"FD",
+    b"AT",
+    b"UN",
+    b"UT",
+]
 _VR_AT = re.compile(rb"(?<=[\x00-\xff]{4})(" + b"|".join(VRS) + rb")")
 
 
@@ -68,8 +86,10 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 
 def _bases(dicom_samples: Path) -> list[pydicom.Dataset]:
-    bases = [make_chest_dataset(seed=900 + i, rows=48, cols=40, patient_name=PHI_NAME,
-                                patient_id=PHI_ID) for i in range(3)]
+    bases = [
+        make_chest_dataset(seed=900 + i, rows=48, cols=40, patient_name=PHI_NAME, patient_id=PHI_ID)
+        for i in range(3)
+    ]
     for name in REAL:
         ds = pydicom.dcmread(dicom_samples / name, force=True)
         if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
@@ -103,8 +123,22 @@ def _fresh(base: pydicom.Dataset, rng: random.Random) -> tuple[bytes, int]:
 
 
 def _mutate(rng: random.Random, base: pydicom.Dataset) -> tuple[str, bytes]:
-    kind = rng.choice(["flip", "delete", "insert", "truncate", "vr", "length", "bomb",
-                       "uid_mismatch", "garbage", "flip", "vr", "length"])
+    kind = rng.choice(
+        [
+            "flip",
+            "delete",
+            "insert",
+            "truncate",
+            "vr",
+            "length",
+            "bomb",
+            "uid_mismatch",
+            "garbage",
+            "flip",
+            "vr",
+            "length",
+        ]
+    )
     if kind == "bomb":
         ds = base.copy()
         ds.file_meta = base.file_meta.copy()
@@ -142,7 +176,9 @@ def _mutate(rng: random.Random, base: pydicom.Dataset) -> tuple[str, bytes]:
             buf[at : at + 2] = rng.choice(VRS)
         else:  # a huge length after the VR (2-byte or 4-byte form)
             if bytes(buf[at : at + 2]) in (b"OB", b"OW", b"SQ", b"UN", b"UT"):
-                buf[at + 4 : at + 8] = rng.choice([0xFFFFFFF0, 0x7FFFFFFF, 0xFFFFFFFE]).to_bytes(4, "little")
+                buf[at + 4 : at + 8] = rng.choice([0xFFFFFFF0, 0x7FFFFFFF, 0xFFFFFFFE]).to_bytes(
+                    4, "little"
+                )
             else:
                 buf[at + 2 : at + 4] = rng.choice([0xFFFF, 0xFFF0, 0x8000]).to_bytes(2, "little")
     return kind, bytes(buf)
@@ -263,6 +299,8 @@ def test_fuzz_live_node(node_factory, sqlite_url, dicom_samples, tmp_path, caplo
             v = getattr(r, c)
             if isinstance(v, str):
                 assert PHI_ID not in v and "Fuzzname" not in v and "Qwertyuiop" not in v, c
-    print(f"fuzz: {answered} answered inputs {kinds}; statuses "
-          f"{ {('none' if k is None else hex(k)): v for k, v in statuses.items()} }; "
-          f"rss {rss0:.0f} -> peak {rss_peak:.0f} MB")
+    print(
+        f"fuzz: {answered} answered inputs {kinds}; statuses "
+        f"{ {('none' if k is None else hex(k)): v for k, v in statuses.items()} }; "
+        f"rss {rss0:.0f} -> peak {rss_peak:.0f} MB"
+    )

@@ -76,8 +76,11 @@ def test_decompression_bomb_and_empty_pixels_refused(node_factory, db_url):
     short = make_chest_dataset(seed=32)
     short.PixelData = short.PixelData[:100]
     res = scu_send(node.address, [bomb, empty, short])
-    assert res.statuses == [OUT_OF_RESOURCES, DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                            DATASET_DOES_NOT_MATCH_SOP_CLASS]
+    assert res.statuses == [
+        OUT_OF_RESOURCES,
+        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+        DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    ]
     rows = instances(db_url)
     assert [r.state for r in rows] == [State.FAILED.value] * 3
     assert "CXR_MAX_PIXELS" in rows[0].reason and "0xA700" in rows[0].reason
@@ -107,8 +110,11 @@ def _make_ca(tmp: Path) -> dict[str, Path]:
 
     ca_key = key()
     ca = (
-        x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        x509.CertificateBuilder()
+        .subject_name(name("test CA"))
+        .issuer_name(name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -121,72 +127,94 @@ def _make_ca(tmp: Path) -> dict[str, Path]:
     for who in ("server", "client"):
         k = key()
         b = (
-            x509.CertificateBuilder().subject_name(name(who)).issuer_name(ca.subject)
-            .public_key(k.public_key()).serial_number(x509.random_serial_number())
+            x509.CertificateBuilder()
+            .subject_name(name(who))
+            .issuer_name(ca.subject)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5))
             .not_valid_after(now + datetime.timedelta(days=1))
         )
         if who == "server":
             b = b.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
                 critical=False,
             )
         cert = b.sign(ca_key, hashes.SHA256())
         out[f"{who}_cert"] = tmp / f"{who}.pem"
         out[f"{who}_key"] = tmp / f"{who}.key"
         out[f"{who}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        out[f"{who}_key"].write_bytes(k.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        out[f"{who}_key"].write_bytes(
+            k.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
     return out
 
 
 def test_tls_association(node_factory, sqlite_url, tmp_path):
     pki = _make_ca(tmp_path)
-    node = node_factory(sqlite_url, tls_cert=pki["server_cert"], tls_key=pki["server_key"],
-                        tls_ca=pki["ca"])
+    node = node_factory(
+        sqlite_url, tls_cert=pki["server_cert"], tls_key=pki["server_key"], tls_ca=pki["ca"]
+    )
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
     ctx.load_cert_chain(str(pki["client_cert"]), str(pki["client_key"]))
-    res = scu_send(node.address, [make_chest_dataset(seed=40)], ssl_context=ctx,
-                   tls_hostname="localhost")
+    res = scu_send(
+        node.address, [make_chest_dataset(seed=40)], ssl_context=ctx, tls_hostname="localhost"
+    )
     assert res.statuses == [SUCCESS]
     (row,) = associations(sqlite_url)
     assert row.tls is True and row.n_stored == 1
     # a client without a certificate signed by the CA cannot associate
     bare = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki["ca"]))
-    res = scu_send(node.address, [make_chest_dataset(seed=41)], ssl_context=bare,
-                   tls_hostname="localhost")
+    res = scu_send(
+        node.address, [make_chest_dataset(seed=41)], ssl_context=bare, tls_hostname="localhost"
+    )
     assert not res.established
     # nor can a plain-TCP client
     assert echo(node.address) is None
     assert len(instances(sqlite_url)) == 1
+
     # each failed handshake has an audit row with its reason (issue 9: there was none)
     def rejected() -> list:
         return [a for a in associations(sqlite_url, settle=0.5) if a.outcome == "rejected"]
 
     wait_for(lambda: len(rejected()) >= 2, timeout=15)
     failed = rejected()
-    assert len(failed) >= 2 and all(a.reason.startswith("TLS handshake failed") for a in failed), [(a.reason, a.calling_ae) for a in associations(sqlite_url)]
+    assert len(failed) >= 2 and all(a.reason.startswith("TLS handshake failed") for a in failed), [
+        (a.reason, a.calling_ae) for a in associations(sqlite_url)
+    ]
     assert all(a.tls and a.peer_host == "127.0.0.1" for a in failed)
 
 
 def _run_cli(env: dict[str, str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "node"], env=env, cwd=cwd,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-m", "cxr.cli", "node"],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
 def _cli_env(tmp_path: Path, port: int, node_redis: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update({
-        "CXR_DICOM_HOST": "127.0.0.1", "CXR_DICOM_PORT": str(port),
-        "CXR_SPOOL_DIR": str(tmp_path / "spool"),
-        "CXR_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
-        "CXR_BROKER_URL": node_redis, "CXR_METRICS_PORT": "0",
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-    })
+    env.update(
+        {
+            "CXR_DICOM_HOST": "127.0.0.1",
+            "CXR_DICOM_PORT": str(port),
+            "CXR_SPOOL_DIR": str(tmp_path / "spool"),
+            "CXR_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+            "CXR_BROKER_URL": node_redis,
+            "CXR_METRICS_PORT": "0",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        }
+    )
     env.update(extra)
     return env
 
@@ -221,8 +249,14 @@ def test_cli_sigterm_lets_association_finish(tmp_path, node_redis):
 
 def test_cli_invalid_setting_one_line(tmp_path, node_redis):
     env = _cli_env(tmp_path, free_port(), node_redis, CXR_DICOM_PORT="99999")
-    r = subprocess.run([sys.executable, "-m", "cxr.cli", "node"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "cxr.cli", "node"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert len(lines) == 1 and "CXR_DICOM_PORT" in lines[0]
@@ -293,8 +327,12 @@ def test_rejections_are_a_associate_rj_for_dcmtk(node_factory, sqlite_url):
     host, port = node.address
 
     def run(aet: str, aec: str) -> str:
-        r = subprocess.run([echoscu, "-v", "-aet", aet, "-aec", aec, host, str(port)],
-                           capture_output=True, text=True, timeout=60)
+        r = subprocess.run(
+            [echoscu, "-v", "-aet", aet, "-aec", aec, host, str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         return r.stdout + r.stderr
 
     out = run("BAD", "CXR_WORKER")

@@ -63,7 +63,9 @@ def _send_raw(address: tuple[str, int], path: Path) -> int | None:
             assoc.release()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=st.data())
 def test_mutated_real_files(fuzz_node, db_url, dicom_samples, data):
     raw = (dicom_samples / SAMPLE).read_bytes()
@@ -101,7 +103,9 @@ def _raw(address: tuple[str, int], payload: bytes) -> None:
             pass
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(junk=st.binary(min_size=1, max_size=2048))
 def test_random_bytes_on_socket(fuzz_node, junk):
     _raw(fuzz_node.address, junk)

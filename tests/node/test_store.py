@@ -47,7 +47,12 @@ def test_chest_samples_stored_and_queued(node_factory, db_url, dicom_samples, no
     assert len(spool_files(node)) == len(files)
     # the association audit row counts outcomes
     a = associations(db_url)[-1]
-    assert (a.calling_ae, a.called_ae, a.outcome, a.n_stored) == ("PACS", "CXR_WORKER", "released", 5)
+    assert (a.calling_ae, a.called_ae, a.outcome, a.n_stored) == (
+        "PACS",
+        "CXR_WORKER",
+        "released",
+        5,
+    )
     assert a.ended_at is not None and a.started_at <= a.ended_at
 
 
@@ -58,9 +63,19 @@ def test_not_chest_samples_ignored_or_refused(node_factory, db_url, dicom_sample
     files = sorted((dicom_samples / "not-chest").glob("*.dcm"))
     for f in files:
         subprocess.run(
-            [dcmsend, "-aet", "PACS", "-aec", "CXR_WORKER", node.address[0], str(node.address[1]),
-             str(f)],
-            capture_output=True, timeout=60, check=False,
+            [
+                dcmsend,
+                "-aet",
+                "PACS",
+                "-aec",
+                "CXR_WORKER",
+                node.address[0],
+                str(node.address[1]),
+                str(f),
+            ],
+            capture_output=True,
+            timeout=60,
+            check=False,
         )
     rows = {r.sop_instance_uid: r for r in instances(db_url)}
     assert len(rows) >= 4  # CT, CT RLE, MR, whole-slide: acknowledged and recorded
@@ -85,21 +100,27 @@ def test_dcmtk_peers(node_factory, sqlite_url, tmp_path):
     host, port = node.address
     r = subprocess.run(
         [dcmtk("echoscu"), "-aet", "PACS", "-aec", "CXR_WORKER", host, str(port)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     f1 = tmp_path / "a.dcm"
     make_chest_dataset(seed=1).save_as(f1, enforce_file_format=True)
     r = subprocess.run(
         [dcmtk("storescu"), "-aet", "PACS", "-aec", "CXR_WORKER", host, str(port), str(f1)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     f2 = tmp_path / "b.dcm"
     make_chest_dataset(seed=2, modality="DX", view="AP").save_as(f2, enforce_file_format=True)
     r = subprocess.run(
         [dcmtk("dcmsend"), "-aet", "PACS", "-aec", "CXR_WORKER", host, str(port), str(f2)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert r.returncode == 0, r.stderr
     node.flush()
@@ -164,7 +185,9 @@ def test_empty_body_part_and_view_are_chest_frontal(node_factory, sqlite_url):
 
 def test_filter_rules_configurable(node_factory, sqlite_url):
     node = node_factory(sqlite_url, chest_body_parts="CHEST", frontal_views="PA")
-    res = scu_send(node.address, [make_chest_dataset(body_part=None), make_chest_dataset(view="AP")])
+    res = scu_send(
+        node.address, [make_chest_dataset(body_part=None), make_chest_dataset(view="AP")]
+    )
     assert res.statuses == [SUCCESS, SUCCESS]
     assert [r.state for r in instances(sqlite_url)] == [State.IGNORED.value] * 2
 
@@ -237,7 +260,7 @@ def _dataset_part(data: bytes) -> bytes:
     fp = io.BytesIO(data)
     read_preamble(fp, False)
     _read_file_meta_info(fp)
-    return data[fp.tell():]
+    return data[fp.tell() :]
 
 
 def test_encoded_parts_equal_encoded_dataset(node_factory, sqlite_url, dicom_samples):

@@ -49,7 +49,9 @@ def _make(ts: str, tmp: Path, seed: int) -> Path:
         return out
     flag, bits = DCMTK_ENCODED[ts]
     src = tmp / f"{ts}.raw.dcm"
-    make_chest_dataset(rows=96, cols=80, bits=bits, seed=seed).save_as(src, enforce_file_format=True)
+    make_chest_dataset(rows=96, cols=80, bits=bits, seed=seed).save_as(
+        src, enforce_file_format=True
+    )
     subprocess.run([dcmtk("dcmcjpeg"), flag, str(src), str(out)], check=True, capture_output=True)
     return out
 
@@ -77,8 +79,12 @@ def test_compressed_syntax_round_trip(ts, node_factory, sqlite_url, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["chest/cr_chest_sc_jpeg_baseline.dcm", "chest/cr_jpeg_lossless_modality_lut_sequence.dcm",
-             "not-chest/deflated.dcm"]
+    "name",
+    [
+        "chest/cr_chest_sc_jpeg_baseline.dcm",
+        "chest/cr_jpeg_lossless_modality_lut_sequence.dcm",
+        "not-chest/deflated.dcm",
+    ],
 )
 def test_shared_sample_syntaxes_decode(name, dicom_samples):
     ds = pydicom.dcmread(dicom_samples / name)
@@ -105,7 +111,11 @@ def test_syntax_without_decoder_not_offered(monkeypatch):
     monkeypatch.setattr(sx, "can_decode", lambda u: u != uid.JPEG2000)
     offered = sx.accepted_transfer_syntaxes()
     assert uid.JPEG2000 not in offered and uid.JPEG2000Lossless in offered
-    cr = [c for c in sx.supported_contexts() if c.abstract_syntax == uid.ComputedRadiographyImageStorage]
+    cr = [
+        c
+        for c in sx.supported_contexts()
+        if c.abstract_syntax == uid.ComputedRadiographyImageStorage
+    ]
     assert len(cr) == 1 and uid.JPEG2000 not in cr[0].transfer_syntax
 
 

@@ -23,7 +23,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("model") / "tiny"
     # in a subprocess: keeps TensorFlow out of the pytest process
     subprocess.run(
-        [sys.executable, "-c", f"from ml.artifact import make_tiny_artifact; make_tiny_artifact({str(out)!r})"],
+        [
+            sys.executable,
+            "-c",
+            f"from ml.artifact import make_tiny_artifact; make_tiny_artifact({str(out)!r})",
+        ],
         check=True,
         cwd=REPO,
         capture_output=True,

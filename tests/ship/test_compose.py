@@ -55,7 +55,9 @@ def test_every_cxr_variable_is_a_real_setting(services: dict[str, Any]) -> None:
     assert seen > 10
 
 
-def test_compose_settings_validate(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compose_settings_validate(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The node/worker environment is accepted by the Settings validators."""
     for name in ("node", "worker"):
         env = _env(services[name])
@@ -127,7 +129,9 @@ def test_health_checks_everywhere(services: dict[str, Any]) -> None:
         assert hc and hc.get("test"), f"{name} has no health check"
 
 
-def test_volumes_named_and_bind_mounts_exist(compose: dict[str, Any], services: dict[str, Any]) -> None:
+def test_volumes_named_and_bind_mounts_exist(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
     named = set(compose.get("volumes") or {})
     assert {"spool", "postgres-data", "redis-data"} <= named
     for name, svc in services.items():
@@ -149,12 +153,18 @@ def test_orthanc_config_routes_to_the_node(services: dict[str, Any]) -> None:
 
     cfg = json.loads((REPO / "docker" / "orthanc.json").read_text())
     node_env = _env(services["node"])
-    aet, host, port = cfg["DicomModalities"]["cxr"]["AET"], cfg["DicomModalities"]["cxr"]["Host"], cfg["DicomModalities"]["cxr"]["Port"]
+    aet, host, port = (
+        cfg["DicomModalities"]["cxr"]["AET"],
+        cfg["DicomModalities"]["cxr"]["Host"],
+        cfg["DicomModalities"]["cxr"]["Port"],
+    )
     assert aet == node_env["CXR_AE_TITLE"]
     assert host == "node" and str(port) == node_env["CXR_DICOM_PORT"]
     lua_in_container = cfg["LuaScripts"][0]
     mounts = {
-        v.split(":")[1]: v.split(":")[0] for v in services["orthanc"]["volumes"] if v.startswith(".")
+        v.split(":")[1]: v.split(":")[0]
+        for v in services["orthanc"]["volumes"]
+        if v.startswith(".")
     }
     assert lua_in_container in mounts
     assert (REPO / mounts[lua_in_container]).is_file()

@@ -17,14 +17,28 @@ from cxr.demo import chest_phantom, write_demo
 def test_cli_writes_valid_chest_images(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     res = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "demo", str(out), "--count", "2", "--size", "256",
-         "--with-ignored"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cxr.cli",
+            "demo",
+            str(out),
+            "--count",
+            "2",
+            "--size",
+            "256",
+            "--with-ignored",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     files = sorted(out.glob("*.dcm"))
     assert [f.name for f in files] == [
-        "demo_chest_001.dcm", "demo_chest_002.dcm", "demo_knee_not_chest.dcm"
+        "demo_chest_001.dcm",
+        "demo_chest_002.dcm",
+        "demo_knee_not_chest.dcm",
     ]
     uids = set()
     for f in files:

@@ -35,8 +35,9 @@ def node_stub() -> Iterator[tuple[int, list[str]]]:
     for cx in AllStoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
     try:
         yield port, got
     finally:

@@ -50,7 +50,9 @@ def test_ci_runs_the_readme_test_command() -> None:
     text = ci.read_text()
     assert text.startswith("#!/usr/bin/env bash")
     assert "set -euo pipefail" in text
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.strip().startswith("#")
+    ]
     assert lines[-1] == _quick_start_commands()[1]
     assert subprocess.run(["bash", "-n", str(ci)]).returncode == 0
 
@@ -107,8 +109,13 @@ def test_readme_disclaimer_and_sections() -> None:
     text = README.read_text()
     head = "\n".join(text.splitlines()[:8])
     assert "RESEARCH USE ONLY" in head and "NOT FOR DIAGNOSTIC USE" in head
-    for heading in ("Data flow", "Point a PACS at the node", "Configuration",
-                    "The audit trail", "Model card"):
+    for heading in (
+        "Data flow",
+        "Point a PACS at the node",
+        "Configuration",
+        "The audit trail",
+        "Model card",
+    ):
         _section(text, heading)
     flow = _section(text, "Data flow")
     for word in ("PACS", "node", "queue", "workers", "audit DB", "SC + SR"):
@@ -122,8 +129,14 @@ def test_docs_exist_and_link() -> None:
         assert path.is_file(), name
         assert len(path.read_text()) > 500
     ops = (REPO / "docs" / "operations.md").read_text()
-    for topic in ("pg_dump", "backup", "CXR_SPOOL_RETENTION_DAYS", "cxr db upgrade",
-                  "CXR_MODEL_DIR", "sha256"):
+    for topic in (
+        "pg_dump",
+        "backup",
+        "CXR_SPOOL_RETENTION_DAYS",
+        "cxr db upgrade",
+        "CXR_MODEL_DIR",
+        "sha256",
+    ):
         assert topic in ops, topic
     for link in re.findall(r"\]\(((?:docs|docker)/[^)#]+)\)", README.read_text()):
         if link != "docs/conformance.md":  # written with the node

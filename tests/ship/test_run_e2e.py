@@ -77,8 +77,17 @@ def wait_final(
 
 def dcmsend(port: int, files: list[Path]) -> None:
     res = subprocess.run(
-        [dcmtk("dcmsend"), "127.0.0.1", str(port), "-aec", "CXR_WORKER", "-aet", "E2E_SCU",
-         "+f", *map(str, files)],
+        [
+            dcmtk("dcmsend"),
+            "127.0.0.1",
+            str(port),
+            "-aec",
+            "CXR_WORKER",
+            "-aet",
+            "E2E_SCU",
+            "+f",
+            *map(str, files),
+        ],
         capture_output=True,
         text=True,
         timeout=180,
@@ -94,9 +103,7 @@ def test_cxr_run_end_to_end(run_pipeline, result_scp, dicom_samples: Path, tmp_p
     files = sorted((dicom_samples / "chest").glob("*.dcm")) + [phi]
     assert len(files) >= 5
 
-    rp: RunningPipeline = run_pipeline(
-        CXR_LOG_JSON="true", CXR_DESTINATIONS=result_scp.destination
-    )
+    rp: RunningPipeline = run_pipeline(CXR_LOG_JSON="true", CXR_DESTINATIONS=result_scp.destination)
     rp.wait_ready()
     assert f"--to CXR_WORKER@127.0.0.1:{rp.dicom_port}" in rp.stdout  # how to push a study
     code, body = rp.http_get("/healthz")
@@ -143,7 +150,9 @@ def test_cxr_run_end_to_end(run_pipeline, result_scp, dicom_samples: Path, tmp_p
     # a crashed worker is restarted
     kids = rp.children()
     worker_pids = [
-        p for p in kids if b" worker" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+        p
+        for p in kids
+        if b" worker" in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
     ]
     assert len(worker_pids) == 1, kids
     os.kill(worker_pids[0], signal.SIGKILL)
@@ -195,9 +204,19 @@ def test_sigterm_finishes_work_in_flight(run_pipeline, tmp_path: Path) -> None:
     assert "workers           : 2" in rp.stdout
     # the product's own SCU, as a user would try it with the demo images
     res = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "send", str(folder), "--no-progress",
-         "--to", f"CXR_WORKER@127.0.0.1:{rp.dicom_port}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "cxr.cli",
+            "send",
+            str(folder),
+            "--no-progress",
+            "--to",
+            f"CXR_WORKER@127.0.0.1:{rp.dicom_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     assert "4 file(s): 4 Success" in res.stdout
@@ -220,11 +239,16 @@ def test_sigterm_finishes_work_in_flight(run_pipeline, tmp_path: Path) -> None:
     out2, err2 = rp.workdir / "stdout2.txt", rp.workdir / "stderr2.txt"
     with open(out2, "wb") as fo, open(err2, "wb") as fe:
         proc2 = subprocess.Popen(
-            [*rp.proc.args], cwd=rp.workdir, env=env, stdout=fo, stderr=fe,
+            [*rp.proc.args],
+            cwd=rp.workdir,
+            env=env,
+            stdout=fo,
+            stderr=fe,
             start_new_session=True,
         )
-    rp2 = RunningPipeline(proc2, rp.workdir, rp.dicom_port, rp.metrics_port, rp.db_url,
-                          out2, err2, env)
+    rp2 = RunningPipeline(
+        proc2, rp.workdir, rp.dicom_port, rp.metrics_port, rp.db_url, out2, err2, env
+    )
     try:
         # ready first: the first run may already have finished all four, and a SIGTERM sent
         # while the interpreter is still importing meets Python's default handler (-15)

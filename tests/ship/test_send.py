@@ -199,14 +199,51 @@ def _make_pki(d: Path) -> dict[str, Path]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-        "-days", "2", "-subj", "/CN=test-ca")
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test-ca",
+    )
     (d / "srv.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
     for name, ext in (("srv", ["-extfile", "srv.ext"]), ("cli", [])):
-        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-            f"{name}.csr", "-subj", f"/CN={name}")
-        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", *ext)
+        run(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        run(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "2",
+            *ext,
+        )
     return p
 
 
@@ -230,22 +267,47 @@ def test_send_over_tls_with_client_certificate(tmp_path: Path) -> None:
     for cx in StoragePresentationContexts:
         ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
     port = free_port()
-    server = ae.start_server(("127.0.0.1", port), block=False, ssl_context=ctx,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = ae.start_server(
+        ("127.0.0.1", port),
+        block=False,
+        ssl_context=ctx,
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
     try:
         f = _write(make_chest_dataset(), tmp_path / "a.dcm")
         target = f"TLS_SCP@127.0.0.1:{port}"
-        ok = run_cli(str(f), "--to", target, "--tls", "--tls-ca", str(pki["ca.pem"]),
-                     "--tls-cert", str(pki["cli.pem"]), "--tls-key", str(pki["cli.key"]))
+        ok = run_cli(
+            str(f),
+            "--to",
+            target,
+            "--tls",
+            "--tls-ca",
+            str(pki["ca.pem"]),
+            "--tls-cert",
+            str(pki["cli.pem"]),
+            "--tls-key",
+            str(pki["cli.key"]),
+        )
         assert ok.returncode == 0, ok.stdout + ok.stderr
         assert len(got) == 1
         # without a client certificate the server refuses the TLS handshake
-        no_cert = run_cli(str(f), "--to", target, "--tls", "--tls-ca", str(pki["ca.pem"]),
-                          "--timeout", "5")
+        no_cert = run_cli(
+            str(f), "--to", target, "--tls", "--tls-ca", str(pki["ca.pem"]), "--timeout", "5"
+        )
         assert no_cert.returncode == 1 and "Failure" in no_cert.stdout
         # a server certificate not signed by the CA we trust is refused
-        untrusted = run_cli(str(f), "--to", target, "--tls", "--tls-cert", str(pki["cli.pem"]),
-                            "--tls-key", str(pki["cli.key"]), "--timeout", "5")
+        untrusted = run_cli(
+            str(f),
+            "--to",
+            target,
+            "--tls",
+            "--tls-cert",
+            str(pki["cli.pem"]),
+            "--tls-key",
+            str(pki["cli.key"]),
+            "--timeout",
+            "5",
+        )
         assert untrusted.returncode == 1
         assert len(got) == 1
         # a bad key file is a usage error

@@ -16,13 +16,18 @@ from db.models import Event, Inference, Instance, State
 from db.session import init_db, session_scope
 
 
-def _add(s, spool: Spool, uid: str, state: State, age_days: float, data: bytes,
-         finished: bool = True) -> tuple[int, Path]:
+def _add(
+    s, spool: Spool, uid: str, state: State, age_days: float, data: bytes, finished: bool = True
+) -> tuple[int, Path]:
     path, sha = spool.store_incoming(data)
     when = datetime.now(UTC) - timedelta(days=age_days)
     row = Instance(
-        sop_instance_uid=uid, content_sha256=sha, state=state.value,
-        spool_path=spool.relative(path), received_at=when, updated_at=when,
+        sop_instance_uid=uid,
+        content_sha256=sha,
+        state=state.value,
+        spool_path=spool.relative(path),
+        received_at=when,
+        updated_at=when,
         finished_at=when if finished else None,
     )
     s.add(row)
@@ -31,15 +36,26 @@ def _add(s, spool: Spool, uid: str, state: State, age_days: float, data: bytes,
 
 
 def test_cleanup_deletes_only_old_finished_files(db_url: str, tmp_path: Path) -> None:
-    settings = load_settings(database_url=db_url, spool_dir=tmp_path / "spool",
-                             spool_retention_days=30)
+    settings = load_settings(
+        database_url=db_url, spool_dir=tmp_path / "spool", spool_retention_days=30
+    )
     init_db(db_url)
     spool = Spool(settings.spool_dir)
     with session_scope(db_url) as s:
         old_id, old_path = _add(s, spool, "1.1", State.DELIVERED, 40, b"old delivered")
-        s.add(Inference(instance_id=old_id, model_version="v", model_sha256="x", p_covid=0.1,
-                        p_normal=0.8, p_other=0.1, verdict="Normal",
-                        sc_sop_instance_uid="9.1", sr_sop_instance_uid="9.2"))
+        s.add(
+            Inference(
+                instance_id=old_id,
+                model_version="v",
+                model_sha256="x",
+                p_covid=0.1,
+                p_normal=0.8,
+                p_other=0.1,
+                verdict="Normal",
+                sc_sop_instance_uid="9.1",
+                sr_sop_instance_uid="9.2",
+            )
+        )
         ign_id, ign_path = _add(s, spool, "1.2", State.IGNORED, 31, b"old ignored")
         _, new_path = _add(s, spool, "1.3", State.DELIVERED, 5, b"recent")
         _, busy_path = _add(s, spool, "1.4", State.QUEUED, 90, b"old but queued", False)
@@ -72,8 +88,7 @@ def test_cleanup_deletes_only_old_finished_files(db_url: str, tmp_path: Path) ->
 
 def test_retention_zero_keeps_everything(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'a.db'}"
-    settings = load_settings(database_url=url, spool_dir=tmp_path / "spool",
-                             spool_retention_days=0)
+    settings = load_settings(database_url=url, spool_dir=tmp_path / "spool", spool_retention_days=0)
     init_db(url)
     spool = Spool(settings.spool_dir)
     with session_scope(url) as s:
@@ -89,11 +104,13 @@ def test_cli_cleanup_spool(tmp_path: Path) -> None:
     with session_scope(url) as s:
         _, path = _add(s, spool, "1.1", State.IGNORED, 10, b"abc")
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(CXR_DATABASE_URL=url, CXR_SPOOL_DIR=str(tmp_path / "spool"),
-               CXR_SPOOL_RETENTION_DAYS="7")
+    env.update(
+        CXR_DATABASE_URL=url, CXR_SPOOL_DIR=str(tmp_path / "spool"), CXR_SPOOL_RETENTION_DAYS="7"
+    )
     cmd = [sys.executable, "-m", "cxr.cli", "run", "--cleanup-spool"]
-    res = subprocess.run([*cmd, "--dry-run"], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [*cmd, "--dry-run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     assert "would delete 1 file(s), 3 bytes" in res.stdout and path.exists()
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)

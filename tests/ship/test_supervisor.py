@@ -135,12 +135,17 @@ def test_children_are_python_m_cxr_cli(tmp_path: Path) -> None:
 def test_format_status() -> None:
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     row = SimpleNamespace(
-        id=7, state="delivered", sop_instance_uid="1.2.3", reason=None,
-        received_at=t0.replace(tzinfo=None), finished_at=t0 + timedelta(seconds=2.5),
+        id=7,
+        state="delivered",
+        sop_instance_uid="1.2.3",
+        reason=None,
+        received_at=t0.replace(tzinfo=None),
+        finished_at=t0 + timedelta(seconds=2.5),
         updated_at=t0 + timedelta(seconds=2.5),
     )
-    inf = SimpleNamespace(verdict="COVID", p_covid=0.8123, p_normal=0.1, p_other=0.0877,
-                          t_total_ms=640.0)
+    inf = SimpleNamespace(
+        verdict="COVID", p_covid=0.8123, p_normal=0.1, p_other=0.0877, t_total_ms=640.0
+    )
     line = sup.format_status(row, inf)
     assert line.startswith("[DELIVERED")
     assert "#7 sop=1.2.3 verdict=COVID p(COVID)=0.812 p(Normal)=0.100 p(Other)=0.088" in line
@@ -160,8 +165,11 @@ def test_status_poller_reports_each_finished_instance_once(db_url: str) -> None:
 
     def inst(uid: str, state: State, finished: bool) -> Instance:
         return Instance(
-            sop_instance_uid=uid, content_sha256=uid.ljust(64, "0"), state=state.value,
-            received_at=now - timedelta(seconds=3), updated_at=now,
+            sop_instance_uid=uid,
+            content_sha256=uid.ljust(64, "0"),
+            state=state.value,
+            received_at=now - timedelta(seconds=3),
+            updated_at=now,
             finished_at=now if finished else None,
         )
 
@@ -172,8 +180,18 @@ def test_status_poller_reports_each_finished_instance_once(db_url: str) -> None:
         busy = inst("1.4", State.PROCESSING, False)
         s.add_all([done, nodest, pending, busy])
         s.flush()
-        s.add(Inference(instance_id=done.id, model_version="v", model_sha256="x", p_covid=0.1,
-                        p_normal=0.8, p_other=0.1, verdict="Normal", t_total_ms=500.0))
+        s.add(
+            Inference(
+                instance_id=done.id,
+                model_version="v",
+                model_sha256="x",
+                p_covid=0.1,
+                p_normal=0.8,
+                p_other=0.1,
+                verdict="Normal",
+                t_total_ms=500.0,
+            )
+        )
         pending_id = pending.id
     lines = poller.poll()
     assert len(lines) == 2, lines
@@ -200,12 +218,17 @@ def test_busy_ports_give_a_one_line_error(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        for var, other in (("CXR_DICOM_PORT", "CXR_METRICS_PORT"),
-                           ("CXR_METRICS_PORT", "CXR_DICOM_PORT")):
+        for var, other in (
+            ("CXR_DICOM_PORT", "CXR_METRICS_PORT"),
+            ("CXR_METRICS_PORT", "CXR_DICOM_PORT"),
+        ):
             res = subprocess.run(
                 [sys.executable, "-m", "cxr.cli", "run"],
                 env={**env, var: str(port), other: str(free_port())},
-                cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             assert res.returncode == 2, res.stderr
             assert f"({var})" in res.stderr and "in use" in res.stderr

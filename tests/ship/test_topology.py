@@ -50,28 +50,46 @@ def test_node_and_worker_processes_on_redis_and_postgres(
     )
     mp_dir = tmp_path / "prom"
     mp_dir.mkdir()
-    subprocess.run([sys.executable, "-m", "cxr.cli", "db", "upgrade"], cwd=tmp_path,
-                   env=clean_env(**common), check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "cxr.cli", "db", "upgrade"],
+        cwd=tmp_path,
+        env=clean_env(**common),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     procs: list[subprocess.Popen[bytes]] = []
     logs = []
     try:
         for name, extra in (
             ("node", {"CXR_METRICS_PORT": str(node_metrics)}),
-            ("worker", {"CXR_METRICS_PORT": str(worker_metrics),
-                        "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)}),
+            (
+                "worker",
+                {"CXR_METRICS_PORT": str(worker_metrics), "PROMETHEUS_MULTIPROC_DIR": str(mp_dir)},
+            ),
         ):
             log = open(tmp_path / f"{name}.log", "wb")
             logs.append(log)
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "cxr.cli", name], cwd=tmp_path,
-                env=clean_env(**common, **extra), stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "cxr.cli", name],
+                    cwd=tmp_path,
+                    env=clean_env(**common, **extra),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if _get(node_metrics, "/healthz")[0] == 200 and _get(worker_metrics, "/healthz")[0] == 200:
+            if (
+                _get(node_metrics, "/healthz")[0] == 200
+                and _get(worker_metrics, "/healthz")[0] == 200
+            ):
                 break
-            assert all(p.poll() is None for p in procs), (tmp_path / "worker.log").read_text()[-3000:]
+            assert all(p.poll() is None for p in procs), (tmp_path / "worker.log").read_text()[
+                -3000:
+            ]
             time.sleep(0.5)
         else:
             raise AssertionError("node/worker not healthy")
@@ -81,20 +99,33 @@ def test_node_and_worker_processes_on_redis_and_postgres(
         folder.mkdir()
         for i in range(3):
             make_chest_dataset(seed=i, patient_id=f"P{i}").save_as(
-                folder / f"{i}.dcm", enforce_file_format=True)
+                folder / f"{i}.dcm", enforce_file_format=True
+            )
         res = subprocess.run(
-            [sys.executable, "-m", "cxr.cli", "send", str(folder), "--no-progress",
-             "--to", f"CXR_WORKER@127.0.0.1:{dicom_port}"],
-            capture_output=True, text=True, timeout=120, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "cxr.cli",
+                "send",
+                str(folder),
+                "--no-progress",
+                "--to",
+                f"CXR_WORKER@127.0.0.1:{dicom_port}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
         )
         assert res.returncode == 0, res.stdout + res.stderr
 
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             _, wm = _get(worker_metrics, "/metrics")
-            if metric_sum(wm, "cxr_inferences_total") >= 3 and metric_sum(
-                wm, "cxr_deliveries_total"
-            ) >= 3:
+            if (
+                metric_sum(wm, "cxr_inferences_total") >= 3
+                and metric_sum(wm, "cxr_deliveries_total") >= 3
+            ):
                 break
             time.sleep(0.5)
         else:

@@ -81,8 +81,13 @@ class FakePrediction:
     """The fields of :class:`ml.runtime.Prediction` the result builders use, with a CAM
     that peaks at a known place of the square model frame."""
 
-    def __init__(self, label: str = "COVID", probs: tuple[float, float, float] = (0.7, 0.2, 0.1),
-                 size: int = 64, peak: tuple[int, int] | None = (16, 40)) -> None:
+    def __init__(
+        self,
+        label: str = "COVID",
+        probs: tuple[float, float, float] = (0.7, 0.2, 0.1),
+        size: int = 64,
+        peak: tuple[int, int] | None = (16, 40),
+    ) -> None:
         import numpy as np
 
         self.label = label
@@ -126,8 +131,10 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
         pytest.skip("dicom3tools' dciodvfy is not installed (apt-get install dicom3tools)")
     out = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
     lines = (out.stdout + out.stderr).splitlines()
-    return ([ln for ln in lines if ln.startswith("Error")],
-            [ln for ln in lines if ln.startswith("Warning")])
+    return (
+        [ln for ln in lines if ln.startswith("Error")],
+        [ln for ln in lines if ln.startswith("Warning")],
+    )
 
 
 # --------------------------------------------------------------------------- end to end
@@ -228,8 +235,19 @@ class RedisServer:
     def start(self) -> RedisServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.p = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -247,33 +265,43 @@ class RedisServer:
 class Stack:
     """Orthanc + node + workers sharing settings given as CXR_* variables."""
 
-    def __init__(self, tmp: Path, orthanc: Orthanc, db_url: str, model_dir: Path,
-                 model_cache: Path, broker_url: str = "", **env: object) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        orthanc: Orthanc,
+        db_url: str,
+        model_dir: Path,
+        model_cache: Path,
+        broker_url: str = "",
+        **env: object,
+    ) -> None:
         self.tmp = tmp
         self.orthanc = orthanc
         self.db_url = db_url
         self.node_port = free_port()
         self.procs: list[Proc] = []
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-        self.env.update({
-            "CXR_DATABASE_URL": db_url,
-            "CXR_SPOOL_DIR": str(tmp / "spool"),
-            "CXR_MODEL_DIR": str(model_dir),
-            "CXR_MODEL_CACHE_DIR": str(model_cache),
-            "CXR_EMBEDDED_BROKER_PATH": str(tmp / "broker.sqlite"),
-            "CXR_DESTINATIONS": f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
-            "CXR_AE_TITLE": "CXR_WORKER",
-            "CXR_DICOM_HOST": "127.0.0.1",
-            "CXR_DICOM_PORT": str(self.node_port),
-            "CXR_METRICS_PORT": "0",
-            "CXR_REQUEUE_INTERVAL": "1",
-            "CXR_REQUEUE_STALE_AFTER": "20",
-            "CXR_RETRY_BACKOFF_MAX": "2",
-            "CXR_DELIVERY_MAX_ATTEMPTS": "5",
-            "CXR_WORKER_CONCURRENCY": "1",
-            "CXR_LOG_LEVEL": "INFO",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        })
+        self.env.update(
+            {
+                "CXR_DATABASE_URL": db_url,
+                "CXR_SPOOL_DIR": str(tmp / "spool"),
+                "CXR_MODEL_DIR": str(model_dir),
+                "CXR_MODEL_CACHE_DIR": str(model_cache),
+                "CXR_EMBEDDED_BROKER_PATH": str(tmp / "broker.sqlite"),
+                "CXR_DESTINATIONS": f"ORTHANC@127.0.0.1:{orthanc.dicom_port}",
+                "CXR_AE_TITLE": "CXR_WORKER",
+                "CXR_DICOM_HOST": "127.0.0.1",
+                "CXR_DICOM_PORT": str(self.node_port),
+                "CXR_METRICS_PORT": "0",
+                "CXR_REQUEUE_INTERVAL": "1",
+                "CXR_REQUEUE_STALE_AFTER": "20",
+                "CXR_RETRY_BACKOFF_MAX": "2",
+                "CXR_DELIVERY_MAX_ATTEMPTS": "5",
+                "CXR_WORKER_CONCURRENCY": "1",
+                "CXR_LOG_LEVEL": "INFO",
+                "TF_CPP_MIN_LOG_LEVEL": "2",
+            }
+        )
         if broker_url:
             self.env["CXR_BROKER_URL"] = broker_url
         self.env.update({k: str(v) for k, v in env.items()})
@@ -298,8 +326,9 @@ class Stack:
         e = dict(self.env, CXR_WORKER_CONCURRENCY=str(concurrency))
         e.update({k: str(v) for k, v in env.items()})
         n = len(self.procs)
-        p = Proc(f"worker{n}", ["worker", "--hostname", f"cxr{n}@e2e"], e,
-                 self.tmp / f"worker-{n}.log")
+        p = Proc(
+            f"worker{n}", ["worker", "--hostname", f"cxr{n}@e2e"], e, self.tmp / f"worker-{n}.log"
+        )
         self.procs.append(p)
         wait_for(lambda: " ready." in p.log() or not p.alive(), timeout, what="cxr worker ready")
         assert p.alive(), p.log()[-3000:]

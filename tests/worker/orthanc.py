@@ -117,7 +117,9 @@ class Orthanc:
             return ""
 
     # ------------------------------------------------------------------ REST
-    def _request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None) -> Any:
+    def _request(
+        self, method: str, path: str, body: bytes | None = None, ctype: str | None = None
+    ) -> Any:
         req = urllib.request.Request(self.base + path, data=body, method=method)
         if ctype:
             req.add_header("Content-Type", ctype)

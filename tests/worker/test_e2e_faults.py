@@ -66,8 +66,11 @@ def test_worker_sigkilled_mid_task(pg_url, private_redis, make_stack, dicom_samp
     w1 = stack.start_worker(CXR_TEST_STAGE_DELAY=30)
     stack.start_node()
     sources = _push(stack, dicom_samples, names=SMALL[:1])
-    wait_for(lambda: any(r.state == State.PROCESSING.value for r in stack.instances()), 60,
-             what="the instance in processing")
+    wait_for(
+        lambda: any(r.state == State.PROCESSING.value for r in stack.instances()),
+        60,
+        what="the instance in processing",
+    )
     w1.kill(signal.SIGKILL)
     assert not w1.alive()
     (row,) = stack.instances()
@@ -85,21 +88,30 @@ def test_worker_sigkilled_mid_task(pg_url, private_redis, make_stack, dicom_samp
 
 @pytest.mark.redis
 @pytest.mark.postgres
-def test_sigkilled_task_is_redelivered_by_the_broker_in_its_timeout(pg_url, private_redis, make_stack, dicom_samples):  # type: ignore[no-untyped-def]
+def test_sigkilled_task_is_redelivered_by_the_broker_in_its_timeout(
+    pg_url, private_redis, make_stack, dicom_samples
+):  # type: ignore[no-untyped-def]
     """Issue 9, defect 9: with the re-queue sweep out of the way (a stale age of an hour),
     Redis itself gives a SIGKILLed worker's task to the next worker after the redelivery
     timeout (CXR_TASK_TIME_LIMIT + CXR_RETRY_ETA_MAX + 15 s; 225 s with the defaults, here
     16 + 2 + 15 = 33 s), not after kombu's 100 s scan period on top of it."""
     stack = make_stack(
-        pg_url, private_redis.url, CXR_REQUEUE_STALE_AFTER=3600,
-        CXR_TASK_SOFT_TIME_LIMIT=14, CXR_TASK_TIME_LIMIT=16, CXR_RETRY_ETA_MAX=2,
+        pg_url,
+        private_redis.url,
+        CXR_REQUEUE_STALE_AFTER=3600,
+        CXR_TASK_SOFT_TIME_LIMIT=14,
+        CXR_TASK_TIME_LIMIT=16,
+        CXR_RETRY_ETA_MAX=2,
     )
     timeout = 16 + 2 + 15
     w1 = stack.start_worker(CXR_TEST_STAGE_DELAY=10)
     stack.start_node()
     sources = _push(stack, dicom_samples, names=SMALL[:1])
-    wait_for(lambda: any(r.state == State.PROCESSING.value for r in stack.instances()), 60,
-             what="the instance in processing")
+    wait_for(
+        lambda: any(r.state == State.PROCESSING.value for r in stack.instances()),
+        60,
+        what="the instance in processing",
+    )
     seen = time.monotonic()
     w1.kill(signal.SIGKILL)
     stack.start_worker()
@@ -117,8 +129,10 @@ def test_sigkilled_task_is_redelivered_by_the_broker_in_its_timeout(pg_url, priv
 @pytest.mark.redis
 def test_pacs_down_during_delivery_then_back(private_redis, make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
     stack = make_stack(
-        f"sqlite:///{tmp_path / 'audit.db'}", private_redis.url,
-        CXR_DELIVERY_MAX_ATTEMPTS=30, CXR_RETRY_BACKOFF_MAX=1,
+        f"sqlite:///{tmp_path / 'audit.db'}",
+        private_redis.url,
+        CXR_DELIVERY_MAX_ATTEMPTS=30,
+        CXR_RETRY_BACKOFF_MAX=1,
     )
     stack.start_worker(CXR_TEST_STAGE_DELAY=15)  # classification waits until the PACS is down
     stack.start_node()
@@ -151,7 +165,8 @@ def test_delivery_gives_up_then_admin_resend(make_stack, tmp_path, dicom_samples
     back, `cxr audit retry --state delivery_failed` re-sends and it is delivered."""
     stack = make_stack(
         f"sqlite:///{tmp_path / 'audit.db'}",
-        CXR_DELIVERY_MAX_ATTEMPTS=2, CXR_RETRY_BACKOFF_MAX=1,
+        CXR_DELIVERY_MAX_ATTEMPTS=2,
+        CXR_RETRY_BACKOFF_MAX=1,
     )
     stack.start_worker(CXR_TEST_STAGE_DELAY=15)
     stack.start_node()
@@ -165,11 +180,18 @@ def test_delivery_gives_up_then_admin_resend(make_stack, tmp_path, dicom_samples
     # the admin's re-send: delivery_failed -> classified + cxr.deliver_instance
     res = subprocess.run(
         [sys.executable, "-m", "cxr.cli", "audit", "retry", "--state", "delivery_failed"],
-        env=stack.env, cwd=REPO, capture_output=True, text=True, timeout=60,
+        env=stack.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    wait_for(lambda: stack.instances()[0].state == State.DELIVERED.value, 60,
-             what="delivered after the admin re-send")
+    wait_for(
+        lambda: stack.instances()[0].state == State.DELIVERED.value,
+        60,
+        what="delivered after the admin re-send",
+    )
     check_pacs_holds_results(stack, sources)
 
 
@@ -204,8 +226,11 @@ def test_sigterm_is_a_warm_shutdown(make_stack, tmp_path, dicom_samples):  # typ
     w = stack.start_worker(CXR_TEST_STAGE_DELAY=4)
     stack.start_node()
     sources = _push(stack, dicom_samples, names=SMALL[:1])
-    wait_for(lambda: any(r.state == State.PROCESSING.value for r in stack.instances()), 60,
-             what="the instance in processing")
+    wait_for(
+        lambda: any(r.state == State.PROCESSING.value for r in stack.instances()),
+        60,
+        what="the instance in processing",
+    )
     os.kill(w.p.pid, signal.SIGTERM)  # the main process only, as a service manager does
     assert w.p.wait(60) == 0, w.log()[-3000:]
     (row,) = stack.instances()

@@ -56,7 +56,11 @@ def check_pacs_holds_results(stack: Stack, sources: dict[str, str]) -> None:
     referencing it, and Orthanc holds no other result."""
     o = stack.orthanc
     by_uid = {t["SOPInstanceUID"]: t for t in o.all_instance_tags()}
-    results = {u: t for u, t in by_uid.items() if str(t.get("SeriesDescription", "")).startswith(RESULT_PREFIX)}
+    results = {
+        u: t
+        for u, t in by_uid.items()
+        if str(t.get("SeriesDescription", "")).startswith(RESULT_PREFIX)
+    }
     with session_scope(stack.db_url) as s:
         infs = s.execute(select(Inference)).scalars().all()
         inst_by_id = {i.id: i for i in stack.instances()}
@@ -100,14 +104,20 @@ def check_audit_story(stack: Stack, chest_uids: set[str]) -> None:
             dels = s.execute(select(Delivery).where(Delivery.instance_id == r.id)).scalars().all()
             assert sorted(d.kind for d in dels) == ["SC", "SR"]
             assert all(d.state == "delivered" and d.delivered_at for d in dels)
-            kinds = [e.kind for e in s.execute(
-                select(Event).where(Event.instance_id == r.id).order_by(Event.id)).scalars()]
+            kinds = [
+                e.kind
+                for e in s.execute(
+                    select(Event).where(Event.instance_id == r.id).order_by(Event.id)
+                ).scalars()
+            ]
             for k in ("received", "processing", "classified", "delivered"):
                 assert k in kinds, (k, kinds)
             assert kinds.index("processing") < kinds.index("classified") < kinds.index("delivered")
 
 
-def run_flow(stack: Stack, dicom_samples: Path, with_not_chest: bool = True, timeout: float = 120) -> None:
+def run_flow(
+    stack: Stack, dicom_samples: Path, with_not_chest: bool = True, timeout: float = 120
+) -> None:
     o = stack.orthanc
     chest = upload_samples(o, dicom_samples / "chest")
     others = upload_samples(o, dicom_samples / "not-chest") if with_not_chest else {}
@@ -126,22 +136,35 @@ def run_flow(stack: Stack, dicom_samples: Path, with_not_chest: bool = True, tim
         if r is not None:  # the node may also refuse a broken one outright
             assert r.state in (State.IGNORED.value, State.FAILED.value), (uid, r.state)
             assert r.state == State.IGNORED.value or r.reason
-    assert any(by_uid.get(u) and by_uid[u].state == State.IGNORED.value for u in others) or not others
+    assert (
+        any(by_uid.get(u) and by_uid[u].state == State.IGNORED.value for u in others) or not others
+    )
     check_audit_story(stack, set(chest))
     check_pacs_holds_results(stack, chest)
     # nothing came back for the not-chest samples
     with session_scope(stack.db_url) as s:
         ignored_ids = {r.id for r in rows if r.sop_instance_uid in others}
-        assert not s.execute(select(Inference).where(Inference.instance_id.in_(ignored_ids))).first()
+        assert not s.execute(
+            select(Inference).where(Inference.instance_id.in_(ignored_ids))
+        ).first()
 
 
 @pytest.fixture
 def make_stack(tmp_path, orthanc, tiny_model_dir, model_cache_dir):  # type: ignore[no-untyped-def]
     stacks: list[Stack] = []
 
-    def _make(db_url: str, broker_url: str = "", model_dir: Path | None = None, **env: object) -> Stack:
-        st = Stack(tmp_path, orthanc, db_url, model_dir or tiny_model_dir, model_cache_dir,
-                   broker_url, **env)
+    def _make(
+        db_url: str, broker_url: str = "", model_dir: Path | None = None, **env: object
+    ) -> Stack:
+        st = Stack(
+            tmp_path,
+            orthanc,
+            db_url,
+            model_dir or tiny_model_dir,
+            model_cache_dir,
+            broker_url,
+            **env,
+        )
         stacks.append(st)
         return st
 
@@ -169,10 +192,19 @@ def test_e2e_embedded_defaults(make_stack, tmp_path, dicom_samples):  # type: ig
     run_flow(stack, dicom_samples, timeout=150)
     assert (tmp_path / "broker.sqlite").is_file()
     # the pool process's counters reach the worker's /metrics (multiprocess mode)
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-    n_chest = len({r.sop_instance_uid for r in stack.instances() if r.state == State.DELIVERED.value})
-    inferred = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                   if line.startswith("cxr_inferences_total{"))
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+    n_chest = len(
+        {r.sop_instance_uid for r in stack.instances() if r.state == State.DELIVERED.value}
+    )
+    inferred = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("cxr_inferences_total{")
+    )
     assert inferred == n_chest, text[:2000]
     assert 'cxr_deliveries_total{status="success"} ' + f"{2 * n_chest}.0" in text
 

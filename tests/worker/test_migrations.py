@@ -19,17 +19,21 @@ def test_0002_upgrade_downgrade_keeps_rows(db_url: str) -> None:
     command.upgrade(cfg, "0001")
     assert "ood_score" not in _columns(db_url, "inferences")
     with get_engine(db_url).begin() as c:
-        c.execute(text(
-            "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
-            " updated_at, attempts) VALUES ('1.2.3', 'ab', 1, 'classified', CURRENT_TIMESTAMP,"
-            " CURRENT_TIMESTAMP, 1)"
-        ))
+        c.execute(
+            text(
+                "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
+                " updated_at, attempts) VALUES ('1.2.3', 'ab', 1, 'classified', CURRENT_TIMESTAMP,"
+                " CURRENT_TIMESTAMP, 1)"
+            )
+        )
         iid = c.execute(text("SELECT id FROM instances")).scalar_one()
-        c.execute(text(
-            "INSERT INTO inferences (instance_id, created_at, model_version, model_sha256,"
-            " p_covid, p_normal, p_other, verdict) VALUES"
-            f" ({iid}, CURRENT_TIMESTAMP, '1.0.0', 'x', 0.1, 0.8, 0.1, 'Normal')"
-        ))
+        c.execute(
+            text(
+                "INSERT INTO inferences (instance_id, created_at, model_version, model_sha256,"
+                " p_covid, p_normal, p_other, verdict) VALUES"
+                f" ({iid}, CURRENT_TIMESTAMP, '1.0.0', 'x', 0.1, 0.8, 0.1, 'Normal')"
+            )
+        )
     command.upgrade(cfg, "head")
     assert {"ood_score", "ood"} <= _columns(db_url, "inferences")
     with get_engine(db_url).begin() as c:
@@ -50,11 +54,13 @@ def test_0003_upgrade_downgrade_keeps_rows(db_url: str) -> None:
     command.upgrade(cfg, "0002")
     assert "retry_due_at" not in _columns(db_url, "instances")
     with get_engine(db_url).begin() as c:
-        c.execute(text(
-            "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
-            " updated_at, attempts) VALUES ('1.2.4', 'cd', 1, 'classified', CURRENT_TIMESTAMP,"
-            " CURRENT_TIMESTAMP, 1)"
-        ))
+        c.execute(
+            text(
+                "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
+                " updated_at, attempts) VALUES ('1.2.4', 'cd', 1, 'classified', CURRENT_TIMESTAMP,"
+                " CURRENT_TIMESTAMP, 1)"
+            )
+        )
     command.upgrade(cfg, "head")
     assert {"retry_due_at", "retry_attempt"} <= _columns(db_url, "instances")
     with get_engine(db_url).begin() as c:

@@ -58,7 +58,9 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
     iid = insert_instance(s, src)
     out = pipeline.process_instance(s, iid)
     assert out.action == "delivered", out
-    assert {"decode", "preprocess", "forward", "cam", "build", "send", "total"} <= set(out.timings_ms)
+    assert {"decode", "preprocess", "forward", "cam", "build", "send", "total"} <= set(
+        out.timings_ms
+    )
 
     source = pydicom.dcmread(src, stop_before_pixels=True)
     with session_scope(s.database_url) as ss:
@@ -69,14 +71,25 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
         inf = infs[0]
         assert inf.p_covid + inf.p_normal + inf.p_other == pytest.approx(1.0, abs=1e-4)
         assert inf.verdict in ("COVID", "Normal", "Other")
-        for col in ("t_decode_ms", "t_preprocess_ms", "t_forward_ms", "t_cam_ms", "t_build_ms",
-                    "t_send_ms", "t_total_ms"):
+        for col in (
+            "t_decode_ms",
+            "t_preprocess_ms",
+            "t_forward_ms",
+            "t_cam_ms",
+            "t_build_ms",
+            "t_send_ms",
+            "t_total_ms",
+        ):
             assert getattr(inf, col) is not None and getattr(inf, col) >= 0, col
         dels = ss.execute(select(Delivery).where(Delivery.instance_id == iid)).scalars().all()
         assert sorted(d.kind for d in dels) == ["SC", "SR"]
         assert all(d.state == "delivered" and d.last_status == "0x0000" for d in dels)
-        kinds = [e.kind for e in ss.execute(
-            select(Event).where(Event.instance_id == iid).order_by(Event.id)).scalars()]
+        kinds = [
+            e.kind
+            for e in ss.execute(
+                select(Event).where(Event.instance_id == iid).order_by(Event.id)
+            ).scalars()
+        ]
         assert kinds == ["queued", "processing", "classified", "delivered"]
         sc_uid, sr_uid = inf.sc_sop_instance_uid, inf.sr_sop_instance_uid
 
@@ -94,7 +107,9 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
     assert refs == [source.SOPInstanceUID]
 
 
-def test_rerun_replaces_not_duplicates(tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples):  # type: ignore[no-untyped-def]
+def test_rerun_replaces_not_duplicates(
+    tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples
+):  # type: ignore[no-untyped-def]
     s = _settings(tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc))
     iid = insert_instance(s, _sample(dicom_samples))
     assert pipeline.process_instance(s, iid).action == "delivered"
@@ -115,7 +130,9 @@ def test_rerun_replaces_not_duplicates(tmp_path, sqlite_url, tiny_model_dir, ort
         assert len(dels) == 2 and all(d.attempts == 2 for d in dels)
 
 
-def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, tiny_model_dir, dicom_samples):  # type: ignore[no-untyped-def]
+def test_stale_processing_is_taken_over_fresh_one_is_not(
+    tmp_path, sqlite_url, tiny_model_dir, dicom_samples
+):  # type: ignore[no-untyped-def]
     s = _settings(tmp_path, sqlite_url, tiny_model_dir, requeue_stale_after=600)
     iid = insert_instance(s, _sample(dicom_samples), state="queued")
     # a worker claimed it (task A) and is alive: another task must not take it
@@ -129,8 +146,11 @@ def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, t
     iid2 = insert_instance(s, dataset_bytes(make_chest_dataset(rows=96, cols=80)))
     assert pipeline.claim(s, iid2, task_id="task-C")[0] == "classify"
     with session_scope(s.database_url) as ss:
-        ss.execute(update(Instance).where(Instance.id == iid2)
-                   .values(updated_at=utcnow() - timedelta(seconds=1200)))
+        ss.execute(
+            update(Instance)
+            .where(Instance.id == iid2)
+            .values(updated_at=utcnow() - timedelta(seconds=1200))
+        )
     from worker.dispatch import requeue_stranded
 
     class Broker:  # records what the sweep publishes (the broker itself is not under test)
@@ -150,7 +170,9 @@ def test_stale_processing_is_taken_over_fresh_one_is_not(tmp_path, sqlite_url, t
     assert pipeline.process_instance(s, iid2, task_id="task-E").action == "skipped"
 
 
-def test_no_destinations_ends_classified_and_final(tmp_path, sqlite_url, tiny_model_dir, dicom_samples):  # type: ignore[no-untyped-def]
+def test_no_destinations_ends_classified_and_final(
+    tmp_path, sqlite_url, tiny_model_dir, dicom_samples
+):  # type: ignore[no-untyped-def]
     s = _settings(tmp_path, sqlite_url, tiny_model_dir)
     iid = insert_instance(s, _sample(dicom_samples))
     out = pipeline.process_instance(s, iid)
@@ -181,7 +203,9 @@ def test_undecodable_instance_fails_with_reason(tmp_path, sqlite_url, tiny_model
     assert pipeline.process_instance(s, iid).action == "skipped"
 
 
-def test_unreachable_destination_then_delivery_failed_then_resend(tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples):  # type: ignore[no-untyped-def]
+def test_unreachable_destination_then_delivery_failed_then_resend(
+    tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples
+):  # type: ignore[no-untyped-def]
     dead = f"DEAD@127.0.0.1:{free_port()}"  # nobody listens there
     s = _settings(tmp_path, sqlite_url, tiny_model_dir, f"{dead},{_dest(orthanc)}")
     iid = insert_instance(s, _sample(dicom_samples))
@@ -196,7 +220,10 @@ def test_unreachable_destination_then_delivery_failed_then_resend(tmp_path, sqli
     inst = _state(s, iid)
     assert inst.state == State.DELIVERY_FAILED.value and "DEAD" in (inst.reason or "")
     with session_scope(s.database_url) as ss:
-        rows = {(d.destination.split("@")[0], d.kind): d for d in ss.query(Delivery).filter_by(instance_id=iid)}
+        rows = {
+            (d.destination.split("@")[0], d.kind): d
+            for d in ss.query(Delivery).filter_by(instance_id=iid)
+        }
     assert rows[("DEAD", "SC")].state == "failed" and rows[("DEAD", "SC")].attempts == 2
     assert rows[("ORTHANC", "SC")].state == "delivered" and rows[("ORTHANC", "SC")].attempts == 1
     # an admin re-send once the destination is fixed: only to the missing one
@@ -205,7 +232,9 @@ def test_unreachable_destination_then_delivery_failed_then_resend(tmp_path, sqli
     assert _state(s2, iid).state == State.DELIVERED.value
 
 
-def test_celery_task_eager_runs_pipeline(tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples, workdir, monkeypatch):  # type: ignore[no-untyped-def]
+def test_celery_task_eager_runs_pipeline(
+    tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples, workdir, monkeypatch
+):  # type: ignore[no-untyped-def]
     """The registered task names run the pipeline (eager apply: same code path as a worker)."""
     monkeypatch.setenv("CXR_DATABASE_URL", sqlite_url)
     monkeypatch.setenv("CXR_SPOOL_DIR", str(tmp_path / "spool"))
@@ -280,7 +309,9 @@ def test_tasks_health_reports_a_wedged_pool(tmp_path, monkeypatch):  # type: ign
 
 
 @pytest.mark.redis
-def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(tmp_path, db_url, tiny_model_dir, private_redis):  # type: ignore[no-untyped-def]
+def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(
+    tmp_path, db_url, tiny_model_dir, private_redis
+):  # type: ignore[no-untyped-def]
     """Issue 9, defect 9: a retry wait the broker would hold longer than
     CXR_RETRY_ETA_MAX is written to the audit DB instead (Redis would otherwise need a
     visibility timeout longer than the wait, and a killed worker's task would wait that
@@ -293,8 +324,13 @@ def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(tmp_path, db_ur
 
     dead = f"DEAD@127.0.0.1:{free_port()}"
     s = _settings(
-        tmp_path, db_url, tiny_model_dir, dead, broker_url=private_redis.url,
-        retry_backoff_base=40, retry_eta_max=10,
+        tmp_path,
+        db_url,
+        tiny_model_dir,
+        dead,
+        broker_url=private_redis.url,
+        retry_backoff_base=40,
+        retry_eta_max=10,
     )
     app = make_celery(s)
     r = redis.Redis.from_url(private_redis.url)
@@ -310,14 +346,22 @@ def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(tmp_path, db_ur
     assert r.llen(QUEUE) == 0  # nothing parked in the broker
     inst = _state(s, iid)
     assert inst.retry_attempt == 2
-    due = inst.retry_due_at.replace(tzinfo=before.tzinfo) if inst.retry_due_at.tzinfo is None else inst.retry_due_at  # type: ignore[union-attr]
+    due = (
+        inst.retry_due_at.replace(tzinfo=before.tzinfo)
+        if inst.retry_due_at.tzinfo is None
+        else inst.retry_due_at
+    )  # type: ignore[union-attr]
     assert before + timedelta(seconds=19) <= due <= utcnow() + timedelta(seconds=41)
     # not due yet: the sweep sends nothing, and the stale-undelivered rule leaves it alone
     assert requeue_undelivered(s, app, stale_after=0) == 0
     assert r.llen(QUEUE) == 0
     # due: sent once, with its attempt number; a second sweeper finds nothing
     with session_scope(s.database_url) as ss:
-        ss.execute(update(Instance).where(Instance.id == iid).values(retry_due_at=utcnow() - timedelta(seconds=1)))
+        ss.execute(
+            update(Instance)
+            .where(Instance.id == iid)
+            .values(retry_due_at=utcnow() - timedelta(seconds=1))
+        )
     assert requeue_undelivered(s, app, stale_after=3600) == 1
     assert requeue_undelivered(s, app, stale_after=3600) == 0
     assert r.llen(QUEUE) == 1
@@ -330,15 +374,28 @@ def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(tmp_path, db_ur
     # a due retry of an instance that finished meanwhile is dropped, not sent
     lifecycle.schedule_delivery_retry(s.database_url, iid, 3, 0)
     with session_scope(s.database_url) as ss:
-        ss.execute(update(Instance).where(Instance.id == iid).values(state=State.DELIVERED.value, finished_at=utcnow()))
+        ss.execute(
+            update(Instance)
+            .where(Instance.id == iid)
+            .values(state=State.DELIVERED.value, finished_at=utcnow())
+        )
     assert lifecycle.take_due_delivery_retries(s.database_url) == []
     assert _state(s, iid).retry_due_at is None
 
     # a short wait stays a broker countdown (published now, with an ETA)
     r.delete(QUEUE)
-    s2 = _settings(tmp_path, db_url, tiny_model_dir, dead, broker_url=private_redis.url,
-                   retry_backoff_base=4, retry_eta_max=10)
-    iid2 = insert_instance(s2, dataset_bytes(make_chest_dataset(seed=2)), state=State.CLASSIFIED.value)
+    s2 = _settings(
+        tmp_path,
+        db_url,
+        tiny_model_dir,
+        dead,
+        broker_url=private_redis.url,
+        retry_backoff_base=4,
+        retry_eta_max=10,
+    )
+    iid2 = insert_instance(
+        s2, dataset_bytes(make_chest_dataset(seed=2)), state=State.CLASSIFIED.value
+    )
     _schedule_delivery(task, iid2, s2, attempt=1)  # type: ignore[arg-type]
     assert r.llen(QUEUE) == 1
     assert json.loads(r.lindex(QUEUE, 0))["headers"]["eta"]

@@ -12,9 +12,7 @@ from tests.ship.conftest import child_pids, pid_alive
 from tests.worker.conftest import Proc, wait_for
 
 
-def test_sigterm_during_model_warm_up_is_a_clean_stop(
-    tmp_path: Path, tiny_model_dir: Path
-) -> None:
+def test_sigterm_during_model_warm_up_is_a_clean_stop(tmp_path: Path, tiny_model_dir: Path) -> None:
     env = dict(os.environ)
     env.update(
         {

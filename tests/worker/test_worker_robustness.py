@@ -31,7 +31,9 @@ def _state(url: str, iid: int) -> Instance:
         return inst
 
 
-def _env_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, model_dir: Path, **env: str):  # type: ignore[no-untyped-def]
+def _env_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str, model_dir: Path, **env: str
+):  # type: ignore[no-untyped-def]
     values = {
         "CXR_DATABASE_URL": url,
         "CXR_SPOOL_DIR": str(tmp_path / "spool"),
@@ -80,7 +82,9 @@ def test_broken_model_is_retried_not_the_instances_failure(
 
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_model_dir, broken)
-    weights = sorted(p for p in broken.rglob("*") if p.is_file() and p.suffix in (".h5", ".keras", ".onnx"))
+    weights = sorted(
+        p for p in broken.rglob("*") if p.is_file() and p.suffix in (".h5", ".keras", ".onnx")
+    )
     assert weights, list(broken.rglob("*"))
     originals = {p: p.read_bytes() for p in weights}
     for p in weights:
@@ -101,7 +105,9 @@ def test_broken_model_is_retried_not_the_instances_failure(
         assert inst.state == State.QUEUED.value  # not failed: the sweep re-sends it later
         assert (inst.attempts or 0) == 0 and inst.finished_at is None and inst.reason is None
         with session_scope(s.database_url) as ss:
-            kinds = [e.kind for e in ss.execute(select(Event).where(Event.instance_id == iid)).scalars()]
+            kinds = [
+                e.kind for e in ss.execute(select(Event).where(Event.instance_id == iid)).scalars()
+            ]
         assert State.FAILED.value not in kinds and State.PROCESSING.value not in kinds
         # the worker's /healthz says the model is the problem
         assert status_file.exists() and "cannot load the model" in status_file.read_text()
@@ -153,7 +159,9 @@ def test_audit_retry_revives_instance_out_of_attempts(
     ds = make_chest_dataset(rows=64, cols=64)
     iid = insert_instance(s, dataset_bytes(ds))
     with session_scope(s.database_url) as ss:  # e.g. the worker kept dying on it
-        ss.execute(update(Instance).where(Instance.id == iid).values(attempts=s.task_max_retries + 2))
+        ss.execute(
+            update(Instance).where(Instance.id == iid).values(attempts=s.task_max_retries + 2)
+        )
     assert pipeline.process_instance(s, iid).action == "skipped"
     inst = _state(s.database_url, iid)
     assert inst.state == State.FAILED.value and "gave up" in (inst.reason or "")
@@ -173,7 +181,9 @@ def test_audit_retry_revives_instance_out_of_attempts(
 
 
 # ------------------------------------------------------------------------------ C: gauge
-def test_worker_sweep_sets_queue_depth_gauge(tmp_path, sqlite_url, tiny_model_dir, workdir, monkeypatch):  # type: ignore[no-untyped-def]
+def test_worker_sweep_sets_queue_depth_gauge(
+    tmp_path, sqlite_url, tiny_model_dir, workdir, monkeypatch
+):  # type: ignore[no-untyped-def]
     from worker.cli import sweep_once
     from worker.dispatch import queue_depth
 
@@ -199,7 +209,10 @@ def phi_log():  # type: ignore[no-untyped-def]
     plain, js = io.StringIO(), io.StringIO()
     logger = logging.getLogger("tests.phi")
     handlers = []
-    for buf, fmt in ((plain, logging.Formatter("%(levelname)s %(message)s")), (js, logconfig.JsonFormatter())):
+    for buf, fmt in (
+        (plain, logging.Formatter("%(levelname)s %(message)s")),
+        (js, logconfig.JsonFormatter()),
+    ):
         h = logging.StreamHandler(buf)
         h.addFilter(logconfig.PhiFilter())
         h.setFormatter(fmt)
@@ -231,9 +244,13 @@ def test_phi_is_scrubbed_from_tracebacks_and_stacks(phi_log) -> None:  # type: i
     assert '"stack"' in js.getvalue()
 
 
-def test_pipeline_registers_phi_on_read_and_scrubs_reasons(tmp_path, sqlite_url, tiny_model_dir, workdir, monkeypatch, fresh_classifier):  # type: ignore[no-untyped-def]
+def test_pipeline_registers_phi_on_read_and_scrubs_reasons(
+    tmp_path, sqlite_url, tiny_model_dir, workdir, monkeypatch, fresh_classifier
+):  # type: ignore[no-untyped-def]
     s = _env_settings(monkeypatch, tmp_path, sqlite_url, tiny_model_dir)
-    ds = make_chest_dataset(rows=64, cols=64, patient_name="Plmokn^Ijuhbz", patient_id="PIDX-55443322")
+    ds = make_chest_dataset(
+        rows=64, cols=64, patient_name="Plmokn^Ijuhbz", patient_id="PIDX-55443322"
+    )
     ds.PixelData = ds.PixelData[:100]  # fails after the dataset is read, before any result
     iid = insert_instance(s, dataset_bytes(ds))
     assert pipeline.process_instance(s, iid).action == "failed"
@@ -247,7 +264,10 @@ def test_pipeline_registers_phi_on_read_and_scrubs_reasons(tmp_path, sqlite_url,
     inst = _state(s.database_url, iid2)
     assert inst.reason is not None and "Plmokn" not in inst.reason and "[PHI]" in inst.reason
     with session_scope(s.database_url) as ss:
-        details = [e.detail or "" for e in ss.execute(select(Event).where(Event.instance_id == iid2)).scalars()]
+        details = [
+            e.detail or ""
+            for e in ss.execute(select(Event).where(Event.instance_id == iid2)).scalars()
+        ]
     assert details and not any("Plmokn" in d for d in details)
 
 
