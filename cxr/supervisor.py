@@ -435,7 +435,7 @@ class Supervisor:
         if self.settings.spool_retention_days <= 0:
             return
         try:
-            from cxr.storage import cleanup_spool
+            from db.lifecycle import cleanup_spool
 
             cleanup_spool(self.settings)
         except Exception:
@@ -582,7 +582,7 @@ def main(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_json)
     if args.cleanup_spool:
-        from cxr.storage import cleanup_spool
+        from db.lifecycle import cleanup_spool
         from db.session import init_db
 
         init_db(settings.database_url)

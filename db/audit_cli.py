@@ -165,8 +165,8 @@ def _filter(args: argparse.Namespace) -> Any:
 def _patient_hashes(patient_id: str | None) -> list[str]:
     if not patient_id:
         return []
+    from cxr.contracts import hash_patient_id
     from cxr.settings import get_settings
-    from dicom_node.node import hash_patient_id
 
     h = hash_patient_id(get_settings(), patient_id.strip())
     return [h] if h else []
@@ -428,8 +428,9 @@ def cmd_retry(args: argparse.Namespace, out: IO[str] | None = None) -> int:
 
 def _send_tasks(settings: Any, actions: Sequence[Any]) -> tuple[set[int], set[int]]:
     """Send the task of every retried instance; returns (sent ids, not sent ids)."""
-    from worker.celery_app import QUEUE, TASK_CLASSIFY, get_app
-    from worker.dispatch import enqueue_instance
+    from cxr.celery_app import get_app
+    from cxr.contracts import QUEUE, TASK_CLASSIFY, send_classify
+    from db.lifecycle import hand_off
 
     app = get_app()
     sent: set[int] = set()
@@ -439,7 +440,9 @@ def _send_tasks(settings: Any, actions: Sequence[Any]) -> tuple[set[int], set[in
         try:
             if a.task == TASK_CLASSIFY:
                 # received -> queued on success, exactly what the node does after receipt
-                ok = enqueue_instance(settings, app, a.instance_id)
+                ok = hand_off(
+                    settings.database_url, [a.instance_id], lambda i: send_classify(app, i)
+                )
                 if not ok:
                     raise ConnectionError("broker unavailable")
             else:

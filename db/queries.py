@@ -400,7 +400,7 @@ def prepare_retry(
     instance without a spool file (refused by the node at receipt) is not retriable. Returns
     (actions, notes about instances that are not retriable). The caller commits, then
     sends the tasks."""
-    from worker.celery_app import TASK_CLASSIFY, TASK_DELIVER
+    from cxr.contracts import TASK_CLASSIFY, TASK_DELIVER
 
     if (uid is None) == (state is None):
         raise ValueError("give a SOP Instance UID or a state")

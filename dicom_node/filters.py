@@ -33,6 +33,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
+from cxr.contracts import OWN_MANUFACTURER, OWN_SERIES_PREFIX  # how results are marked
 from dicom_node.status import CannotUnderstand, DoesNotMatchSOPClass, OutOfResources
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,10 +50,6 @@ CLASSIFIED_SOP_CLASSES: tuple[str, ...] = (
     DigitalXRayImageStorageForProcessing,
     SecondaryCaptureImageStorage,
 )
-
-#: how the worker marks its outputs (Manufacturer and SeriesDescription prefix)
-OWN_MANUFACTURER = "cxr-triage"
-OWN_SERIES_PREFIX = "AI TRIAGE"
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _ITEM_TAG = 0xE000FFFE  # (FFFE,E000) read as little-endian uint32

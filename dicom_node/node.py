@@ -18,7 +18,6 @@ periodic re-queue sweep sends it later. No inference runs in the node.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import io
 import logging
 import queue
@@ -32,13 +31,15 @@ from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from cxr import metrics
+from cxr.contracts import hash_patient_id, send_classify
 from cxr.logconfig import PEER_NOISE, register_dataset_phi, scrub
 from cxr.settings import DEFAULT_PATIENT_ID_SALT, Settings
 from cxr.storage import Spool
+from db import lifecycle
 from db.models import Association, Event, Instance, State, utcnow
 from db.session import init_db, session_scope
 from dicom_node import filters
@@ -86,19 +87,6 @@ def encoded_parts(event: Any) -> tuple[bytes, memoryview]:
         return b"", memoryview(data)
     head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
     return head, stream.getbuffer()
-
-
-def hash_patient_id(settings: Settings, patient_id: str) -> str | None:
-    """PatientID as stored in the audit DB: HMAC-SHA256 keyed by CXR_PATIENT_ID_SALT
-    (default) or plain. Set a secret salt per site: with the default key an ID could be
-    recovered by trying candidate IDs (the node warns at start)."""
-    if not patient_id:
-        return None
-    if settings.patient_id_storage == "plain":
-        return patient_id
-    return hmac.new(
-        settings.patient_id_salt.encode(), patient_id.encode(), hashlib.sha256
-    ).hexdigest()
 
 
 @dataclass
@@ -162,7 +150,7 @@ class StorageNode:
     @property
     def celery_app(self) -> Celery:
         if self._celery_app is None:
-            from worker.celery_app import make_celery
+            from cxr.celery_app import make_celery  # a broker connection only when needed
 
             self._celery_app = make_celery(self.settings)
         return self._celery_app
@@ -351,37 +339,11 @@ class StorageNode:
             if stop:
                 return
 
-    def _hand_off(self, ids: list[int]) -> None:
-        from worker.dispatch import send_classify
+    def _send(self, instance_id: int) -> None:
+        send_classify(self.celery_app, instance_id)
 
-        sent: list[int] = []
-        for instance_id in ids:
-            try:
-                send_classify(self.celery_app, instance_id)
-            except Exception as exc:
-                log.warning(
-                    "broker unavailable, %d instance(s) stay 'received' for the sweep: %s",
-                    len(ids) - len(sent),
-                    type(exc).__name__,
-                )
-                break
-            sent.append(instance_id)
-        if not sent:
-            return
-        with session_scope(self.settings.database_url) as sess:
-            moved = (
-                sess.execute(
-                    update(Instance)
-                    .where(Instance.id.in_(sent), Instance.state == State.RECEIVED.value)
-                    .values(state=State.QUEUED.value, updated_at=utcnow())
-                    .returning(Instance.id)
-                )
-                .scalars()
-                .all()
-            )
-            sess.add_all(
-                Event(instance_id=i, kind=State.QUEUED.value, detail="sent to queue") for i in moved
-            )
+    def _hand_off(self, ids: list[int]) -> None:
+        lifecycle.hand_off(self.settings.database_url, ids, self._send)
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every hand-off so far was attempted. True when done in time."""
@@ -389,9 +351,7 @@ class StorageNode:
             return self._pending_cv.wait_for(lambda: self._pending == 0, timeout)
 
     def sweep(self, received_older_than: float = 5.0) -> int:
-        from worker.dispatch import requeue_stranded
-
-        return requeue_stranded(self.settings, self.celery_app, received_older_than)
+        return lifecycle.requeue_stranded(self.settings, self._send, received_older_than)
 
     def _sweep_loop(self) -> None:
         first = True
@@ -399,9 +359,7 @@ class StorageNode:
             first = False
             try:
                 self.sweep()
-                from worker.dispatch import queue_depth
-
-                queue_depth(self.settings)  # the cxr_queue_depth gauge
+                lifecycle.queue_depth(self.settings)  # the cxr_queue_depth gauge
             except Exception as exc:
                 log.warning("re-queue sweep failed: %s", type(exc).__name__)
 

@@ -21,44 +21,46 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from cxr.dimse import (
+    CANNOT_UNDERSTAND as CANNOT_UNDERSTAND,
+)
+from cxr.dimse import (
+    COERCION_OF_DATA_ELEMENTS as COERCION_OF_DATA_ELEMENTS,
+)
+from cxr.dimse import (
+    DATASET_DOES_NOT_MATCH_SOP_CLASS as DATASET_DOES_NOT_MATCH_SOP_CLASS,
+)
+from cxr.dimse import (
+    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING as DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING,
+)
+from cxr.dimse import (
+    ELEMENTS_DISCARDED as ELEMENTS_DISCARDED,
+)
+from cxr.dimse import (
+    OUT_OF_RESOURCES as OUT_OF_RESOURCES,
+)
+from cxr.dimse import (
+    PROCESSING_FAILURE as PROCESSING_FAILURE,
+)
+from cxr.dimse import (
+    SOP_CLASS_NOT_SUPPORTED as SOP_CLASS_NOT_SUPPORTED,
+)
+from cxr.dimse import (
+    STATUS_NAMES as STATUS_NAMES,
+)
+from cxr.dimse import (  # the codes are the foundation's contract (cxr/dimse.py)
+    SUCCESS as SUCCESS,
+)
+from cxr.dimse import (
+    status_hex as status_hex,
+)
+from cxr.dimse import (
+    status_name as status_name,
+)
+
 log = logging.getLogger(__name__)
 
-# --- PS3.7 Annex C.1 / PS3.4 B.2.3: Success ---------------------------------------------
-SUCCESS = 0x0000
-# --- PS3.4 Annex B.2.3, Table B.2-1: Storage failures --------------------------------------
-OUT_OF_RESOURCES = 0xA700  # "Refused: Out of Resources" (A7xx)
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900  # "Error: Data Set Does Not Match SOP Class" (A9xx)
-CANNOT_UNDERSTAND = 0xC000  # "Error: Cannot Understand" (Cxxx)
-# --- PS3.4 Annex B.2.3, Table B.2-1: Storage warnings (not emitted by this node) ------
-COERCION_OF_DATA_ELEMENTS = 0xB000
-ELEMENTS_DISCARDED = 0xB006
-DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING = 0xB007
-# --- PS3.7 Annex C.4: general failures --------------------------------------------------
-PROCESSING_FAILURE = 0x0110  # C.4.2 "Processing failure": an unexpected internal error
-SOP_CLASS_NOT_SUPPORTED = 0x0122  # C.4.6 "Refused: SOP Class not supported"
 
-STATUS_NAMES: dict[int, str] = {
-    SUCCESS: "Success",
-    OUT_OF_RESOURCES: "Refused: Out of Resources",
-    DATASET_DOES_NOT_MATCH_SOP_CLASS: "Error: Data Set Does Not Match SOP Class",
-    CANNOT_UNDERSTAND: "Error: Cannot Understand",
-    COERCION_OF_DATA_ELEMENTS: "Warning: Coercion of Data Elements",
-    ELEMENTS_DISCARDED: "Warning: Elements Discarded",
-    DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING: "Warning: Data Set Does Not Match SOP Class",
-    PROCESSING_FAILURE: "Failure: Processing Failure",
-    SOP_CLASS_NOT_SUPPORTED: "Refused: SOP Class Not Supported",
-}
-
-
-def status_name(code: int) -> str:
-    return STATUS_NAMES.get(code, f"0x{code:04X}")
-
-
-def status_hex(code: int) -> str:
-    return f"0x{code:04X}"
-
-
-# --- typed refusals -------------------------------------------------------------------------
 class StoreRefused(Exception):  # noqa: N818 - it is a refusal, not an error of ours
     """Base of every deliberate C-STORE refusal. ``reason`` is a short fixed vocabulary
     label (used as a metrics label); ``detail`` is free text for the audit trail (no PHI)."""

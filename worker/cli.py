@@ -65,12 +65,13 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
 def sweep_once(settings: object, app: object) -> int:
     """One pass of both sweeps (stranded/stale instances and undelivered results), then
     set the ``cxr_queue_depth`` gauge from the audit DB."""
-    from worker.dispatch import queue_depth, requeue_stranded
+    from cxr.contracts import send_classify
+    from db.lifecycle import queue_depth, requeue_stranded
     from worker.tasks import requeue_undelivered
 
     n = 0
     try:
-        n += requeue_stranded(settings, app)  # type: ignore[arg-type]
+        n += requeue_stranded(settings, lambda i: send_classify(app, i))  # type: ignore[arg-type]
         n += requeue_undelivered(settings, app)  # type: ignore[arg-type]
         queue_depth(settings)  # type: ignore[arg-type]
     except Exception as exc:  # DB down: try again next time
@@ -179,9 +180,9 @@ def run_worker(args: argparse.Namespace) -> int:
 
 
 def _run_worker(args: argparse.Namespace, settings: Any) -> int:
+    from cxr.celery_app import make_celery
     from cxr.logconfig import configure_logging
     from db.session import init_db
-    from worker.celery_app import make_celery
 
     configure_logging(settings.log_level, settings.log_json)
     init_db(settings.database_url)
@@ -237,9 +238,9 @@ def _serve(
     concurrency: int,
     stop: threading.Event,
 ) -> int:
+    from cxr.contracts import QUEUE
     from cxr.metrics import start_metrics_server
     from db.session import dispose_engines
-    from worker.celery_app import QUEUE
 
     start_metrics_server(settings.metrics_host, settings.metrics_port)
     if not args.no_sweep:

@@ -41,8 +41,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.status import code_to_category
 
-from cxr.scu import StoreResult, store_each
-from dicom_node.status import (
+from cxr.dimse import (
     COERCION_OF_DATA_ELEMENTS,
     DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING,
     ELEMENTS_DISCARDED,
@@ -50,6 +49,7 @@ from dicom_node.status import (
     status_hex,
     status_name,
 )
+from cxr.scu import StoreResult, store_each
 
 if TYPE_CHECKING:  # pragma: no cover
     from cxr.settings import Destination, Settings

@@ -47,8 +47,8 @@ from pydicom.uid import (
 )
 
 from cxr import DISCLAIMER, __version__
+from cxr.contracts import OWN_MANUFACTURER, OWN_SERIES_PREFIX
 from cxr.logconfig import register_dataset_phi
-from dicom_node.filters import OWN_MANUFACTURER, OWN_SERIES_PREFIX
 from ml import gradcam
 from ml.labels import CLASSES
 from ml.ood import OOD_MESSAGE

@@ -44,12 +44,12 @@ from celery.signals import task_postrun, task_prerun, worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from cxr import metrics
+from cxr.contracts import QUEUE, TASK_CLASSIFY, TASK_DELIVER
 from cxr.logconfig import scrub
 from cxr.settings import Settings, get_settings
 from db import lifecycle
 from db.models import State
 from worker import pipeline
-from worker.celery_app import QUEUE, TASK_CLASSIFY, TASK_DELIVER
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Spool retention (cxr.storage.cleanup_spool, `cxr run --cleanup-spool`), SQLite and PostgreSQL."""
+"""Spool retention (db.lifecycle.cleanup_spool, `cxr run --cleanup-spool`), SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from cxr.settings import load_settings
-from cxr.storage import Spool, cleanup_spool
+from cxr.storage import Spool
+from db.lifecycle import cleanup_spool
 from db.models import Event, Inference, Instance, State
 from db.session import init_db, session_scope
 
