@@ -202,19 +202,6 @@ def format_status(row: Any, inference: Any | None) -> str:
     return " ".join(parts)
 
 
-def done_condition() -> Any:
-    """SQL condition: processing is over for an instance (a final state, or ``classified``
-    with ``finished_at`` set, which is final when no destinations are configured)."""
-    from sqlalchemy import and_, or_
-
-    from db.models import FINAL_STATES, Instance, State
-
-    return or_(
-        Instance.state.in_([st.value for st in FINAL_STATES]),
-        and_(Instance.state == State.CLASSIFIED.value, Instance.finished_at.is_not(None)),
-    )
-
-
 class StatusPoller:
     """Finds instances that reached a final state since the last poll (audit DB)."""
 
@@ -224,32 +211,17 @@ class StatusPoller:
         self.reported: dict[int, str] = {}
 
     def poll(self) -> list[str]:
-        from sqlalchemy import select
-
-        from db.models import Inference, Instance
-        from db.session import session_scope
+        from db.lifecycle import finished_since
 
         lines: list[str] = []
         newest = self.since
-        with session_scope(self.url) as s:
-            rows = s.scalars(
-                select(Instance)
-                .where(done_condition(), Instance.updated_at >= self.since)
-                .order_by(Instance.updated_at, Instance.id)
-            ).all()
-            for row in rows:
-                upd = _aware(row.updated_at) or newest
-                newest = max(newest, upd)
-                if self.reported.get(row.id) == row.state:
-                    continue
-                self.reported[row.id] = row.state
-                inf = s.scalars(
-                    select(Inference)
-                    .where(Inference.instance_id == row.id)
-                    .order_by(Inference.id.desc())
-                    .limit(1)
-                ).first()
-                lines.append(format_status(row, inf))
+        for row, inf in finished_since(self.url, self.since):
+            upd = _aware(row.updated_at) or newest
+            newest = max(newest, upd)
+            if self.reported.get(row.id) == row.state:
+                continue
+            self.reported[row.id] = row.state
+            lines.append(format_status(row, inf))
         # keep a small overlap: rows committed with a slightly older timestamp still show
         self.since = max(self.since, newest - timedelta(seconds=5))
         if len(self.reported) > 20000:
@@ -297,14 +269,9 @@ class Supervisor:
             return False
 
     def count_by_state(self) -> dict[str, int]:
-        from sqlalchemy import func, select
+        from db.lifecycle import count_by_state
 
-        from db.models import Instance
-        from db.session import session_scope
-
-        with session_scope(self.settings.database_url) as s:
-            rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
-        return {str(st): int(n) for st, n in rows}
+        return count_by_state(self.settings.database_url)
 
     def db_ok(self) -> bool:
         from sqlalchemy import text

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.orm import Session
 
 from cxr import metrics
 from cxr.storage import Spool
-from db.models import FINAL_STATES, Event, Inference, Instance, State, utcnow
+from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
 from db.session import session_scope
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -221,18 +223,13 @@ def cleanup_spool(
         return res
     current = now if isinstance(now, datetime) else datetime.now(UTC)
     cutoff = current - timedelta(days=float(days))
-    finals = [s.value for s in FINAL_STATES]
     spool = Spool(settings.spool_dir)  # type: ignore[attr-defined]
     url = settings.database_url  # type: ignore[attr-defined]
     with session_scope(url) as s:
         done_at = Instance.finished_at
         old = s.execute(
             select(Instance.id, Instance.spool_path).where(
-                or_(
-                    Instance.state.in_(finals),
-                    # classified with finished_at set: final when there are no destinations
-                    and_(Instance.state == State.CLASSIFIED.value, done_at.is_not(None)),
-                ),
+                final_clause(),
                 Instance.spool_path.is_not(None),
                 ((done_at.is_not(None)) & (done_at < cutoff))
                 | ((done_at.is_(None)) & (Instance.updated_at < cutoff)),
@@ -290,3 +287,394 @@ def cleanup_spool(
         res.instances,
     )
     return res
+
+
+# ------------------------------------------------------------------ what "final" means
+def is_final(state: str, finished_at: datetime | None) -> bool:
+    """Final for good: a FINAL_STATES state, or ``classified`` closed for lack of
+    destinations (``finished_at`` set). :func:`final_clause` is the same rule in SQL."""
+    if state in {s.value for s in FINAL_STATES}:
+        return True
+    return state == State.CLASSIFIED.value and finished_at is not None
+
+
+def final_clause() -> ColumnElement[bool]:
+    """SQL condition of :func:`is_final` on ``instances``."""
+    return or_(
+        Instance.state.in_([st.value for st in FINAL_STATES]),
+        and_(Instance.state == State.CLASSIFIED.value, Instance.finished_at.is_not(None)),
+    )
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    if dt is not None and dt.tzinfo is None:  # SQLite returns naive datetimes (stored UTC)
+        return dt.replace(tzinfo=UTC)
+    return dt
+
+
+def _event(s: Session, instance_id: int, kind: str, detail: str | None = None) -> None:
+    s.add(Event(instance_id=instance_id, kind=kind, detail=detail))
+
+
+def count_by_state(url: str) -> dict[str, int]:
+    with session_scope(url) as s:
+        rows = s.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
+    return {str(st): int(n) for st, n in rows}
+
+
+def finished_since(url: str, since: datetime) -> list[tuple[Instance, Inference | None]]:
+    """Instances that reached a final state (updated since ``since``), oldest first, each
+    with its newest inference (detached rows, for reports)."""
+    out: list[tuple[Instance, Inference | None]] = []
+    with session_scope(url) as s:
+        rows = s.scalars(
+            select(Instance)
+            .where(final_clause(), Instance.updated_at >= since)
+            .order_by(Instance.updated_at, Instance.id)
+        ).all()
+        for row in rows:
+            inf = s.scalars(
+                select(Inference)
+                .where(Inference.instance_id == row.id)
+                .order_by(Inference.id.desc())
+                .limit(1)
+            ).first()
+            out.append((row, inf))
+        s.expunge_all()
+    return out
+
+
+# ------------------------------------------------------------------ claim (processing)
+def _requeued_since_claim(s: Session, instance_id: int) -> bool:
+    """True when the re-queue sweep re-sent the instance after its last claim, i.e. it
+    judged that claim stale (the sweep also refreshes ``updated_at``, so the age test
+    alone would refuse the very message the sweep sent)."""
+    last = dict(
+        s.execute(
+            select(Event.kind, func.max(Event.id))
+            .where(Event.instance_id == instance_id, Event.kind.in_(["processing", "requeued"]))
+            .group_by(Event.kind)
+        )
+        .tuples()
+        .all()
+    )
+    return last.get("requeued", -1) > last.get("processing", -1) >= 0
+
+
+def claim(
+    url: str,
+    instance_id: int,
+    task_id: str | None,
+    *,
+    stale_after: float,
+    max_claims: int,
+    force: bool = False,
+) -> tuple[str, str | None]:
+    """Take an instance for classification. Returns ``(decision, state)`` with decision
+    ``classify`` (the caller now holds it in ``processing``, ``claimed_by`` = its task id),
+    ``deliver`` (already classified), or ``skip`` (final, missing, held by another live
+    worker, or - after ``max_claims`` claims, e.g. a worker that keeps dying on it -
+    closed as ``failed``)."""
+    now = utcnow()
+    with session_scope(url) as s:
+        inst = s.execute(
+            select(Instance).where(Instance.id == instance_id).with_for_update()
+        ).scalar_one_or_none()
+        if inst is None:
+            log.warning("instance %d not found: skipped", instance_id)
+            return "skip", None
+        state = inst.state
+        if is_final(state, _aware(inst.finished_at)) and not force:
+            log.info("instance %d already final (%s): skipped", instance_id, state)
+            return "skip", state
+        if state == State.CLASSIFIED.value and not force:
+            return "deliver", state
+        if state == State.IGNORED.value:
+            return "skip", state  # deliberately not classified, even when forced
+        if state == State.PROCESSING.value and not force:
+            updated = _aware(inst.updated_at) or now
+            stale = updated <= now - timedelta(seconds=stale_after)
+            mine = task_id is not None and inst.claimed_by == task_id
+            stale = stale or _requeued_since_claim(s, instance_id)
+            if not (stale or mine):
+                log.info("instance %d is being processed by another worker: skipped", instance_id)
+                return "skip", state
+            detail = "stale claim taken over" if stale else "redelivered task resumes"
+            _event(s, instance_id, "takeover", detail)
+        if (inst.attempts or 0) >= max_claims and not force:
+            reason = f"gave up after {inst.attempts} attempts (worker lost or time limit)"
+            inst.state = State.FAILED.value
+            inst.reason = reason
+            inst.finished_at = now
+            _event(s, instance_id, State.FAILED.value, reason)
+            log.warning("instance %d failed: %s", instance_id, reason)
+            return "skip", State.FAILED.value
+        inst.state = State.PROCESSING.value
+        inst.attempts = (inst.attempts or 0) + 1
+        inst.claimed_by = task_id
+        inst.finished_at = None
+        inst.reason = None
+        _event(
+            s, instance_id, State.PROCESSING.value, f"task {task_id or '-'} attempt {inst.attempts}"
+        )
+        return "classify", State.PROCESSING.value
+
+
+def mark_failed(url: str, instance_id: int, reason: str, state: State = State.FAILED) -> bool:
+    """Close an instance for good with its reason (``failed`` or ``delivery_failed``).
+    False when another attempt finished it meanwhile (nothing changed)."""
+    with session_scope(url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None:
+            return False
+        if (
+            is_final(inst.state, _aware(inst.finished_at))
+            and inst.state != State.DELIVERY_FAILED.value
+        ):
+            return False
+        inst.state = state.value
+        inst.reason = reason
+        inst.finished_at = utcnow()
+        inst.retry_due_at = None
+        inst.retry_attempt = None
+        _event(s, instance_id, state.value, reason)
+    return True
+
+
+def release_claim(url: str, instance_id: int, detail: str) -> None:
+    """Put a ``processing`` instance back to ``queued`` before a retry."""
+    with session_scope(url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is not None and inst.state == State.PROCESSING.value:
+            inst.state = State.QUEUED.value
+            _event(s, instance_id, "retry", detail)
+
+
+# ------------------------------------------------------------------ inference
+def source_of(url: str, instance_id: int) -> tuple[str | None, str] | None:
+    """``(spool_path, sop_instance_uid)`` of an instance, None when the row is gone."""
+    with session_scope(url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None:
+            return None
+        return inst.spool_path, inst.sop_instance_uid
+
+
+@dataclass
+class InferenceRecord:
+    """What one classification produced (the ``inferences`` row, upserted by model version)."""
+
+    model_version: str
+    model_sha256: str
+    engine: str | None
+    probabilities: dict[str, float]
+    verdict: str
+    ood_score: float | None
+    ood: bool | None
+    sc_series_uid: str
+    sc_sop_instance_uid: str
+    sr_series_uid: str | None
+    sr_sop_instance_uid: str | None
+    timings_ms: dict[str, float]
+
+
+NO_DESTINATIONS = "no destinations configured"
+
+
+def record_classification(
+    url: str, instance_id: int, rec: InferenceRecord, detail: str, no_destinations: bool
+) -> None:
+    """Upsert the inference and move the instance to ``classified`` (final at once when
+    there are no destinations)."""
+    now = utcnow()
+    t = rec.timings_ms
+    with session_scope(url) as s:
+        inf = s.execute(
+            select(Inference).where(
+                Inference.instance_id == instance_id, Inference.model_version == rec.model_version
+            )
+        ).scalar_one_or_none()
+        if inf is None:
+            inf = Inference(instance_id=instance_id, model_version=rec.model_version)
+            s.add(inf)
+        inf.created_at = now
+        inf.model_sha256 = rec.model_sha256
+        inf.engine = rec.engine
+        inf.p_covid = rec.probabilities.get("COVID", 0.0)
+        inf.p_normal = rec.probabilities.get("Normal", 0.0)
+        inf.p_other = rec.probabilities.get("Other", 0.0)
+        inf.verdict = rec.verdict
+        inf.ood_score = rec.ood_score
+        inf.ood = rec.ood
+        inf.sc_series_uid = rec.sc_series_uid
+        inf.sc_sop_instance_uid = rec.sc_sop_instance_uid
+        inf.sr_series_uid = rec.sr_series_uid
+        inf.sr_sop_instance_uid = rec.sr_sop_instance_uid
+        inf.t_decode_ms = t.get("decode")
+        inf.t_preprocess_ms = t.get("preprocess")
+        inf.t_forward_ms = t.get("forward")
+        inf.t_cam_ms = t.get("cam")
+        inf.t_build_ms = t.get("build")
+        inf.t_send_ms = None
+        inf.t_total_ms = sum(t.values())  # processing so far; finish_delivery adds send
+        inst = s.get(Instance, instance_id)
+        assert inst is not None
+        inst.state = State.CLASSIFIED.value
+        inst.reason = NO_DESTINATIONS if no_destinations else None
+        inst.finished_at = now if no_destinations else None
+        _event(
+            s,
+            instance_id,
+            State.CLASSIFIED.value,
+            detail + (f"; {NO_DESTINATIONS}" if no_destinations else ""),
+        )
+
+
+# ------------------------------------------------------------------ delivery
+D_PENDING = "pending"
+D_DELIVERED = "delivered"
+D_WARNING = "delivered_with_warning"
+D_FAILED = "failed"
+DELIVERED_ROW_STATES = (D_DELIVERED, D_WARNING)
+
+
+@dataclass
+class DeliveryPlan:
+    """What delivery needs to know about an instance."""
+
+    state: str
+    inference_id: int | None
+    results: list[tuple[str, str]]  # (kind "SC"/"SR", SOP Instance UID)
+    done: set[tuple[str, str]]  # (destination, SOP Instance UID) already acknowledged
+    received_at: datetime | None
+
+
+def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
+    """The instance's state, its newest inference's results and the (destination, UID)
+    pairs already delivered; None when the row is gone."""
+    with session_scope(url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is None:
+            return None
+        inf = s.execute(
+            select(Inference)
+            .where(Inference.instance_id == instance_id)
+            .order_by(Inference.created_at.desc(), Inference.id.desc())
+            .limit(1)
+        ).scalar_one_or_none()
+        results: list[tuple[str, str]] = []
+        if inf is not None:
+            if inf.sc_sop_instance_uid:
+                results.append(("SC", inf.sc_sop_instance_uid))
+            if inf.sr_sop_instance_uid:
+                results.append(("SR", inf.sr_sop_instance_uid))
+        done = {
+            (d.destination, d.sop_instance_uid)
+            for d in s.execute(
+                select(Delivery).where(Delivery.instance_id == instance_id)
+            ).scalars()
+            if d.state in DELIVERED_ROW_STATES
+        }
+        return DeliveryPlan(
+            inst.state, inf.id if inf else None, results, done, _aware(inst.received_at)
+        )
+
+
+def close_without_destinations(url: str, instance_id: int) -> None:
+    """A classified instance with nothing to deliver to: final as ``classified``."""
+    with session_scope(url) as s:
+        inst = s.get(Instance, instance_id)
+        if inst is not None and inst.finished_at is None:
+            inst.finished_at = utcnow()
+            inst.reason = NO_DESTINATIONS
+            inst.state = State.CLASSIFIED.value
+            _event(s, instance_id, State.CLASSIFIED.value, NO_DESTINATIONS)
+
+
+@dataclass
+class Attempt:
+    """One result's outcome at one destination (category: success/warning/failure/...)."""
+
+    kind: str
+    sop_instance_uid: str
+    category: str
+    status: str | None
+    error: str | None
+
+
+def record_delivery_attempts(
+    url: str, instance_id: int, destination: str, attempts: Sequence[Attempt]
+) -> None:
+    """One ``deliveries`` row per (destination, result), its attempt count and outcome."""
+    now = utcnow()
+    with session_scope(url) as s:
+        for a in attempts:
+            row = s.execute(
+                select(Delivery).where(
+                    Delivery.instance_id == instance_id,
+                    Delivery.destination == destination,
+                    Delivery.sop_instance_uid == a.sop_instance_uid,
+                )
+            ).scalar_one_or_none()
+            if row is None:
+                row = Delivery(
+                    instance_id=instance_id,
+                    destination=destination,
+                    kind=a.kind,
+                    sop_instance_uid=a.sop_instance_uid,
+                )
+                row.attempts = 0
+                s.add(row)
+            row.attempts = (row.attempts or 0) + 1
+            row.last_status = a.status
+            if a.category == "success":
+                row.state, row.delivered_at, row.last_error = D_DELIVERED, now, None
+            elif a.category == "warning":
+                row.state, row.delivered_at, row.last_error = D_WARNING, now, a.error
+            else:
+                row.state = D_FAILED
+                row.last_error = (a.error or a.category)[:2000]
+
+
+def finish_delivery(
+    url: str,
+    instance_id: int,
+    inference_id: int | None,
+    send_ms: float,
+    problems: Sequence[str],
+    final_attempt: bool,
+    delivered_detail: str,
+) -> datetime:
+    """After a delivery attempt: the send time on the inference, and the instance
+    ``delivered`` (no problems), ``delivery_failed`` (problems on the final attempt) or
+    back to ``classified`` with a ``retry`` event. Returns the time it was recorded."""
+    now = utcnow()
+    with session_scope(url) as s:
+        inf_row = s.get(Inference, inference_id) if inference_id is not None else None
+        if inf_row is not None:
+            inf_row.t_send_ms = send_ms  # the last delivery attempt
+            parts = [
+                inf_row.t_decode_ms,
+                inf_row.t_preprocess_ms,
+                inf_row.t_forward_ms,
+                inf_row.t_cam_ms,
+                inf_row.t_build_ms,
+                inf_row.t_send_ms,
+            ]
+            inf_row.t_total_ms = sum(p or 0.0 for p in parts)  # processing, no queue wait
+        inst = s.get(Instance, instance_id)
+        assert inst is not None
+        if not problems:
+            inst.state = State.DELIVERED.value
+            inst.reason = None
+            inst.finished_at = now
+            _event(s, instance_id, State.DELIVERED.value, delivered_detail)
+        elif final_attempt:
+            inst.state = State.DELIVERY_FAILED.value
+            inst.reason = "; ".join(problems)[:2000]
+            inst.finished_at = now
+            _event(s, instance_id, State.DELIVERY_FAILED.value, inst.reason)
+        else:
+            inst.state = State.CLASSIFIED.value  # an admin re-send from delivery_failed
+            _event(s, instance_id, "retry", "delivery: " + "; ".join(problems)[:1900])
+    return now

@@ -114,6 +114,9 @@ class Instance(Base):
     # attempt number it will be, and when the sweep sends it (db/lifecycle.py)
     retry_due_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     retry_attempt: Mapped[int | None] = mapped_column(Integer)
+    # the Celery task id holding the ``processing`` claim (a redelivery of the same
+    # message resumes it; db/lifecycle.py claim)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
 
     association: Mapped[Association | None] = relationship(back_populates="instances")
     events: Mapped[list[Event]] = relationship(

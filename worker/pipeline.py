@@ -35,17 +35,15 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
-
-from sqlalchemy import select
 
 from cxr import metrics
 from cxr.logconfig import register_dataset_phi, scrub
 from cxr.settings import Destination, Settings
 from cxr.storage import Spool
-from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
-from db.session import session_scope
+from db import lifecycle
+from db.lifecycle import NO_DESTINATIONS, is_final
+from db.models import State
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -53,14 +51,7 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 TEST_DELAY_ENV = "CXR_TEST_STAGE_DELAY"
-NO_DESTINATIONS = "no destinations configured"
-
-# Delivery row states (deliveries.state)
-D_PENDING = "pending"
-D_DELIVERED = "delivered"
-D_WARNING = "delivered_with_warning"
-D_FAILED = "failed"
-_DELIVERED_STATES = (D_DELIVERED, D_WARNING)
+__all__ = ["NO_DESTINATIONS", "is_finished"]
 
 
 class PermanentError(Exception):
@@ -92,18 +83,8 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-def _aware(dt: datetime | None) -> datetime | None:
-    if dt is not None and dt.tzinfo is None:  # SQLite returns naive datetimes (stored UTC)
-        return dt.replace(tzinfo=UTC)
-    return dt
-
-
-def is_finished(state: str, finished_at: datetime | None) -> bool:
-    """Final for good: a FINAL_STATES state, or ``classified`` closed for lack of
-    destinations (``finished_at`` set)."""
-    if state in {s.value for s in FINAL_STATES}:
-        return True
-    return state == State.CLASSIFIED.value and finished_at is not None
+#: "final" has one definition, in the audit lifecycle (db/lifecycle.py)
+is_finished = is_final
 
 
 def _test_delay() -> float:
@@ -242,93 +223,20 @@ def model_info(classifier: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- claim
-def _event(s: Any, instance_id: int, kind: str, detail: str | None = None) -> None:
-    s.add(Event(instance_id=instance_id, kind=kind, detail=detail))
-
-
-def _claimed_by(s: Any, instance_id: int) -> str | None:
-    """The task id of the last ``processing`` claim of this instance (from its events)."""
-    row = s.execute(
-        select(Event.detail)
-        .where(Event.instance_id == instance_id, Event.kind == State.PROCESSING.value)
-        .order_by(Event.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-    if row and row.startswith("task "):
-        return row[5:].split(" ", 1)[0]
-    return None
-
-
-def _requeued_since_claim(s: Any, instance_id: int) -> bool:
-    """True when the re-queue sweep re-sent the instance after its last claim, i.e. it
-    judged that claim stale (the sweep also refreshes ``updated_at``, so the age test
-    alone would refuse the very message the sweep sent)."""
-    from sqlalchemy import func
-
-    last = dict(
-        s.execute(
-            select(Event.kind, func.max(Event.id))
-            .where(Event.instance_id == instance_id, Event.kind.in_(["processing", "requeued"]))
-            .group_by(Event.kind)
-        ).all()
-    )
-    return last.get("requeued", -1) > last.get("processing", -1) >= 0
-
-
 def claim(
     settings: Settings, instance_id: int, task_id: str | None = None, force: bool = False
 ) -> tuple[str, str | None]:
-    """Take an instance for classification. Returns ``(decision, state)`` with decision
-    ``classify`` (we now hold it in ``processing``), ``deliver`` (already classified),
-    or ``skip`` (final, missing, held by another live worker, or - after
-    ``CXR_TASK_MAX_RETRIES`` + 2 claims, e.g. a worker that keeps dying on it - closed
-    as ``failed``)."""
-    now = utcnow()
-    with session_scope(settings.database_url) as s:
-        inst = s.execute(
-            select(Instance).where(Instance.id == instance_id).with_for_update()
-        ).scalar_one_or_none()
-        if inst is None:
-            log.warning("instance %d not found: skipped", instance_id)
-            return "skip", None
-        state = inst.state
-        if is_finished(state, _aware(inst.finished_at)) and not force:
-            log.info("instance %d already final (%s): skipped", instance_id, state)
-            return "skip", state
-        if state == State.CLASSIFIED.value and not force:
-            return "deliver", state
-        if state == State.IGNORED.value:
-            return "skip", state  # deliberately not classified, even when forced
-        if state == State.PROCESSING.value and not force:
-            updated = _aware(inst.updated_at) or now
-            stale = updated <= now - timedelta(seconds=settings.requeue_stale_after)
-            mine = task_id is not None and _claimed_by(s, instance_id) == task_id
-            stale = stale or _requeued_since_claim(s, instance_id)
-            if not (stale or mine):
-                log.info("instance %d is being processed by another worker: skipped", instance_id)
-                return "skip", state
-            detail = "stale claim taken over" if stale else "redelivered task resumes"
-            _event(s, instance_id, "takeover", detail)
-        max_claims = settings.task_max_retries + 2
-        if (inst.attempts or 0) >= max_claims and not force:
-            # e.g. a poison message: the worker keeps dying (hard time limit, OOM kill)
-            reason = f"gave up after {inst.attempts} attempts (worker lost or time limit)"
-            inst.state = State.FAILED.value
-            inst.reason = reason
-            inst.finished_at = now
-            inst.updated_at = now
-            _event(s, instance_id, State.FAILED.value, reason)
-            log.warning("instance %d failed: %s", instance_id, reason)
-            return "skip", State.FAILED.value
-        inst.state = State.PROCESSING.value
-        inst.attempts = (inst.attempts or 0) + 1
-        inst.updated_at = now
-        inst.finished_at = None
-        inst.reason = None
-        _event(
-            s, instance_id, State.PROCESSING.value, f"task {task_id or '-'} attempt {inst.attempts}"
-        )
-        return "classify", State.PROCESSING.value
+    """Take an instance for classification (:func:`db.lifecycle.claim`): a claim older
+    than ``CXR_REQUEUE_STALE_AFTER`` or made by the same task is taken over; after
+    ``CXR_TASK_MAX_RETRIES`` + 2 claims the instance is closed as ``failed``."""
+    return lifecycle.claim(
+        settings.database_url,
+        instance_id,
+        task_id,
+        stale_after=settings.requeue_stale_after,
+        max_claims=settings.task_max_retries + 2,
+        force=force,
+    )
 
 
 def mark_failed(
@@ -336,20 +244,8 @@ def mark_failed(
 ) -> None:
     """Close an instance for good with its reason (``failed`` or ``delivery_failed``)."""
     reason = scrub(reason)[:2000]
-    with session_scope(settings.database_url) as s:
-        inst = s.get(Instance, instance_id)
-        if inst is None:
-            return
-        if (
-            is_finished(inst.state, _aware(inst.finished_at))
-            and inst.state != State.DELIVERY_FAILED.value
-        ):
-            return  # another attempt finished it meanwhile
-        inst.state = state.value
-        inst.reason = reason
-        inst.finished_at = utcnow()
-        inst.updated_at = utcnow()
-        _event(s, instance_id, state.value, reason)
+    if not lifecycle.mark_failed(settings.database_url, instance_id, reason, state):
+        return  # gone, or another attempt finished it meanwhile
     metrics.TASK_OUTCOMES.labels(state.value).inc()
     log.warning("instance %d %s: %s", instance_id, state.value, reason)
 
@@ -357,12 +253,7 @@ def mark_failed(
 def release_claim(settings: Settings, instance_id: int, detail: str) -> None:
     """Put a ``processing`` instance back to ``queued`` before a retry (best effort)."""
     try:
-        with session_scope(settings.database_url) as s:
-            inst = s.get(Instance, instance_id)
-            if inst is not None and inst.state == State.PROCESSING.value:
-                inst.state = State.QUEUED.value
-                inst.updated_at = utcnow()
-                _event(s, instance_id, "retry", scrub(detail)[:2000])
+        lifecycle.release_claim(settings.database_url, instance_id, scrub(detail)[:2000])
     except Exception as exc:  # the DB itself may be what is down
         log.warning(
             "could not release instance %d before retry: %s", instance_id, type(exc).__name__
@@ -375,6 +266,9 @@ class _Built:
     sc_uid: str
     sr_uid: str | None
     verdict: str
+    # the result objects themselves, handed to the first delivery attempt (the spool
+    # copies are for retries and the audit, never re-read on the first attempt)
+    datasets: dict[str, Dataset] = field(default_factory=dict)
 
 
 def classify(
@@ -393,12 +287,10 @@ def classify(
         log.warning("%s=%s: test hook sleeping", TEST_DELAY_ENV, delay)
         time.sleep(delay)
 
-    with session_scope(settings.database_url) as s:
-        inst = s.get(Instance, instance_id)
-        if inst is None:
-            raise PermanentError("instance row vanished")
-        spool_path = inst.spool_path
-        sop_uid = inst.sop_instance_uid
+    src = lifecycle.source_of(settings.database_url, instance_id)
+    if src is None:
+        raise PermanentError("instance row vanished")
+    spool_path, sop_uid = src
     if not spool_path:
         raise PermanentError("no spool file recorded for this instance")
     spool = Spool(settings.spool_dir)
@@ -431,85 +323,48 @@ def classify(
     uids = output_uids(sop_uid, clf.version)
     sc = build_secondary_capture(ds, display, pred, model, uids, settings)
     spool.store_result(uids.sc_sop, sc)
+    built: dict[str, Dataset] = {uids.sc_sop: sc}
     sr_uid = None
     if settings.send_sr:
         sr = build_structured_report(ds, pred, model, uids, sc)
         spool.store_result(uids.sr_sop, sr)
         sr_uid = uids.sr_sop
+        built[sr_uid] = sr
     timings["build"] = (time.perf_counter() - t1) * 1000
 
-    probs = {k: float(v) for k, v in pred.probabilities.items()}
     no_dest = not settings.destinations
-    now = utcnow()
-    with session_scope(settings.database_url) as s:
-        inf = s.execute(
-            select(Inference).where(
-                Inference.instance_id == instance_id, Inference.model_version == clf.version
-            )
-        ).scalar_one_or_none()
-        if inf is None:
-            inf = Inference(instance_id=instance_id, model_version=clf.version)
-            s.add(inf)
-        inf.created_at = now
-        inf.model_sha256 = clf.sha256
-        inf.engine = getattr(clf, "engine", None)
-        inf.p_covid = probs.get("COVID", 0.0)
-        inf.p_normal = probs.get("Normal", 0.0)
-        inf.p_other = probs.get("Other", 0.0)
-        inf.verdict = pred.label
-        inf.ood_score = getattr(pred, "ood_score", None)
-        inf.ood = getattr(pred, "ood", None)
-        inf.sc_series_uid = uids.sc_series
-        inf.sc_sop_instance_uid = uids.sc_sop
-        inf.sr_series_uid = uids.sr_series if sr_uid else None
-        inf.sr_sop_instance_uid = sr_uid
-        inf.t_decode_ms = timings["decode"]
-        inf.t_preprocess_ms = timings["preprocess"]
-        inf.t_forward_ms = timings["forward"]
-        inf.t_cam_ms = timings["cam"]
-        inf.t_build_ms = timings["build"]
-        inf.t_send_ms = None
-        inf.t_total_ms = sum(timings.values())  # processing so far; deliver() adds send
-        inst = s.get(Instance, instance_id)
-        assert inst is not None
-        inst.state = State.CLASSIFIED.value
-        inst.updated_at = now
-        inst.reason = NO_DESTINATIONS if no_dest else None
-        inst.finished_at = now if no_dest else None
-        _event(
-            s,
-            instance_id,
-            State.CLASSIFIED.value,
-            f"{pred.label} (model {clf.version})"
-            + (
-                f"; {OOD_MESSAGE} (ood_score {pred.ood_score:.1f})"
-                if getattr(pred, "ood", None)
-                else ""
-            )
-            + (f"; {NO_DESTINATIONS}" if no_dest else ""),
-        )
+    lifecycle.record_classification(
+        settings.database_url,
+        instance_id,
+        lifecycle.InferenceRecord(
+            model_version=clf.version,
+            model_sha256=clf.sha256,
+            engine=getattr(clf, "engine", None),
+            probabilities={k: float(v) for k, v in pred.probabilities.items()},
+            verdict=pred.label,
+            ood_score=getattr(pred, "ood_score", None),
+            ood=getattr(pred, "ood", None),
+            sc_series_uid=uids.sc_series,
+            sc_sop_instance_uid=uids.sc_sop,
+            sr_series_uid=uids.sr_series if sr_uid else None,
+            sr_sop_instance_uid=sr_uid,
+            timings_ms=timings,
+        ),
+        f"{pred.label} (model {clf.version})"
+        + (
+            f"; {OOD_MESSAGE} (ood_score {pred.ood_score:.1f})"
+            if getattr(pred, "ood", None)
+            else ""
+        ),
+        no_destinations=no_dest,
+    )
     metrics.INFERENCES.labels(pred.label).inc()
     for k, v in timings.items():
         metrics.STAGE_SECONDS.labels(k).observe(v / 1000)
-    return _Built(sc_uid=uids.sc_sop, sr_uid=sr_uid, verdict=pred.label), timings
+    return _Built(uids.sc_sop, sr_uid, pred.label, built), timings
 
 
 # --------------------------------------------------------------------------- deliver
-def _results_of(s: Any, instance_id: int) -> tuple[Inference | None, list[tuple[str, str]]]:
-    inf = s.execute(
-        select(Inference)
-        .where(Inference.instance_id == instance_id)
-        .order_by(Inference.created_at.desc(), Inference.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
-    if inf is None:
-        return None, []
-    out = [("SC", inf.sc_sop_instance_uid)] if inf.sc_sop_instance_uid else []
-    if inf.sr_sop_instance_uid:
-        out.append(("SR", inf.sr_sop_instance_uid))
-    return inf, out
-
-
 def _status_text(outcome: Any) -> str | None:
     st = getattr(outcome, "status", None)
     if st is None:
@@ -519,47 +374,39 @@ def _status_text(outcome: Any) -> str | None:
     return str(st)
 
 
-def deliver(settings: Settings, instance_id: int, final_attempt: bool = True) -> Outcome:
+def deliver(
+    settings: Settings,
+    instance_id: int,
+    final_attempt: bool = True,
+    built: dict[str, Dataset] | None = None,
+) -> Outcome:
     """Send the stored results of a classified instance to every destination.
 
     Results already acknowledged by a destination are not re-sent to it. When all are
     acknowledged the instance becomes ``delivered``; otherwise :class:`DeliveryIncomplete`
     is raised (the caller retries with backoff) unless ``final_attempt``, in which case the
-    instance becomes ``delivery_failed``.
+    instance becomes ``delivery_failed``. ``built``: the result datasets just made by
+    :func:`classify` (first attempt); without them they are read from the spool.
     """
     t0 = time.perf_counter()
     spool = Spool(settings.spool_dir)
-    with session_scope(settings.database_url) as s:
-        inst = s.get(Instance, instance_id)
-        if inst is None:
-            return Outcome(instance_id, "skipped", None, "instance not found")
-        if inst.state == State.DELIVERED.value:
-            return Outcome(instance_id, "skipped", inst.state, "already delivered")
-        if inst.state not in (State.CLASSIFIED.value, State.DELIVERY_FAILED.value):
-            return Outcome(instance_id, "skipped", inst.state, "not classified")
-        inf, results = _results_of(s, instance_id)
-        received_at = _aware(inst.received_at)
-        done: set[tuple[str, str]] = {
-            (d.destination, d.sop_instance_uid)
-            for d in s.execute(
-                select(Delivery).where(Delivery.instance_id == instance_id)
-            ).scalars()
-            if d.state in _DELIVERED_STATES
-        }
-    if inf is None or not results:
+    url = settings.database_url
+    plan = lifecycle.delivery_plan(url, instance_id)
+    if plan is None:
+        return Outcome(instance_id, "skipped", None, "instance not found")
+    if plan.state == State.DELIVERED.value:
+        return Outcome(instance_id, "skipped", plan.state, "already delivered")
+    if plan.state not in (State.CLASSIFIED.value, State.DELIVERY_FAILED.value):
+        return Outcome(instance_id, "skipped", plan.state, "not classified")
+    results, done = plan.results, plan.done
+    if plan.inference_id is None or not results:
         mark_failed(settings, instance_id, "classified but no inference/results recorded")
         return Outcome(instance_id, "failed", State.FAILED.value, "no results")
     if not settings.destinations:
-        with session_scope(settings.database_url) as s:
-            inst = s.get(Instance, instance_id)
-            if inst is not None and inst.finished_at is None:
-                inst.finished_at = utcnow()
-                inst.reason = NO_DESTINATIONS
-                inst.state = State.CLASSIFIED.value
-                _event(s, instance_id, State.CLASSIFIED.value, NO_DESTINATIONS)
+        lifecycle.close_without_destinations(url, instance_id)
         return Outcome(instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS)
 
-    datasets: dict[str, Dataset] = {}
+    datasets: dict[str, Dataset] = dict(built or {})
     problems: list[str] = []
     for dest in settings.destinations:
         pending = [(k, uid) for k, uid in results if (str(dest), uid) not in done]
@@ -581,43 +428,16 @@ def deliver(settings: Settings, instance_id: int, final_attempt: bool = True) ->
 
     send_ms = (time.perf_counter() - t0) * 1000
     metrics.STAGE_SECONDS.labels("send").observe(send_ms / 1000)
-    now = utcnow()
-    with session_scope(settings.database_url) as s:
-        inf_row = s.get(Inference, inf.id)
-        if inf_row is not None:
-            inf_row.t_send_ms = send_ms  # the last delivery attempt
-            parts = [
-                inf_row.t_decode_ms,
-                inf_row.t_preprocess_ms,
-                inf_row.t_forward_ms,
-                inf_row.t_cam_ms,
-                inf_row.t_build_ms,
-                inf_row.t_send_ms,
-            ]
-            inf_row.t_total_ms = sum(p or 0.0 for p in parts)  # processing, no queue wait
-        inst = s.get(Instance, instance_id)
-        assert inst is not None
-        if not problems:
-            inst.state = State.DELIVERED.value
-            inst.reason = None
-            inst.finished_at = now
-            inst.updated_at = now
-            _event(
-                s,
-                instance_id,
-                State.DELIVERED.value,
-                f"{len(results)} result(s) to {len(settings.destinations)} destination(s)",
-            )
-        elif final_attempt:
-            inst.state = State.DELIVERY_FAILED.value
-            inst.reason = "; ".join(problems)[:2000]
-            inst.finished_at = now
-            inst.updated_at = now
-            _event(s, instance_id, State.DELIVERY_FAILED.value, inst.reason)
-        else:
-            inst.state = State.CLASSIFIED.value  # an admin re-send from delivery_failed
-            inst.updated_at = now
-            _event(s, instance_id, "retry", "delivery: " + "; ".join(problems)[:1900])
+    now = lifecycle.finish_delivery(
+        url,
+        instance_id,
+        plan.inference_id,
+        send_ms,
+        problems,
+        final_attempt,
+        f"{len(results)} result(s) to {len(settings.destinations)} destination(s)",
+    )
+    received_at = plan.received_at
     if not problems:
         if received_at is not None:
             metrics.STAGE_SECONDS.labels("end_to_end").observe(
@@ -661,37 +481,19 @@ def _record(
     outcomes: list[Any],
     problems: list[str],
 ) -> None:
-    now = utcnow()
-    with session_scope(settings.database_url) as s:
-        for (kind, uid), out in zip(pending, outcomes, strict=False):
-            cat = str(getattr(out, "category", "failure"))
-            metrics.DELIVERIES.labels(cat).inc()
-            row = s.execute(
-                select(Delivery).where(
-                    Delivery.instance_id == instance_id,
-                    Delivery.destination == str(dest),
-                    Delivery.sop_instance_uid == uid,
-                )
-            ).scalar_one_or_none()
-            if row is None:
-                row = Delivery(
-                    instance_id=instance_id, destination=str(dest), kind=kind, sop_instance_uid=uid
-                )
-                row.attempts = 0
-                s.add(row)
-            row.attempts = (row.attempts or 0) + 1
-            row.last_status = _status_text(out)
-            err = getattr(out, "error", None) or getattr(out, "detail", None)
-            if cat == "success":
-                row.state, row.delivered_at, row.last_error = D_DELIVERED, now, None
-            elif cat == "warning":
-                row.state, row.delivered_at, row.last_error = D_WARNING, now, err and str(err)
-            else:
-                row.state = D_FAILED
-                row.last_error = (str(err) if err else cat)[:2000]
-                problems.append(f"{kind} to {dest.ae_title}: {cat} {row.last_status or ''}".strip())
-        if len(outcomes) < len(pending):
-            problems.append(f"{dest.ae_title}: {len(pending) - len(outcomes)} result(s) unanswered")
+    """The attempt's outcome per result into the audit trail; failures into ``problems``."""
+    attempts: list[lifecycle.Attempt] = []
+    for (kind, uid), out in zip(pending, outcomes, strict=False):
+        cat = str(getattr(out, "category", "failure"))
+        metrics.DELIVERIES.labels(cat).inc()
+        err = getattr(out, "error", None) or getattr(out, "detail", None)
+        status = _status_text(out)
+        attempts.append(lifecycle.Attempt(kind, uid, cat, status, str(err) if err else None))
+        if cat not in ("success", "warning"):
+            problems.append(f"{kind} to {dest.ae_title}: {cat} {status or ''}".strip())
+    lifecycle.record_delivery_attempts(settings.database_url, instance_id, str(dest), attempts)
+    if len(outcomes) < len(pending):
+        problems.append(f"{dest.ae_title}: {len(pending) - len(outcomes)} result(s) unanswered")
 
 
 # --------------------------------------------------------------------------- all in one
@@ -718,6 +520,7 @@ def process_instance(
         return Outcome(instance_id, "skipped", state)
     timings: dict[str, float] = {}
     verdict = None
+    fresh: dict[str, Dataset] | None = None
     if decision == "classify":
         try:
             built, timings = classify(settings, instance_id, clf)
@@ -726,13 +529,19 @@ def process_instance(
             mark_failed(settings, instance_id, reason)
             return Outcome(instance_id, "failed", State.FAILED.value, reason)
         verdict = built.verdict
+        fresh = built.datasets
         if not settings.destinations:
             metrics.TASK_OUTCOMES.labels(State.CLASSIFIED.value).inc()
             timings["total"] = (time.perf_counter() - t_start) * 1000
             return Outcome(
                 instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS, verdict, timings
             )
-    out = deliver(settings, instance_id, final_attempt=final_delivery_attempt)
+    out = deliver(
+        settings,
+        instance_id,
+        final_attempt=final_delivery_attempt,
+        built=fresh,
+    )
     out.verdict = verdict
     out.timings_ms = {**timings, **out.timings_ms}
     out.timings_ms["total"] = (time.perf_counter() - t_start) * 1000
