@@ -4,7 +4,7 @@
 #   - Debian packages when missing: dcmtk orthanc dicom3tools redis-server postgresql
 #   - starts Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, user postgres, db test)
 #     when they are down; no system Orthanc service is left holding 4242/8042
-#   - static checks: ruff check, ruff format --check, lint-imports, mypy --strict
+#   - static checks: ruff check, ruff format --check, lint-imports
 #   - then: python3 -m pytest -q -ra (extra arguments are passed to pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -79,11 +79,11 @@ if [ "$(pg -c "select 1 from pg_database where datname = 'test'")" != 1 ]; then
 fi
 
 # ---------------------------------------------------------------- static checks
-# (issue 10) lint, format, import layers (pyproject.toml [tool.importlinter]) and strict
-# types ([tool.mypy]); any failure fails the run before the tests start
+# (issue 10) lint, format and import layers (pyproject.toml [tool.importlinter]); any
+# failure fails the run before the tests start (strict mypy is not in yet)
 if [ "${SKIP_INSTALL:-0}" != 1 ] && [ "${SKIP_STATIC:-0}" != 1 ]; then
   bin="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
-  echo "test.sh: ruff check, ruff format --check, lint-imports, mypy"
+  echo "test.sh: ruff check, ruff format --check, lint-imports"
   "$PY" -m ruff check .
   "$PY" -m ruff format --check .
   "$bin/lint-imports" --no-cache
