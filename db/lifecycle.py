@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 from cxr import metrics
 from cxr.storage import Spool
 from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
+from db.queries import aware
 from db.session import session_scope
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -180,14 +181,56 @@ def take_due_delivery_retries(url: str, now: datetime | None = None) -> list[tup
     return taken
 
 
-def clear_delivery_retry(url: str, instance_id: int) -> None:
-    """Drop a waiting retry (an admin re-send, or a send that went out another way)."""
+SendDeliver = Callable[[int, int | None], None]  # (instance id, attempt or None)
+
+
+def requeue_undelivered(url: str, send: SendDeliver, stale_after: float) -> int:
+    """Send the due delivery retries (:func:`take_due_delivery_retries`), then re-send the
+    delivery of instances left ``classified`` (not finished, no retry waiting) for longer
+    than ``stale_after`` seconds (a worker died between classification and delivery, or a
+    retry countdown was lost with it). Returns the count."""
+    n = 0
+    for instance_id, attempt in take_due_delivery_retries(url):
+        try:
+            send(instance_id, attempt)
+        except Exception as exc:
+            # put it back: the next sweep tries again
+            schedule_delivery_retry(url, instance_id, attempt, 0)
+            log.warning("delivery retry sweep: broker unavailable (%s)", type(exc).__name__)
+            return n
+        log.info("instance %d: delivery attempt %d sent (was waiting)", instance_id, attempt)
+        n += 1
+    cutoff = utcnow() - timedelta(seconds=stale_after)
     with session_scope(url) as s:
-        s.execute(
-            update(Instance)
-            .where(Instance.id == instance_id)
-            .values(retry_due_at=None, retry_attempt=None)
+        ids = list(
+            s.execute(
+                select(Instance.id).where(
+                    Instance.state == State.CLASSIFIED.value,
+                    Instance.finished_at.is_(None),
+                    Instance.retry_due_at.is_(None),
+                    Instance.updated_at <= cutoff,
+                )
+            )
+            .scalars()
+            .all()
         )
+    stale = 0
+    for instance_id in ids:
+        try:
+            send(instance_id, None)
+        except Exception as exc:
+            log.warning("undelivered sweep: broker unavailable (%s)", type(exc).__name__)
+            break
+        with session_scope(url) as s:  # re-sent now: not stale again until stale_after
+            s.execute(
+                update(Instance)
+                .where(Instance.id == instance_id, Instance.state == State.CLASSIFIED.value)
+                .values(updated_at=utcnow())
+            )
+        stale += 1
+    if stale:
+        log.info("undelivered sweep re-sent %d instance(s)", stale)
+    return n + stale
 
 
 # --------------------------------------------------------------------- spool clean-up
@@ -306,12 +349,6 @@ def final_clause() -> ColumnElement[bool]:
     )
 
 
-def _aware(dt: datetime | None) -> datetime | None:
-    if dt is not None and dt.tzinfo is None:  # SQLite returns naive datetimes (stored UTC)
-        return dt.replace(tzinfo=UTC)
-    return dt
-
-
 def _event(s: Session, instance_id: int, kind: str, detail: str | None = None) -> None:
     s.add(Event(instance_id=instance_id, kind=kind, detail=detail))
 
@@ -384,7 +421,7 @@ def claim(
             log.warning("instance %d not found: skipped", instance_id)
             return "skip", None
         state = inst.state
-        if is_final(state, _aware(inst.finished_at)) and not force:
+        if is_final(state, aware(inst.finished_at)) and not force:
             log.info("instance %d already final (%s): skipped", instance_id, state)
             return "skip", state
         if state == State.CLASSIFIED.value and not force:
@@ -392,7 +429,7 @@ def claim(
         if state == State.IGNORED.value:
             return "skip", state  # deliberately not classified, even when forced
         if state == State.PROCESSING.value and not force:
-            updated = _aware(inst.updated_at) or now
+            updated = aware(inst.updated_at) or now
             stale = updated <= now - timedelta(seconds=stale_after)
             mine = task_id is not None and inst.claimed_by == task_id
             stale = stale or _requeued_since_claim(s, instance_id)
@@ -428,7 +465,7 @@ def mark_failed(url: str, instance_id: int, reason: str, state: State = State.FA
         if inst is None:
             return False
         if (
-            is_final(inst.state, _aware(inst.finished_at))
+            is_final(inst.state, aware(inst.finished_at))
             and inst.state != State.DELIVERY_FAILED.value
         ):
             return False
@@ -576,7 +613,7 @@ def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
             if d.state in DELIVERED_ROW_STATES
         }
         return DeliveryPlan(
-            inst.state, inf.id if inf else None, results, done, _aware(inst.received_at)
+            inst.state, inf.id if inf else None, results, done, aware(inst.received_at)
         )
 
 

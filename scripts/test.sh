@@ -87,7 +87,6 @@ if [ "${SKIP_INSTALL:-0}" != 1 ] && [ "${SKIP_STATIC:-0}" != 1 ]; then
   "$PY" -m ruff check .
   "$PY" -m ruff format --check .
   "$bin/lint-imports" --no-cache
-  if grep -q '^\[tool.mypy\]' pyproject.toml; then "$PY" -m mypy; fi
 fi
 
 # ---------------------------------------------------------------- tests

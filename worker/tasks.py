@@ -44,7 +44,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from cxr import metrics
-from cxr.contracts import QUEUE, TASK_CLASSIFY, TASK_DELIVER
+from cxr.contracts import QUEUE, TASK_CLASSIFY, TASK_DELIVER, send_deliver
 from cxr.logconfig import scrub
 from cxr.settings import Settings, get_settings
 from db import lifecycle
@@ -289,67 +289,13 @@ def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool
     return out.action
 
 
-def send_due_delivery_retries(settings: Settings, app: Any) -> int:
-    """Send the delivery retries that waited in the audit DB and are due. Returns the count."""
-    n = 0
-    for instance_id, attempt in lifecycle.take_due_delivery_retries(settings.database_url):
-        try:
-            app.send_task(
-                TASK_DELIVER, args=[instance_id], kwargs={"attempt": attempt}, queue=QUEUE
-            )
-        except Exception as exc:
-            # put it back: the next sweep tries again
-            lifecycle.schedule_delivery_retry(settings.database_url, instance_id, attempt, 0)
-            log.warning("delivery retry sweep: broker unavailable (%s)", type(exc).__name__)
-            break
-        log.info("instance %d: delivery attempt %d sent (was waiting)", instance_id, attempt)
-        n += 1
-    return n
-
-
 def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None = None) -> int:
-    """Send the due delivery retries, and re-send ``cxr.deliver_instance`` for instances
-    left ``classified`` (not finished, no retry waiting) for longer than
-    ``CXR_REQUEUE_STALE_AFTER`` (a worker died between classification and delivery, or a
-    retry countdown was lost with it). Returns the count."""
-    from datetime import timedelta
-
-    from sqlalchemy import select
-
-    from db.models import Instance, utcnow
-    from db.session import session_scope
-
+    """The undelivered sweep (:func:`db.lifecycle.requeue_undelivered`): due delivery
+    retries, and instances left ``classified`` longer than ``CXR_REQUEUE_STALE_AFTER``."""
     if not settings.destinations:
         return 0
-    due = send_due_delivery_retries(settings, app)
-    cutoff = utcnow() - timedelta(
-        seconds=settings.requeue_stale_after if stale_after is None else stale_after
+    return lifecycle.requeue_undelivered(
+        settings.database_url,
+        lambda instance_id, attempt: send_deliver(app, instance_id, attempt),
+        settings.requeue_stale_after if stale_after is None else stale_after,
     )
-    with session_scope(settings.database_url) as s:
-        ids = (
-            s.execute(
-                select(Instance.id).where(
-                    Instance.state == State.CLASSIFIED.value,
-                    Instance.finished_at.is_(None),
-                    Instance.retry_due_at.is_(None),
-                    Instance.updated_at <= cutoff,
-                )
-            )
-            .scalars()
-            .all()
-        )
-    n = 0
-    for instance_id in ids:
-        try:
-            app.send_task(TASK_DELIVER, args=[instance_id], queue=QUEUE)
-        except Exception as exc:
-            log.warning("undelivered sweep: broker unavailable (%s)", type(exc).__name__)
-            break
-        with session_scope(settings.database_url) as s:
-            inst = s.get(Instance, instance_id)
-            if inst is not None and inst.state == State.CLASSIFIED.value:
-                inst.updated_at = utcnow()
-        n += 1
-    if n:
-        log.info("undelivered sweep re-sent %d instance(s)", n)
-    return n + due
