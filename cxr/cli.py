@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "audit": ("db.audit_cli", "query the audit trail"),
     "db": ("db.admin_cli", "database administration (upgrade)"),
     "demo": ("cxr.demo", "write generated demo DICOM images"),
+    "web": ("web.cli", "serve the web console and HTTP API"),
 }
 
 

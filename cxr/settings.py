@@ -15,7 +15,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "CXR_"
@@ -210,6 +217,48 @@ class Settings(BaseSettings):
         "the PACS certificate is verified against CXR_TLS_CA if set).",
     )
     institution_name: str = Field("", description="Optional InstitutionName on outputs.")
+
+    # --- web console and HTTP API (cxr web) ---------------------------------------------
+    web_host: str = Field("127.0.0.1", description="Address of the web console and API.")
+    web_port: int = Field(
+        8080,
+        ge=0,
+        le=65535,
+        description="Port of the web console; when taken (several processes on one host), "
+        "a free port, named in the log and by `cxr run`.",
+    )
+    web_admin_password: SecretStr | None = Field(
+        None,
+        description="Password of the web user `admin`. No default: without it (or the hash "
+        "file that `cxr run` writes) `cxr web` refuses to start.",
+    )
+    web_admin_password_file: Path = Field(
+        Path("var/web-admin.scrypt"),
+        description="scrypt hash of the admin password (written once by `cxr run`; the "
+        "password itself is never stored).",
+    )
+    web_viewer_password: SecretStr | None = Field(
+        None, description="Optional password of a read-only web user `viewer` (no retry)."
+    )
+    web_secret_key: SecretStr | None = Field(
+        None, description="Key signing the session cookies (default: random per start)."
+    )
+    web_max_upload_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Largest upload accepted by Try it / predict."
+    )
+    web_keep_uploads: bool = Field(
+        False, description="Keep uploaded files in CXR_WEB_UPLOAD_DIR (default: never stored)."
+    )
+    web_upload_dir: Path = Field(Path("var/uploads"), description="Where kept uploads go.")
+    web_login_max_failures: int = Field(
+        5, ge=1, description="Failed logins per client and user name within the window."
+    )
+    web_login_window_seconds: float = Field(
+        300.0, gt=0, description="Window of the failed-login rate limit (s)."
+    )
+    web_session_max_age: int = Field(
+        8 * 3600, ge=60, description="Lifetime of a web login session (s)."
+    )
 
     # --- observability -----------------------------------------------------------------
     metrics_port: int = Field(

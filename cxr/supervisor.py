@@ -238,6 +238,7 @@ class Supervisor:
         grace: float | None = None,
         status: bool = True,
         out: Any = None,
+        web: bool = True,
     ) -> None:
         self.settings = settings
         self.n_workers = workers
@@ -251,6 +252,9 @@ class Supervisor:
         self._preexec = pdeathsig_preexec()
         self._ready_announced = False
         self._poller: StatusPoller | None = None
+        self.web = web
+        self.web_port: int | None = None
+        self.web_password: str | None = None  # generated now: printed once, never stored
 
     # -- helpers
     def say(self, text: str) -> None:
@@ -298,6 +302,9 @@ class Supervisor:
             # one re-queue sweep is enough: the first worker runs it
             extra = [] if i == 1 else ["--no-sweep"]
             self.children.append(Child(f"worker-{i}", child_argv("worker", extra), env))
+        if self.web:
+            web_env = dict(env, CXR_WEB_PORT=str(self.web_port or self.settings.web_port))
+            self.children.append(Child("web", child_argv("web"), web_env))
 
     def start_metrics(self) -> None:
         port = self.settings.metrics_port
@@ -309,7 +316,13 @@ class Supervisor:
         registry.register(_SupervisorCollector(self))
         register_health_check("database", self.db_ok)
         register_health_check("node", lambda: self.children[0].alive and self.node_listening())
-        register_health_check("workers", lambda: all(c.alive for c in self.children[1:]))
+        register_health_check(
+            "workers", lambda: all(c.alive for c in self.children if c.name.startswith("worker"))
+        )
+        if self.web:
+            register_health_check(
+                "web", lambda: all(c.alive for c in self.children if c.name == "web")
+            )
         self.http = serve_metrics_and_health(self.settings.metrics_host, port, registry)
 
     def install_signals(self) -> None:
@@ -344,11 +357,55 @@ class Supervisor:
                     f"    cxr send FILE_OR_DIR --to {s.ae_title}@{host}:{s.dicom_port}",
                     f"    dcmsend {host} {s.dicom_port} -aec {s.ae_title} FILE",
                     "  demo images       : cxr demo ./demo-images   (then cxr send ./demo-images ...)",
+                    *self._web_lines(),
                     "  audit trail       : cxr audit --help",
                     "  stop              : Ctrl-C or SIGTERM (finishes work in flight)",
                 ]
             )
         )
+
+    def _web_lines(self) -> list[str]:
+        if not self.web:
+            return ["  web console       : off (--no-web)"]
+        host = self.settings.web_host
+        shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+        lines = [f"  web console       : http://{shown}:{self.web_port}/  (user admin)"]
+        if self.web_password:
+            lines.append(
+                f"  admin password    : {self.web_password}  (shown once; only its hash is "
+                f"kept in {self.settings.web_admin_password_file})"
+            )
+        return lines
+
+    def prepare_web(self) -> str | None:
+        """Choose the console's port (a free one when CXR_WEB_PORT is taken) and make sure
+        an admin password exists (generated and printed once when none is set)."""
+        if not self.web:
+            return None
+        from web.auth import ensure_admin_password
+
+        s = self.settings
+        family = socket.AF_INET6 if ":" in s.web_host else socket.AF_INET
+        port = s.web_port
+        with socket.socket(family) as sk:
+            sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sk.bind((s.web_host, port))
+            except OSError:
+                sk.bind((s.web_host, 0))
+                log.warning(
+                    "web port %s:%d is in use; the console goes on port %d (set CXR_WEB_PORT)",
+                    s.web_host,
+                    port,
+                    sk.getsockname()[1],
+                )
+                port = sk.getsockname()[1]
+        self.web_port = port
+        try:
+            self.web_password = ensure_admin_password(s)
+        except OSError as exc:
+            return f"cannot write {s.web_admin_password_file} (CXR_WEB_ADMIN_PASSWORD_FILE): {exc.strerror}"
+        return None
 
     @staticmethod
     def _disclaimer() -> str:
@@ -432,6 +489,10 @@ class Supervisor:
             print(f"cxr run: {problem}", file=sys.stderr)
             return 2
         init_db(self.settings.database_url)
+        problem = self.prepare_web()
+        if problem:
+            print(f"cxr run: {problem}", file=sys.stderr)
+            return 2
         self.metrics_dir = tempfile.mkdtemp(prefix="cxr-metrics-")
         try:
             try:
@@ -532,6 +593,7 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
         help="how long to wait for work in flight at shutdown (CXR_TASK_TIME_LIMIT + 15)",
     )
     p.add_argument("--quiet", action="store_true", help="no per-instance status lines")
+    p.add_argument("--no-web", action="store_true", help="do not start the web console (cxr web)")
     p.add_argument(
         "--cleanup-spool",
         action="store_true",
@@ -560,4 +622,10 @@ def main(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("cxr run: --workers must be at least 1", file=sys.stderr)
         return 2
-    return Supervisor(settings, workers=args.workers, grace=args.grace, status=not args.quiet).run()
+    return Supervisor(
+        settings,
+        workers=args.workers,
+        grace=args.grace,
+        status=not args.quiet,
+        web=not args.no_web,
+    ).run()

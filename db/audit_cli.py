@@ -428,32 +428,9 @@ def cmd_retry(args: argparse.Namespace, out: IO[str] | None = None) -> int:
 
 def _send_tasks(settings: Any, actions: Sequence[Any]) -> tuple[set[int], set[int]]:
     """Send the task of every retried instance; returns (sent ids, not sent ids)."""
-    from cxr.celery_app import get_app
-    from cxr.contracts import QUEUE, TASK_CLASSIFY, send_classify
-    from db.lifecycle import hand_off
+    from db.lifecycle import send_retries
 
-    app = get_app()
-    sent: set[int] = set()
-    pending: set[int] = set()
-    fail_fast = {"max_retries": 0, "interval_start": 0, "interval_step": 0, "interval_max": 0}
-    for a in actions:
-        try:
-            if a.task == TASK_CLASSIFY:
-                # received -> queued on success, exactly what the node does after receipt
-                ok = hand_off(
-                    settings.database_url, [a.instance_id], lambda i: send_classify(app, i)
-                )
-                if not ok:
-                    raise ConnectionError("broker unavailable")
-            else:
-                app.send_task(
-                    a.task, args=[a.instance_id], queue=QUEUE, retry=True, retry_policy=fail_fast
-                )
-            sent.add(a.instance_id)
-        except Exception as exc:
-            log.warning("retry of instance %d not queued: %s", a.instance_id, type(exc).__name__)
-            pending.add(a.instance_id)
-    return sent, pending
+    return send_retries(settings, actions)
 
 
 def cmd_export(args: argparse.Namespace, out: IO[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
@@ -715,3 +715,65 @@ def finish_delivery(
             inst.state = State.CLASSIFIED.value  # an admin re-send from delivery_failed
             _event(s, instance_id, "retry", "delivery: " + "; ".join(problems)[:1900])
     return now
+
+
+# ------------------------------------------------------------------------- admin retry
+@dataclass
+class RetryOutcome:
+    """What :func:`retry` did: the reset instances, why others were not retriable, and
+    which tasks reached the broker (the rest are reset and the sweep queues them)."""
+
+    actions: list[Any]  # db.queries.RetryAction
+    notes: list[str]
+    sent: set[int]
+    pending: set[int]
+
+
+def send_retries(settings: Settings, actions: Sequence[Any]) -> tuple[set[int], set[int]]:
+    """Send the task of every reset instance (``cxr audit retry``, the web console's
+    Retry); returns (sent ids, not sent ids). A ``failed`` instance is handed off
+    (``received`` -> ``queued``) exactly as the node does after receipt."""
+    from cxr.celery_app import get_app
+    from cxr.contracts import QUEUE, TASK_CLASSIFY, send_classify
+
+    app = get_app(settings)
+    sent: set[int] = set()
+    pending: set[int] = set()
+    fail_fast = {"max_retries": 0, "interval_start": 0, "interval_step": 0, "interval_max": 0}
+    for a in actions:
+        try:
+            if a.task == TASK_CLASSIFY:
+                ok = hand_off(
+                    settings.database_url, [a.instance_id], lambda i: send_classify(app, i)
+                )
+                if not ok:
+                    raise ConnectionError("broker unavailable")
+            else:
+                app.send_task(
+                    a.task, args=[a.instance_id], queue=QUEUE, retry=True, retry_policy=fail_fast
+                )
+            sent.add(a.instance_id)
+        except Exception as exc:
+            log.warning("retry of instance %d not queued: %s", a.instance_id, type(exc).__name__)
+            pending.add(a.instance_id)
+    return sent, pending
+
+
+def retry(
+    settings: Settings,
+    *,
+    uid: str | None = None,
+    state: str | None = None,
+    limit: int | None = None,
+    who: str = "admin",
+) -> RetryOutcome:
+    """Reset retriable instances (one SOP Instance UID, or all in ``state``) with a
+    ``retry`` event naming ``who``, commit, then send their tasks."""
+    from db.queries import prepare_retry
+
+    with session_scope(settings.database_url) as s:
+        actions, notes = prepare_retry(s, uid=uid, state=state, limit=limit, who=who)
+    if not actions:
+        return RetryOutcome([], notes, set(), set())
+    sent, pending = send_retries(settings, actions)
+    return RetryOutcome(actions, notes, sent, pending)

@@ -79,6 +79,7 @@ class InstanceFilter:
     calling_aes: list[str] = field(default_factory=list)
     patient_id_hashes: list[str] = field(default_factory=list)
     limit: int | None = None
+    offset: int = 0
     newest_first: bool = True
 
 
@@ -114,7 +115,16 @@ def _filtered(flt: InstanceFilter) -> Select[Any]:
     q = q.order_by(order)
     if flt.limit:
         q = q.limit(flt.limit)
+    if flt.offset:
+        q = q.offset(flt.offset)
     return q
+
+
+def count_instances(session: Session, flt: InstanceFilter) -> int:
+    """How many instances match ``flt`` (its limit and offset ignored): for paging."""
+    unpaged = InstanceFilter(**{**flt.__dict__, "limit": None, "offset": 0})
+    sub = _filtered(unpaged).order_by(None).subquery()
+    return int(session.execute(select(func.count()).select_from(sub)).scalar_one())
 
 
 @dataclass
@@ -282,6 +292,8 @@ def instance_history(session: Session, uid: str) -> list[InstanceHistory]:
                     "p_covid",
                     "p_normal",
                     "p_other",
+                    "ood_score",
+                    "ood",
                     "sc_series_uid",
                     "sc_sop_instance_uid",
                     "sr_series_uid",
@@ -381,6 +393,50 @@ def compute_stats(session: Session, flt: InstanceFilter | None = None) -> Stats:
     )
 
 
+@dataclass
+class TimeBucket:
+    start: datetime
+    per_state: dict[str, int]
+    per_verdict: dict[str, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "start": self.start.isoformat(),
+            "per_state": self.per_state,
+            "per_verdict": self.per_verdict,
+        }
+
+
+def counts_over_time(
+    session: Session,
+    since: datetime,
+    until: datetime,
+    buckets: int = 24,
+    flt: InstanceFilter | None = None,
+) -> list[TimeBucket]:
+    """Instances received in [since, until) in ``buckets`` equal slices: counts per state
+    and per verdict (latest inference; ``-`` without one) in each, oldest first. The rows
+    are those of :func:`list_instances`, the query behind ``cxr audit stats``."""
+    if until <= since or buckets < 1:
+        raise ValueError("need since < until and at least one bucket")
+    base = flt or InstanceFilter()
+    rows = list_instances(
+        session,
+        InstanceFilter(**{**base.__dict__, "since": since, "until": until, "limit": None}),
+    )
+    width = (until - since) / buckets
+    out = [TimeBucket(since + width * i, {}, {}) for i in range(buckets)]
+    for r in rows:
+        if r.received_at is None:
+            continue
+        i = min(buckets - 1, max(0, int((r.received_at - aware(since)) / width)))  # type: ignore[operator]
+        b = out[i]
+        b.per_state[r.state] = b.per_state.get(r.state, 0) + 1
+        v = r.verdict or NO_VERDICT
+        b.per_verdict[v] = b.per_verdict.get(v, 0) + 1
+    return out
+
+
 # -------------------------------------------------------------------------------- retry
 @dataclass
 class RetryAction:
@@ -392,7 +448,11 @@ class RetryAction:
 
 
 def prepare_retry(
-    session: Session, uid: str | None = None, state: str | None = None, limit: int | None = None
+    session: Session,
+    uid: str | None = None,
+    state: str | None = None,
+    limit: int | None = None,
+    who: str = "admin",
 ) -> tuple[list[RetryAction], list[str]]:
     """Reset retriable instances (``failed`` -> ``received``, ``delivery_failed`` ->
     ``classified``; ``attempts`` back to 0, reason cleared), add a ``retry`` event, and
@@ -434,7 +494,7 @@ def prepare_retry(
             Event(
                 instance_id=inst.id,
                 kind="retry",
-                detail=f"admin retry: {inst.state} -> {to} ({task}); was: {(inst.reason or '')[:500]}",
+                detail=f"{who} retry: {inst.state} -> {to} ({task}); was: {(inst.reason or '')[:500]}",
             )
         )
         actions.append(RetryAction(inst.id, inst.sop_instance_uid, inst.state, to, task))

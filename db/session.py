@@ -66,6 +66,15 @@ def dispose_engines() -> None:
         _engines.clear()
 
 
+def ping(url: str) -> bool:
+    """True when the audit database answers ``SELECT 1`` (health checks)."""
+    from sqlalchemy import text
+
+    with get_engine(url).connect() as c:
+        c.execute(text("SELECT 1"))
+    return True
+
+
 def session_factory(url: str) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 

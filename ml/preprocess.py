@@ -208,6 +208,69 @@ def load_display(path: str | Path) -> np.ndarray:
     return read_image_file(path)
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def sniff_image_kind(data: bytes) -> str | None:
+    """``png``, ``jpeg``, ``dicom`` (Part 10 preamble) or None (unknown: maybe a DICOM
+    data set without the Part 10 header)."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data.startswith(JPEG_MAGIC):
+        return "jpeg"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "dicom"
+    return None
+
+
+def load_display_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """The bytes of a DICOM file (with or without a Part 10 header), PNG or JPEG -> an
+    8-bit display image, as :func:`load_display` does for a path. Anything else, an
+    image above ``max_pixels`` (checked from the header, before decoding) or a corrupt
+    one raises :class:`PreprocessError` with a message fit for the user."""
+    import io
+
+    if not data:
+        raise PreprocessError("the file is empty")
+    kind = sniff_image_kind(data)
+    if kind in ("png", "jpeg"):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise PreprocessError(f"cannot read the {kind.upper()} header: corrupt file") from exc
+        if max_pixels is not None and w * h > max_pixels:
+            raise PreprocessError(f"image too large: {w}x{h} pixels")
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None or img.size == 0:
+            raise PreprocessError(f"cannot decode the {kind.upper()} image (truncated or corrupt)")
+        if img.ndim == 3:
+            img = cv2.cvtColor(
+                img, cv2.COLOR_BGRA2GRAY if img.shape[2] == 4 else cv2.COLOR_BGR2GRAY
+            )
+        return img if img.dtype == np.uint8 else to_uint8(img)
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=kind is None)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise PreprocessError("not a PNG, JPEG or DICOM file") from exc
+    except Exception as exc:  # pydicom raises many kinds on garbage
+        raise PreprocessError("not a PNG, JPEG or DICOM file") from exc
+    if kind is None and not any(
+        tag in ds for tag in ("SOPClassUID", "PixelData", "Modality", "StudyInstanceUID")
+    ):
+        raise PreprocessError("not a PNG, JPEG or DICOM file")
+    if "PixelData" not in ds and "FloatPixelData" not in ds:
+        raise PreprocessError("the DICOM file has no pixel data (not an image)")
+    _ensure_transfer_syntax(ds)
+    return dicom_to_display(ds, max_pixels=max_pixels)
+
+
 def _ensure_transfer_syntax(ds: Dataset) -> None:
     """A file without a Part 10 header has no Transfer Syntax UID: take the encoding
     pydicom detected while reading (only uncompressed syntaxes can lack the header)."""

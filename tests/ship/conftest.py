@@ -121,7 +121,11 @@ def run_pipeline(tmp_path: Path, tiny_model: Path) -> Iterator[object]:
     """Factory: start ``cxr run`` on free ports in a scratch folder; always cleaned up."""
     started: list[RunningPipeline] = []
 
-    def start(args: list[str] | None = None, **env_extra: str) -> RunningPipeline:
+    def start(
+        args: list[str] | None = None, web: bool = False, **env_extra: str
+    ) -> RunningPipeline:
+        """``web``: also start the web console (off by default: most tests do not need it
+        and it loads the model once more)."""
         work = tmp_path / f"run{len(started)}"
         work.mkdir()
         dicom_port, metrics_port = free_port(), free_port()
@@ -142,7 +146,14 @@ def run_pipeline(tmp_path: Path, tiny_model: Path) -> Iterator[object]:
         out, err = work / "stdout.txt", work / "stderr.txt"
         with open(out, "wb") as fo, open(err, "wb") as fe:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cxr.cli", "run", *(args or [])],
+                [
+                    sys.executable,
+                    "-m",
+                    "cxr.cli",
+                    "run",
+                    *(args or []),
+                    *([] if web else ["--no-web"]),
+                ],
                 cwd=work,
                 env=env,
                 stdout=fo,

@@ -15,7 +15,7 @@ from cxr.settings import ENV_PREFIX, Settings
 from tests.conftest import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
-OUR_IMAGE_SERVICES = {"migrate", "node", "worker"}
+OUR_IMAGE_SERVICES = {"migrate", "node", "worker", "web"}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def _command(svc: dict[str, Any]) -> list[str]:
 
 
 def test_required_services(services: dict[str, Any]) -> None:
-    assert {"redis", "postgres", "node", "worker", "flower", "orthanc"} <= services.keys()
+    assert {"redis", "postgres", "node", "worker", "web", "flower", "orthanc"} <= services.keys()
 
 
 def test_every_cxr_variable_is_a_real_setting(services: dict[str, Any]) -> None:
@@ -58,8 +58,8 @@ def test_every_cxr_variable_is_a_real_setting(services: dict[str, Any]) -> None:
 def test_compose_settings_validate(
     services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The node/worker environment is accepted by the Settings validators."""
-    for name in ("node", "worker"):
+    """The node/worker/web environment is accepted by the Settings validators."""
+    for name in ("node", "worker", "web"):
         env = _env(services[name])
         for k in list(__import__("os").environ):
             if k.startswith(ENV_PREFIX):
@@ -86,6 +86,7 @@ def test_commands_are_real_subcommands(services: dict[str, Any]) -> None:
         assert callable(args.func)
     assert _command(services["node"])[:2] == ["cxr", "node"]
     assert _command(services["worker"])[:2] == ["cxr", "worker"]
+    assert _command(services["web"])[:2] == ["cxr", "web"]
     assert "flower" in _command(services["flower"])
 
 
@@ -111,7 +112,7 @@ def test_dockerfile_multistage_non_root() -> None:
         for part in src.split():
             assert (REPO / part).exists(), part
     ignored = (REPO / ".dockerignore").read_text().split()
-    for needed in ("cxr", "db", "dicom_node", "worker", "ml", "pyproject.toml", "README.md"):
+    for needed in ("cxr", "db", "dicom_node", "worker", "ml", "web", "pyproject.toml", "README.md"):
         assert needed not in ignored
 
 
@@ -190,7 +191,38 @@ def test_secrets_have_no_defaults() -> None:
     """Passwords, the PatientID salt and Flower's login are required (${VAR:?...}): a
     deployment that forgot its .env must not come up with a published default."""
     text = COMPOSE.read_text()
-    for var in ("POSTGRES_PASSWORD", "CXR_PATIENT_ID_SALT", "FLOWER_BASIC_AUTH"):
+    for var in (
+        "POSTGRES_PASSWORD",
+        "CXR_PATIENT_ID_SALT",
+        "FLOWER_BASIC_AUTH",
+        "CXR_WEB_ADMIN_PASSWORD",
+        "CXR_WEB_SECRET_KEY",
+    ):
         uses = re.findall(r"\$\{" + var + r"(:?[-?])?[^}]*\}", text)
         assert uses, f"{var} is not used"
         assert all(op == ":?" for op in uses), f"{var} must be ${{{var}:?...}}, found {uses}"
+
+
+def test_web_service_serves_the_published_port_and_checks_health(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The web container listens on 0.0.0.0:8080 (published), has a password (no default),
+    and its health check asks the endpoint that needs no login."""
+    web = services["web"]
+    env = _env(web)
+    assert env["CXR_WEB_HOST"] == "0.0.0.0"
+    assert f"{env['CXR_WEB_PORT']}:{env['CXR_WEB_PORT']}" in web["ports"]
+    assert "/api/v1/health" in " ".join(web["healthcheck"]["test"])
+    assert f":{env['CXR_WEB_PORT']}/api/v1/health" in " ".join(web["healthcheck"]["test"])
+    for k in list(__import__("os").environ):
+        if k.startswith(ENV_PREFIX):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        v = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
+        monkeypatch.setenv(k, re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "s3cret-from-env", v))
+    s = Settings(_env_file=None)  # type: ignore[call-arg]
+    from web.auth import Credentials
+
+    assert Credentials.from_settings(s).check("admin", "s3cret-from-env") is not None
+    # the previews read the spool the node and workers write
+    assert any(v.startswith("spool:/var/lib/cxr/spool") for v in web["volumes"])

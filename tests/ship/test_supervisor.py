@@ -124,10 +124,12 @@ def test_children_are_python_m_cxr_cli(tmp_path: Path) -> None:
     s.metrics_dir = str(tmp_path / "m")
     s.build_children()
     names = [c.name for c in s.children]
-    assert names == ["node", "worker-1", "worker-2", "worker-3"]
+    assert names == ["node", "worker-1", "worker-2", "worker-3", "web"]
     assert s.children[0].argv == [sys.executable, "-m", "cxr.cli", "node"]
     assert s.children[1].argv[-1] == "worker"
     assert s.children[2].argv[-2:] == ["worker", "--no-sweep"]  # one sweep is enough
+    assert s.children[4].argv[-1] == "web"
+    assert s.children[4].env["CXR_WEB_PORT"] == str(s.settings.web_port)
     env = s.children[0].env
     assert env["CXR_METRICS_PORT"] == "0" and env["PROMETHEUS_MULTIPROC_DIR"] == s.metrics_dir
 

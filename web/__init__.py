@@ -1,0 +1,1 @@
+"""cxr web: the web console and HTTP API (an app, top layer). Research use only, not for diagnostic use."""

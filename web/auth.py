@@ -1,0 +1,187 @@
+"""Who may use the web console: password hashes, the two users, failed-login limits.
+
+- There is no default password. The admin's comes from ``CXR_WEB_ADMIN_PASSWORD`` or from
+  the scrypt hash file ``CXR_WEB_ADMIN_PASSWORD_FILE`` that ``cxr run`` writes once (it
+  prints the generated password once and keeps only the hash). With neither, ``cxr web``
+  refuses to start (:class:`NoPasswordError` says how to set one).
+- Users: ``admin`` (everything, including Retry) and, when ``CXR_WEB_VIEWER_PASSWORD``
+  is set, ``viewer`` (read-only).
+- Failed logins are counted per client address and user name; after
+  ``CXR_WEB_LOGIN_MAX_FAILURES`` within ``CXR_WEB_LOGIN_WINDOW_SECONDS`` further attempts
+  are refused (HTTP 429) until the window has passed. The log line names the client and
+  the user name, never the password.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ADMIN = "admin"
+VIEWER = "viewer"
+ROLES = {ADMIN: "admin", VIEWER: "viewer"}
+# scrypt parameters (RFC 7914): 2^14 x 8 x 1, 64 MiB max memory: ~50 ms per check here
+_N, _R, _P = 2**14, 8, 1
+
+
+class NoPasswordError(RuntimeError):
+    """No admin password is configured: the console must not start."""
+
+
+def hash_password(password: str) -> str:
+    """``scrypt$N$r$p$salt$hash`` (base64), for the hash file."""
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=_N, r=_R, p=_P, maxmem=2**26)
+    b64 = base64.b64encode
+    return f"scrypt${_N}${_R}${_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    try:
+        scheme, n, r, p, salt, digest = encoded.strip().split("$")
+        if scheme != "scrypt":
+            return False
+        want = base64.b64decode(digest)
+        got = hashlib.scrypt(
+            password.encode(),
+            salt=base64.b64decode(salt),
+            n=int(n),
+            r=int(r),
+            p=int(p),
+            maxmem=2**26,
+            dklen=len(want),
+        )
+    except (ValueError, TypeError):
+        return False
+    return hmac.compare_digest(got, want)
+
+
+def write_password_file(path: Path, password: str) -> None:
+    """Write the hash (mode 0600, atomically)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(hash_password(password) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def ensure_admin_password(settings: Settings) -> str | None:
+    """For ``cxr run``: when no admin password is configured, generate one, store only its
+    hash in ``CXR_WEB_ADMIN_PASSWORD_FILE`` and return it (the caller prints it once).
+    None when a password or a hash file exists already."""
+    if settings.web_admin_password is not None:
+        return None
+    path = Path(settings.web_admin_password_file)
+    if path.is_file() and path.read_text().strip():
+        return None
+    password = secrets.token_urlsafe(15)
+    write_password_file(path, password)
+    return password
+
+
+HOW_TO_SET = (
+    "no admin password is set for the web console. Set CXR_WEB_ADMIN_PASSWORD, or "
+    "write a hash with `cxr web --set-password` (stored in "
+    "CXR_WEB_ADMIN_PASSWORD_FILE), or start it through `cxr run`, which generates one"
+)
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str  # admin / viewer
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == ADMIN
+
+
+class Credentials:
+    """The configured users, each with a password check."""
+
+    def __init__(self, hashes: dict[str, str]) -> None:
+        self._hashes = hashes
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Credentials:
+        hashes: dict[str, str] = {}
+        if settings.web_admin_password is not None:
+            pw = settings.web_admin_password.get_secret_value()
+            if not pw:
+                raise NoPasswordError("CXR_WEB_ADMIN_PASSWORD is empty. " + HOW_TO_SET)
+            hashes[ADMIN] = hash_password(pw)
+        else:
+            path = Path(settings.web_admin_password_file)
+            text = path.read_text().strip() if path.is_file() else ""
+            if not text:
+                raise NoPasswordError(HOW_TO_SET)
+            hashes[ADMIN] = text
+        if settings.web_viewer_password is not None:
+            vp = settings.web_viewer_password.get_secret_value()
+            if vp:
+                hashes[VIEWER] = hash_password(vp)
+        return cls(hashes)
+
+    def check(self, user: str, password: str) -> User | None:
+        encoded = self._hashes.get(user)
+        if encoded is None:
+            # same work as a real check, so timing does not tell which users exist
+            verify_password(password, self._hashes[ADMIN])
+            return None
+        return User(user, ROLES[user]) if verify_password(password, encoded) else None
+
+
+class LoginLimiter:
+    """Failed logins per (client, user name) in a sliding window."""
+
+    def __init__(self, max_failures: int, window_s: float) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._fails: dict[tuple[str, str], deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        q = self._fails.setdefault(key, deque())
+        while q and now - q[0] > self.window_s:
+            q.popleft()
+        return q
+
+    def retry_after(self, client: str, user: str, now: float | None = None) -> float | None:
+        """Seconds until another attempt is allowed, or None when it is allowed now."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            q = self._recent((client, user[:64]), now)
+            if len(q) < self.max_failures:
+                return None
+            return max(1.0, self.window_s - (now - q[0]))
+
+    def failed(self, client: str, user: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._recent((client, user[:64]), now).append(now)
+            if len(self._fails) > 10_000:  # bound the memory an attacker can make us use
+                for k in [k for k, q in self._fails.items() if not q][:5000]:
+                    del self._fails[k]
+        log.warning("web login failed for user %r from %s", user[:64], client)
+
+    def succeeded(self, client: str, user: str) -> None:
+        with self._lock:
+            self._fails.pop((client, user[:64]), None)

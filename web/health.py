@@ -1,0 +1,140 @@
+"""Health of the parts the console shows: audit DB, broker, DICOM node, workers, model.
+
+Each check has a short timeout and the report is cached for a few seconds, so a page
+refresh never waits long on a part that is down.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CACHE_S = 5.0
+
+
+@dataclass
+class Check:
+    ok: bool | None  # None: cannot be told (e.g. workers behind the embedded broker)
+    detail: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "detail": self.detail}
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def check_database(settings: Settings) -> Check:
+    from db.session import ping
+
+    try:
+        ping(settings.database_url)
+        return Check(True, "answers")
+    except Exception as exc:
+        return Check(False, f"unreachable ({type(exc).__name__})")
+
+
+def check_broker(settings: Settings) -> Check:
+    url = settings.effective_broker_url
+    if url.startswith("sqla+"):
+        return Check(True, "embedded (SQLite file)")
+    from kombu import Connection
+
+    try:
+        with Connection(url, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return Check(True, "answers")
+    except Exception as exc:
+        return Check(False, f"unreachable ({type(exc).__name__})")
+
+
+def check_node(settings: Settings) -> Check:
+    """A C-ECHO to the node (what a PACS admin would try first)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    host = _connect_host(settings.dicom_host)
+    try:
+        with socket.create_connection((host, settings.dicom_port), 1.0):
+            pass
+    except OSError:
+        return Check(False, f"not listening on {host}:{settings.dicom_port}")
+    ae = AE(ae_title="CXR_WEB")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
+    ae.connection_timeout = 2
+    if settings.tls_enabled:
+        return Check(True, f"listening on {host}:{settings.dicom_port} (TLS: echo not tried)")
+    assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        return Check(False, f"association refused on {host}:{settings.dicom_port}")
+    try:
+        status = assoc.send_c_echo()
+        ok = bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+    return Check(ok, "C-ECHO success" if ok else "C-ECHO failed")
+
+
+def check_workers(settings: Settings) -> Check:
+    url = settings.effective_broker_url
+    if url.startswith("sqla+"):
+        return Check(None, "not visible through the embedded broker (see queue depth)")
+    from cxr.celery_app import get_app
+
+    try:
+        replies = get_app(settings).control.ping(timeout=1.0) or []
+    except Exception as exc:
+        return Check(False, f"ping failed ({type(exc).__name__})")
+    n = len(replies)
+    return Check(n > 0, f"{n} worker(s) answered")
+
+
+class HealthReport:
+    """Cached report of all checks (plus the web process's own model)."""
+
+    def __init__(self, settings: Settings, model_state: Any = None) -> None:
+        self.settings = settings
+        self.model_state = model_state
+        self._lock = threading.Lock()
+        self._at = 0.0
+        self._cached: dict[str, Check] = {}
+
+    def checks(self) -> dict[str, Check]:
+        with self._lock:
+            if time.monotonic() - self._at < CACHE_S and self._cached:
+                return dict(self._cached)
+        out = {
+            "database": check_database(self.settings),
+            "broker": check_broker(self.settings),
+            "node": check_node(self.settings),
+            "workers": check_workers(self.settings),
+        }
+        if self.model_state is not None:
+            state, error = self.model_state()
+            out["model"] = Check(
+                {"loaded": True, "loading": None}.get(state, False), error or state
+            )
+        with self._lock:
+            self._cached, self._at = out, time.monotonic()
+        return dict(out)
+
+    def summary(self) -> tuple[str, dict[str, Check]]:
+        """('ok' | 'degraded' | 'fail', checks): fail when the audit DB is down (nothing
+        can be recorded), degraded when any other part is."""
+        checks = self.checks()
+        if checks["database"].ok is False:
+            return "fail", checks
+        if any(c.ok is False for c in checks.values()):
+            return "degraded", checks
+        return "ok", checks
