@@ -117,6 +117,18 @@ def build_oru(
     verdict_text = VERDICT_TEXT.get(verdict, verdict)
     status = "F"
 
+    obr = {
+        1: "1",
+        2: acc,  # placer order number
+        3: acc,  # filler order number
+        4: f"CXR-AI^AI chest X-ray triage^{CODING_SYSTEM}",  # universal service ID
+        5: priority,  # (retained for backward compatibility in 2.5.1)
+        7: observed,  # observation date/time
+        22: observed,  # results report/status change
+        25: status,  # result status
+        27: f"^^^^^{priority}",  # quantity/timing, component 6: priority
+    }
+
     def obx(n: int, vtype: str, code: str, text: str, value: str, units: str = "") -> str:
         return (
             f"OBX|{n}|{vtype}|{code}^{escape(text)}^{CODING_SYSTEM}||{value}|{units}|||||"
@@ -129,8 +141,7 @@ def build_oru(
         f"{escape(receiving_facility)}|{_ts(now)}||ORU^R01^ORU_R01|"
         f"{control_id(r.sc_sop_instance_uid)}|P|{HL7_VERSION}",
         f"PID|1||{pid3}",
-        f"OBR|1|{acc}|{acc}|CXR-AI^AI chest X-ray triage^{CODING_SYSTEM}|{priority}||{observed}"
-        f"||||||||||||||{observed}|||{status}||^^^^^{priority}",
+        _segment("OBR", obr),
         obx(
             1,
             "CWE",
@@ -158,6 +169,11 @@ def build_oru(
             "NTE|2|L|The image looks unlike the training data: the verdict may be unreliable."
         )
     return hl7.parse("\r".join(segments))
+
+
+def _segment(name: str, fields: dict[int, str]) -> str:
+    """``NAME|f1|f2|...`` from {field number: value} (numbers missing are empty)."""
+    return "|".join([name] + [fields.get(i, "") for i in range(1, max(fields) + 1)])
 
 
 async def _exchange(host: str, port: int, message: hl7.Message, timeout: float) -> hl7.Message:
