@@ -471,5 +471,7 @@ def settings_table() -> list[tuple[str, str, str]]:
         default = field.default_factory() if field.default_factory else field.default
         if isinstance(default, list):
             default = ",".join(str(x) for x in default)
+        elif isinstance(default, SecretStr):
+            default = ""  # a secret has no default; it is never printed
         rows.append((f"{ENV_PREFIX}{name.upper()}", str(default), field.description or ""))
     return rows
