@@ -6,7 +6,8 @@ the answer per dataset, in the vocabulary of the C-STORE SCU (:mod:`worker.deliv
 
 ``success``
     the SOP instance is in the response's ReferencedSOPSequence without a WarningReason
-    (or the server answered 200 with no body at all: PS3.18 200 = every instance stored).
+    (or the server answered 200 listing no instance at all: PS3.18 200 = every instance
+    stored).
 ``warning``
     in ReferencedSOPSequence with a WarningReason (0008,1196) (e.g. B000 coercion): the
     server *kept* it, so it counts as delivered, recorded with the warning.
@@ -132,8 +133,8 @@ def classify_response(
                 error = f"stored with WarningReason {status}"
             else:
                 category = SUCCESS_OUTCOME
-        elif http_status == 200 and body is None:
-            category = SUCCESS_OUTCOME  # 200 = all stored; the server sent no details
+        elif http_status == 200 and not referenced and not failed:
+            category = SUCCESS_OUTCOME  # 200 = all stored; the server listed no details
         else:
             category = FAILURE_OUTCOME
             error = f"not acknowledged in the STOW-RS response ({http_text})"

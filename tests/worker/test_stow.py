@@ -260,9 +260,13 @@ def test_failures_in_the_stow_rs_response_body_are_failures(stow_server, two_res
         (415, None),
         # all well
         (200, lambda u: _body([_ref(u[0]), _ref(u[1])], [])),
+        # 200 listing neither (only a RetrieveURL): 200 means every instance stored
+        (200, lambda u: {"00081190": {"vr": "UR", "Value": ["http://x/studies/1"]}}),
+        # 200 listing one only: the other was not acknowledged
+        (200, lambda u: _body([_ref(u[1])], [])),
     ]
     cats = []
-    for _ in range(6):
+    for _ in range(8):
         outs = stow_datasets(dest, two_results, s)
         assert [o.sop_instance_uid for o in outs] == [a, b]
         cats.append([(o.category, o.status) for o in outs])
@@ -273,9 +277,11 @@ def test_failures_in_the_stow_rs_response_body_are_failures(stow_server, two_res
         [(FAILURE_OUTCOME, "0x0110"), (FAILURE_OUTCOME, "0x0110")],
         [(FAILURE_OUTCOME, "HTTP 415"), (FAILURE_OUTCOME, "HTTP 415")],
         [(SUCCESS_OUTCOME, "HTTP 200"), (SUCCESS_OUTCOME, "HTTP 200")],
+        [(SUCCESS_OUTCOME, "HTTP 200"), (SUCCESS_OUTCOME, "HTTP 200")],
+        [(FAILURE_OUTCOME, "HTTP 200"), (SUCCESS_OUTCOME, "HTTP 200")],
     ]
     # one request per attempt, to <root>/studies, both results in it
-    assert len(stow_server.requests) == 6
+    assert len(stow_server.requests) == 8
     assert all(r["path"] == "/dicomweb/studies" for r in stow_server.requests)
 
 
