@@ -8,7 +8,10 @@ directly). Every step is idempotent:
   (:mod:`worker.uids`), so a re-run builds the *same* objects and the PACS replaces them;
 * the ``inferences`` row is upserted by ``(instance_id, model_version)``;
 * ``deliveries`` rows are unique by ``(instance, destination, SOP Instance UID)`` and a
-  result already acknowledged by a destination is not sent there again;
+  result already acknowledged by a destination is not sent there again; the destinations
+  are C-STORE and STOW-RS ones (``CXR_DESTINATIONS``: the SC and SR) and HL7 receivers
+  (``CXR_HL7_DESTINATIONS``: one ORU^R01 per image, its row under the SC's UID), each sent
+  by the sender of its kind (:mod:`worker.delivery`, :mod:`worker.stow`, :mod:`worker.oru`);
 * an instance in a final state is skipped; one in ``processing`` is taken over when its
   claim is stale (older than ``CXR_REQUEUE_STALE_AFTER``, i.e. left by a killed worker) or
   was made by the same Celery task (a redelivery or retry of the same message).
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from cxr import metrics
 from cxr.logconfig import register_dataset_phi, scrub
-from cxr.settings import AnyDestination, Settings
+from cxr.settings import AnyDestination, Hl7Destination, Settings
 from cxr.storage import Spool
 from db import lifecycle
 from db.lifecycle import NO_DESTINATIONS, is_final
@@ -499,7 +502,7 @@ def _model_name(datasets: dict[str, Dataset], sc_uid: str, spool: Spool) -> str 
 
 
 def _send_oru(
-    dest: AnyDestination, report: lifecycle.ReportFacts, model_name: str, settings: Settings
+    dest: Hl7Destination, report: lifecycle.ReportFacts, model_name: str, settings: Settings
 ) -> Any:
     """The MLLP sender: one ORU^R01 for the classified image, checked for its ACK."""
     from worker.oru import build_oru, send_oru
@@ -514,9 +517,13 @@ def _send_oru(
             receiving_application=settings.hl7_receiving_application,
             receiving_facility=settings.hl7_receiving_facility,
         )
-        host, port = dest.host, dest.port  # type: ignore[union-attr]
         return send_oru(
-            str(dest), host, port, message, report.sc_sop_instance_uid, settings.hl7_ack_timeout
+            str(dest),
+            dest.host,
+            dest.port,
+            message,
+            report.sc_sop_instance_uid,
+            settings.hl7_ack_timeout,
         )
     except Exception as exc:  # never let one crash the other deliveries
         log.warning("HL7 delivery to %s raised %s", dest, type(exc).__name__)
