@@ -14,6 +14,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import (
     BaseModel,
@@ -29,6 +30,9 @@ ENV_PREFIX = "CXR_"
 DEFAULT_PATIENT_ID_SALT = "cxr-default-salt"
 _AET_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash/control chars
 _DEST_RE = re.compile(r"^(?P<aet>[^@]{1,16})@(?P<host>[^:@]+):(?P<port>\d{1,5})$")
+_HOSTPORT_RE = re.compile(r"^(?:hl7://)?(?P<host>[^:@/]+):(?P<port>\d{1,5})$", re.IGNORECASE)
+DICOMWEB_PREFIX = "dicomweb+"
+DESTINATION_TEXT_MAX = 128  # deliveries.destination (the audit column)
 
 
 def default_model_dir() -> Path:
@@ -39,9 +43,15 @@ def default_model_dir() -> Path:
 class Destination(BaseModel):
     """A DICOM C-STORE destination, written ``AET@host:port``."""
 
+    kind: Literal["dimse"] = "dimse"
     ae_title: str
     host: str
     port: int
+
+    @property
+    def label(self) -> str:
+        """How problems name it (the AE title)."""
+        return self.ae_title
 
     @classmethod
     def parse(cls, text: str) -> Destination:
@@ -58,6 +68,89 @@ class Destination(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class DicomWebDestination(BaseModel):
+    """A DICOMweb STOW-RS destination, written ``dicomweb+http(s)://host[:port]/path``.
+
+    ``url`` is the DICOMweb root (the service base URL, e.g. ``http://pacs:8042/dicom-web``);
+    the results are POSTed to ``<url>/studies``. Credentials never go into the URL: they
+    come from CXR_DICOMWEB_USERNAME/PASSWORD or CXR_DICOMWEB_TOKEN."""
+
+    kind: Literal["dicomweb"] = "dicomweb"
+    url: str
+
+    @classmethod
+    def parse(cls, text: str) -> DicomWebDestination:
+        text = text.strip()
+        if not text.lower().startswith(DICOMWEB_PREFIX):
+            raise ValueError(f"{text!r} is not dicomweb+http(s)://host:port/path")
+        parts = urlsplit(text[len(DICOMWEB_PREFIX) :])
+        if parts.scheme.lower() not in ("http", "https"):
+            raise ValueError(f"{text!r}: the scheme must be dicomweb+http or dicomweb+https")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                "credentials do not belong in a destination URL: set CXR_DICOMWEB_USERNAME/"
+                "CXR_DICOMWEB_PASSWORD or CXR_DICOMWEB_TOKEN"
+            )
+        if not parts.hostname:
+            raise ValueError(f"{text!r} has no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"invalid port in {text!r}") from None
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range in {text!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{text!r}: no query or fragment allowed")
+        url = urlunsplit((parts.scheme.lower(), parts.netloc, parts.path.rstrip("/"), "", ""))
+        dest = cls(url=url)
+        if len(str(dest)) > DESTINATION_TEXT_MAX:
+            raise ValueError(f"{text!r} is longer than {DESTINATION_TEXT_MAX} characters")
+        return dest
+
+    @property
+    def label(self) -> str:
+        return str(self)
+
+    def __str__(self) -> str:
+        return DICOMWEB_PREFIX + self.url
+
+
+class Hl7Destination(BaseModel):
+    """An HL7 v2 receiver (a RIS) reached over MLLP, written ``host:port``."""
+
+    kind: Literal["hl7"] = "hl7"
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> Hl7Destination:
+        m = _HOSTPORT_RE.match(text.strip())
+        if not m:
+            raise ValueError(f"{text!r} is not host:port")
+        port = int(m["port"])
+        if not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range in {text!r}")
+        return cls(host=m["host"], port=port)
+
+    @property
+    def label(self) -> str:
+        return str(self)
+
+    def __str__(self) -> str:
+        return f"hl7://{self.host}:{self.port}"
+
+
+#: any result destination: C-STORE, STOW-RS or HL7 (``kind``: dimse / dicomweb / hl7)
+AnyDestination = Destination | DicomWebDestination | Hl7Destination
+
+
+def parse_destination(text: str) -> Destination | DicomWebDestination:
+    """One CXR_DESTINATIONS entry: ``AET@host:port`` or ``dicomweb+http(s)://...``."""
+    if text.strip().lower().startswith(DICOMWEB_PREFIX):
+        return DicomWebDestination.parse(text)
+    return Destination.parse(text)
 
 
 class AllowedPeer(BaseModel):
@@ -202,8 +295,37 @@ class Settings(BaseSettings):
     )
 
     # --- results and delivery ----------------------------------------------------------
-    destinations: Annotated[list[Destination], NoDecode] = Field(
-        default_factory=list, description="Result destinations `AET@host:port`, comma-separated."
+    destinations: Annotated[list[Destination | DicomWebDestination], NoDecode] = Field(
+        default_factory=list,
+        description="Result destinations, comma-separated: C-STORE `AET@host:port` and/or "
+        "STOW-RS `dicomweb+http(s)://host:port/dicomweb-root`.",
+    )
+    dicomweb_username: str = Field("", description="Basic auth user for STOW-RS destinations.")
+    dicomweb_password: SecretStr = Field(
+        SecretStr(""), description="Basic auth password for STOW-RS destinations (never logged)."
+    )
+    dicomweb_token: SecretStr = Field(
+        SecretStr(""), description="Bearer token for STOW-RS destinations (never logged)."
+    )
+    dicomweb_timeout: float = Field(30.0, gt=0, description="STOW-RS request timeout (s).")
+    dicomweb_ca: Path | None = Field(
+        None, description="PEM CA bundle verifying https STOW-RS servers (default: system CAs)."
+    )
+    hl7_destinations: Annotated[list[Hl7Destination], NoDecode] = Field(
+        default_factory=list,
+        description="HL7 v2 ORU^R01 receivers (RIS) over MLLP, `host:port`, comma-separated.",
+    )
+    hl7_ack_timeout: float = Field(
+        30.0, gt=0, description="Seconds to connect and to wait for the HL7 ACK."
+    )
+    hl7_receiving_application: str = Field("", description="MSH-5 of the ORU^R01 messages.")
+    hl7_receiving_facility: str = Field("", description="MSH-6 of the ORU^R01 messages.")
+    urgent_threshold: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="A COVID verdict with a probability above this is sent to the RIS with "
+        "priority STAT (S) as 'COVID-19 suspected'.",
     )
     send_sr: bool = Field(True, description="Also send the Structured Report.")
     delivery_max_attempts: int = Field(
@@ -285,7 +407,15 @@ class Settings(BaseSettings):
     def _parse_dests(cls, v: object) -> object:
         v = _split_csv(v)
         if isinstance(v, list):
-            return [Destination.parse(x) if isinstance(x, str) else x for x in v]
+            return [parse_destination(x) if isinstance(x, str) else x for x in v]
+        return v
+
+    @field_validator("hl7_destinations", mode="before")
+    @classmethod
+    def _parse_hl7_dests(cls, v: object) -> object:
+        v = _split_csv(v)
+        if isinstance(v, list):
+            return [Hl7Destination.parse(x) if isinstance(x, str) else x for x in v]
         return v
 
     @field_validator("chest_body_parts", "frontal_views", "accepted_modalities", mode="before")
@@ -313,6 +443,12 @@ class Settings(BaseSettings):
             p = getattr(self, name)
             if p is not None and not Path(p).is_file():
                 raise ValueError(f"{ENV_PREFIX}{name.upper()}: file {p} does not exist")
+        if self.dicomweb_ca is not None and not Path(self.dicomweb_ca).is_file():
+            raise ValueError(f"{ENV_PREFIX}DICOMWEB_CA: file {self.dicomweb_ca} does not exist")
+        if self.dicomweb_token.get_secret_value() and self.dicomweb_username:
+            raise ValueError("set either CXR_DICOMWEB_TOKEN or CXR_DICOMWEB_USERNAME, not both")
+        if self.dicomweb_password.get_secret_value() and not self.dicomweb_username:
+            raise ValueError("CXR_DICOMWEB_PASSWORD needs CXR_DICOMWEB_USERNAME")
         if self.task_soft_time_limit >= self.task_time_limit:
             raise ValueError("CXR_TASK_SOFT_TIME_LIMIT must be below CXR_TASK_TIME_LIMIT")
         return self
@@ -323,6 +459,12 @@ class Settings(BaseSettings):
         (Redis ``visibility_timeout``): a task runs at most ``task_time_limit`` after a
         countdown of at most ``retry_eta_max``, plus 15 s of slack."""
         return self.task_time_limit + self.retry_eta_max + 15
+
+    @property
+    def delivery_destinations(self) -> list[AnyDestination]:
+        """Every result destination: CXR_DESTINATIONS (C-STORE, STOW-RS), then
+        CXR_HL7_DESTINATIONS."""
+        return [*self.destinations, *self.hl7_destinations]
 
     @property
     def tls_enabled(self) -> bool:
@@ -371,5 +513,7 @@ def settings_table() -> list[tuple[str, str, str]]:
         default = field.default_factory() if field.default_factory else field.default
         if isinstance(default, list):
             default = ",".join(str(x) for x in default)
+        elif isinstance(default, SecretStr):
+            default = ""  # a secret has no default; it is never printed
         rows.append((f"{ENV_PREFIX}{name.upper()}", str(default), field.description or ""))
     return rows

@@ -342,7 +342,9 @@ class Supervisor:
             if s.metrics_port
             else "off (CXR_METRICS_PORT=0)"
         )
-        dests = ", ".join(str(d) for d in s.destinations) or "none (CXR_DESTINATIONS unset)"
+        dests = ", ".join(str(d) for d in s.delivery_destinations) or (
+            "none (CXR_DESTINATIONS and CXR_HL7_DESTINATIONS unset)"
+        )
         self.say(
             "\n".join(
                 [

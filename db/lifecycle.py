@@ -575,6 +575,31 @@ D_FAILED = "failed"
 DELIVERED_ROW_STATES = (D_DELIVERED, D_WARNING)
 
 
+#: the Delivery.kind of an HL7 ORU^R01 result message (its row's SOP Instance UID is the
+#: SC's: one message per classified image and model version)
+ORU_KIND = "ORU"
+
+
+@dataclass
+class ReportFacts:
+    """What a result message to a RIS says (HL7 ORU^R01), from the audit rows only.
+
+    ``patient_id`` is the PatientID *as stored* (``Instance.patient_id_hash``): the salted
+    HMAC with the default ``CXR_PATIENT_ID_STORAGE=hash``, the plain ID only where the
+    site chose ``plain``. The patient's name is never stored, so never sent."""
+
+    accession_number: str | None
+    study_instance_uid: str | None
+    sop_instance_uid: str
+    patient_id: str | None
+    verdict: str
+    probabilities: dict[str, float]
+    model_version: str
+    ood: bool | None
+    classified_at: datetime | None
+    sc_sop_instance_uid: str
+
+
 @dataclass
 class DeliveryPlan:
     """What delivery needs to know about an instance."""
@@ -584,6 +609,12 @@ class DeliveryPlan:
     results: list[tuple[str, str]]  # (kind "SC"/"SR", SOP Instance UID)
     done: set[tuple[str, str]]  # (destination, SOP Instance UID) already acknowledged
     received_at: datetime | None
+    report: ReportFacts | None = None  # None without an inference
+
+    @property
+    def report_uid(self) -> str | None:
+        """The UID an ORU^R01 delivery row is recorded under (the SC's)."""
+        return self.report.sc_sop_instance_uid if self.report else None
 
 
 def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
@@ -600,9 +631,26 @@ def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
             .limit(1)
         ).scalar_one_or_none()
         results: list[tuple[str, str]] = []
+        report = None
         if inf is not None:
             if inf.sc_sop_instance_uid:
                 results.append(("SC", inf.sc_sop_instance_uid))
+                report = ReportFacts(
+                    accession_number=inst.accession_number,
+                    study_instance_uid=inst.study_instance_uid,
+                    sop_instance_uid=inst.sop_instance_uid,
+                    patient_id=inst.patient_id_hash,
+                    verdict=inf.verdict,
+                    probabilities={
+                        "COVID": float(inf.p_covid),
+                        "Normal": float(inf.p_normal),
+                        "Other": float(inf.p_other),
+                    },
+                    model_version=inf.model_version,
+                    ood=inf.ood,
+                    classified_at=aware(inf.created_at),
+                    sc_sop_instance_uid=inf.sc_sop_instance_uid,
+                )
             if inf.sr_sop_instance_uid:
                 results.append(("SR", inf.sr_sop_instance_uid))
         done = {
@@ -613,7 +661,7 @@ def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
             if d.state in DELIVERED_ROW_STATES
         }
         return DeliveryPlan(
-            inst.state, inf.id if inf else None, results, done, aware(inst.received_at)
+            inst.state, inf.id if inf else None, results, done, aware(inst.received_at), report
         )
 
 

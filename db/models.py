@@ -186,7 +186,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     destination: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(8))  # SC or SR
+    kind: Mapped[str] = mapped_column(String(8))  # SC or SR; ORU (HL7 result message)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status: Mapped[str | None] = mapped_column(String(16))  # e.g. 0x0000, 0xB000

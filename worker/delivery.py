@@ -92,6 +92,25 @@ class StoreOutcome:
         return None if self.status is None else status_hex(self.status)
 
 
+@dataclass
+class SendOutcome:
+    """What happened to one result sent to a STOW-RS or HL7 destination (same categories
+    as :class:`StoreOutcome`; ``status`` is already text: ``HTTP 200``, ``0xA700``,
+    ``AA``...)."""
+
+    destination: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    category: str  # success / warning / failure / unreachable
+    status: str | None = None
+    error: str | None = None  # a short reason (no PHI, no credentials)
+    elapsed_ms: float = 0.0
+
+    @property
+    def delivered(self) -> bool:
+        return self.category in (SUCCESS_OUTCOME, WARNING_OUTCOME)
+
+
 def classify_status(status: int) -> str:
     """success / warning / failure for a C-STORE response status (PS3.4 B.2.3, PS3.7 C)."""
     if status == SUCCESS:

@@ -8,7 +8,10 @@ directly). Every step is idempotent:
   (:mod:`worker.uids`), so a re-run builds the *same* objects and the PACS replaces them;
 * the ``inferences`` row is upserted by ``(instance_id, model_version)``;
 * ``deliveries`` rows are unique by ``(instance, destination, SOP Instance UID)`` and a
-  result already acknowledged by a destination is not sent there again;
+  result already acknowledged by a destination is not sent there again; the destinations
+  are C-STORE and STOW-RS ones (``CXR_DESTINATIONS``: the SC and SR) and HL7 receivers
+  (``CXR_HL7_DESTINATIONS``: one ORU^R01 per image, its row under the SC's UID), each sent
+  by the sender of its kind (:mod:`worker.delivery`, :mod:`worker.stow`, :mod:`worker.oru`);
 * an instance in a final state is skipped; one in ``processing`` is taken over when its
   claim is stale (older than ``CXR_REQUEUE_STALE_AFTER``, i.e. left by a killed worker) or
   was made by the same Celery task (a redelivery or retry of the same message).
@@ -39,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from cxr import metrics
 from cxr.logconfig import register_dataset_phi, scrub
-from cxr.settings import Destination, Settings
+from cxr.settings import AnyDestination, Hl7Destination, Settings
 from cxr.storage import Spool
 from db import lifecycle
 from db.lifecycle import NO_DESTINATIONS, is_final
@@ -332,7 +335,7 @@ def classify(
         built[sr_uid] = sr
     timings["build"] = (time.perf_counter() - t1) * 1000
 
-    no_dest = not settings.destinations
+    no_dest = not settings.delivery_destinations
     lifecycle.record_classification(
         settings.database_url,
         instance_id,
@@ -402,13 +405,27 @@ def deliver(
     if plan.inference_id is None or not results:
         mark_failed(settings, instance_id, "classified but no inference/results recorded")
         return Outcome(instance_id, "failed", State.FAILED.value, "no results")
-    if not settings.destinations:
+    destinations = settings.delivery_destinations
+    if not destinations:
         lifecycle.close_without_destinations(url, instance_id)
         return Outcome(instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS)
 
     datasets: dict[str, Dataset] = dict(built or {})
     problems: list[str] = []
-    for dest in settings.destinations:
+    for dest in destinations:
+        if dest.kind == "hl7":
+            if plan.report is None or plan.report_uid is None:
+                continue  # pragma: no cover - an inference always has its SC
+            if (str(dest), plan.report_uid) in done:
+                continue
+            model_name = _model_name(datasets, plan.report_uid, spool)
+            if model_name is None:
+                mark_failed(settings, instance_id, "result file missing from spool (SC)")
+                return Outcome(instance_id, "failed", State.FAILED.value, "result missing")
+            pending = [(lifecycle.ORU_KIND, plan.report_uid)]
+            outcomes = [_send_oru(dest, plan.report, model_name, settings)]
+            _record(settings, instance_id, dest, pending, outcomes, problems)
+            continue
         pending = [(k, uid) for k, uid in results if (str(dest), uid) not in done]
         if not pending:
             continue
@@ -435,7 +452,7 @@ def deliver(
         send_ms,
         problems,
         final_attempt,
-        f"{len(results)} result(s) to {len(settings.destinations)} destination(s)",
+        f"{len(results)} result(s) to {len(destinations)} destination(s)",
     )
     received_at = plan.received_at
     if not problems:
@@ -456,14 +473,61 @@ def deliver(
     raise DeliveryIncomplete("; ".join(problems))
 
 
-def _send(dest: Destination, datasets: list[Dataset], settings: Settings) -> list[Any]:
-    from worker.delivery import store_datasets
-
+def _send(dest: AnyDestination, datasets: list[Dataset], settings: Settings) -> list[Any]:
+    """The sender of the destination's kind: C-STORE (``dimse``) or STOW-RS (``dicomweb``)."""
     try:
-        return list(store_datasets(dest, datasets, settings))
+        if dest.kind == "dicomweb":
+            from worker.stow import stow_datasets
+
+            return list(stow_datasets(dest, datasets, settings))
+        if dest.kind == "dimse":
+            from worker.delivery import store_datasets
+
+            return list(store_datasets(dest, datasets, settings))
+        raise ValueError(f"no dataset sender for a {dest.kind} destination")
     except Exception as exc:  # delivery should classify, but never let one crash us
         log.warning("delivery to %s raised %s", dest, type(exc).__name__)
         return [_Unreachable(f"{type(exc).__name__}: {exc}") for _ in datasets]
+
+
+def _model_name(datasets: dict[str, Dataset], sc_uid: str, spool: Spool) -> str | None:
+    """The model name of a result (the SC's ManufacturerModelName; the inference row
+    holds the version only). Reads the SC from the spool when not at hand."""
+    if sc_uid not in datasets:
+        path = spool.result_path(sc_uid)
+        if not path.exists():
+            return None
+        datasets[sc_uid] = spool.read_dataset(path)
+    return str(datasets[sc_uid].get("ManufacturerModelName", "") or "cxr-model")
+
+
+def _send_oru(
+    dest: Hl7Destination, report: lifecycle.ReportFacts, model_name: str, settings: Settings
+) -> Any:
+    """The MLLP sender: one ORU^R01 for the classified image, checked for its ACK."""
+    from worker.oru import build_oru, send_oru
+
+    try:
+        message = build_oru(
+            report,
+            model_name,
+            urgent_threshold=settings.urgent_threshold,
+            patient_id_storage=settings.patient_id_storage,
+            sending_facility=settings.institution_name,
+            receiving_application=settings.hl7_receiving_application,
+            receiving_facility=settings.hl7_receiving_facility,
+        )
+        return send_oru(
+            str(dest),
+            dest.host,
+            dest.port,
+            message,
+            report.sc_sop_instance_uid,
+            settings.hl7_ack_timeout,
+        )
+    except Exception as exc:  # never let one crash the other deliveries
+        log.warning("HL7 delivery to %s raised %s", dest, type(exc).__name__)
+        return _Unreachable(f"{type(exc).__name__}")
 
 
 @dataclass
@@ -476,7 +540,7 @@ class _Unreachable:
 def _record(
     settings: Settings,
     instance_id: int,
-    dest: Destination,
+    dest: AnyDestination,
     pending: list[tuple[str, str]],
     outcomes: list[Any],
     problems: list[str],
@@ -490,10 +554,10 @@ def _record(
         status = _status_text(out)
         attempts.append(lifecycle.Attempt(kind, uid, cat, status, str(err) if err else None))
         if cat not in ("success", "warning"):
-            problems.append(f"{kind} to {dest.ae_title}: {cat} {status or ''}".strip())
+            problems.append(f"{kind} to {dest.label}: {cat} {status or ''}".strip())
     lifecycle.record_delivery_attempts(settings.database_url, instance_id, str(dest), attempts)
     if len(outcomes) < len(pending):
-        problems.append(f"{dest.ae_title}: {len(pending) - len(outcomes)} result(s) unanswered")
+        problems.append(f"{dest.label}: {len(pending) - len(outcomes)} result(s) unanswered")
 
 
 # --------------------------------------------------------------------------- all in one
@@ -530,7 +594,7 @@ def process_instance(
             return Outcome(instance_id, "failed", State.FAILED.value, reason)
         verdict = built.verdict
         fresh = built.datasets
-        if not settings.destinations:
+        if not settings.delivery_destinations:
             metrics.TASK_OUTCOMES.labels(State.CLASSIFIED.value).inc()
             timings["total"] = (time.perf_counter() - t_start) * 1000
             return Outcome(

@@ -292,7 +292,7 @@ def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool
 def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None = None) -> int:
     """The undelivered sweep (:func:`db.lifecycle.requeue_undelivered`): due delivery
     retries, and instances left ``classified`` longer than ``CXR_REQUEUE_STALE_AFTER``."""
-    if not settings.destinations:
+    if not settings.delivery_destinations:
         return 0
     return lifecycle.requeue_undelivered(
         settings.database_url,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import free_port
-from tests.worker.orthanc import ORTHANC_BIN, Orthanc
+from tests.worker.orthanc import DICOMWEB_PLUGIN, ORTHANC_BIN, Orthanc
 
 
 @pytest.fixture(scope="session")
@@ -35,11 +35,28 @@ def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
         o.stop()
 
 
+@pytest.fixture
+def orthanc_dicomweb(tmp_path: Path) -> Iterator[Orthanc]:
+    """Like ``orthanc``, with the orthanc-dicomweb plugin loaded (STOW-RS under
+    ``orthanc.dicomweb_root``)."""
+    if not ORTHANC_BIN.exists():
+        pytest.skip("Debian's Orthanc (/usr/sbin/Orthanc) is not installed")
+    if not DICOMWEB_PLUGIN.exists():
+        pytest.skip(f"Debian's orthanc-dicomweb plugin ({DICOMWEB_PLUGIN}) is not installed")
+    o = Orthanc(tmp_path / "orthanc-dicomweb", free_port(), free_port(), dicomweb=True)
+    o.start()
+    try:
+        yield o
+    finally:
+        o.stop()
+
+
 def insert_instance(settings, data: bytes | Path, state: str = "queued") -> int:  # type: ignore[no-untyped-def]
     """Do what the node does on a durable receipt: spool the file and write the
     ``instances`` row (for pipeline tests that run without the node)."""
     import pydicom
 
+    from cxr.contracts import hash_patient_id
     from cxr.storage import Spool
     from db.models import Event, Instance
     from db.session import session_scope
@@ -56,6 +73,8 @@ def insert_instance(settings, data: bytes | Path, state: str = "queued") -> int:
             study_instance_uid=str(ds.get("StudyInstanceUID", "")),
             series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
             modality=str(ds.get("Modality", "")),
+            accession_number=str(ds.get("AccessionNumber", "")) or None,
+            patient_id_hash=hash_patient_id(settings, str(ds.get("PatientID", ""))),
             content_sha256=sha,
             size_bytes=len(data),
             spool_path=str(path),

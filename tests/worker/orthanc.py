@@ -1,7 +1,9 @@
 """A real PACS for the end-to-end tests: Debian's Orthanc on free loopback ports.
 
 :class:`Orthanc` writes a JSON configuration in a temporary folder (storage and index in
-that folder, no remote access, no authentication, no plugins, AE ``ORTHANC``), knows our
+that folder, no remote access, no authentication, AE ``ORTHANC``; no plugins unless
+``dicomweb=True``: then Debian's orthanc-dicomweb plugin serves DICOMweb under
+``/dicom-web/``, :attr:`Orthanc.dicomweb_root`), knows our
 node as modality ``cxr`` (so ``POST /modalities/cxr/store`` pushes to it) and accepts
 C-STOREs from anyone. It can be stopped and started again on the same ports and storage
 (the "PACS down during delivery" fault). The REST client uses only urllib.
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 
 ORTHANC_BIN = Path("/usr/sbin/Orthanc")
 ORTHANC_AET = "ORTHANC"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+DICOMWEB_ROOT = "/dicom-web/"
 
 
 class Orthanc:
@@ -33,15 +37,22 @@ class Orthanc:
         http_port: int,
         dicom_port: int,
         modalities: dict[str, tuple[str, str, int]] | None = None,
+        dicomweb: bool = False,
     ) -> None:
         self.workdir = Path(workdir)
         self.http_port = http_port
         self.dicom_port = dicom_port
         self.modalities = dict(modalities or {})
+        self.dicomweb = dicomweb
         self.proc: subprocess.Popen[bytes] | None = None
         self.base = f"http://127.0.0.1:{http_port}"
         self.log_path = self.workdir / "orthanc.log"
         self.config_path = self.workdir / "orthanc.json"
+
+    @property
+    def dicomweb_root(self) -> str:
+        """The DICOMweb service root URL (with ``dicomweb=True``), no trailing slash."""
+        return self.base + DICOMWEB_ROOT.rstrip("/")
 
     # ------------------------------------------------------------------ process
     def write_config(self) -> Path:
@@ -62,7 +73,7 @@ class Orthanc:
             "DicomAlwaysAllowEcho": True,
             "UnknownSopClassAccepted": True,
             "DicomModalities": {k: list(v) for k, v in self.modalities.items()},
-            "Plugins": [],
+            "Plugins": [str(DICOMWEB_PLUGIN)] if self.dicomweb else [],
             "StableAge": 1,
             "SaveJobs": False,
             "ConcurrentJobs": 2,
@@ -72,6 +83,8 @@ class Orthanc:
             "HttpTimeout": 30,
             "KeepAlive": True,
         }
+        if self.dicomweb:
+            cfg["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT}
         self.config_path.write_text(json.dumps(cfg, indent=2))
         return self.config_path
 
