@@ -199,6 +199,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Result destinations `AET@host:port`, comma-separated."
     )
     send_sr: bool = Field(True, description="Also send the Structured Report.")
+    send_heatmap: bool = Field(
+        True,
+        description="Also send the Grad-CAM heat map as a DICOM Segmentation (FRACTIONAL).",
+    )
     delivery_max_attempts: int = Field(
         10,
         ge=1,

@@ -36,7 +36,7 @@ def test_output_uids_are_deterministic_and_distinct() -> None:
     a = output_uids("1.2.3.4.5", "1.0.0")
     b = output_uids("1.2.3.4.5", "1.0.0")
     assert a == b
-    assert len(set(a.as_dict().values())) == 4
+    assert len(set(a.as_dict().values())) == 6
     assert output_uids("1.2.3.4.6", "1.0.0").sc_sop != a.sc_sop  # other source
     other_model = output_uids("1.2.3.4.5", "1.0.1")
     assert set(other_model.as_dict().values()).isdisjoint(a.as_dict().values())
