@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -19,11 +20,12 @@ from tests.conftest import DICOM_SAMPLES, make_chest_dataset
 from tests.worker.conftest import FakePrediction, dciodvfy, read_sample
 from worker.results import (
     MAX_SIDE,
-    SC_SERIES_DESCRIPTION,
     SERIES_DESCRIPTION_PREFIX,
     VERDICT_TRACKING_ID,
+    build_heatmap,
     build_secondary_capture,
     build_structured_report,
+    compose_result_image,
     render_result_image,
 )
 from worker.uids import is_valid_uid, output_uids
@@ -69,10 +71,13 @@ def test_render_places_cam_and_text(model_info) -> None:  # type: ignore[no-unty
     # 80 rows x 60 cols: padded left/right by 10 px to an 80 square for the model
     display = np.full((80, 60), 128, np.uint8)
     pred = FakePrediction(size=64, peak=(16, 40))  # peak at model-frame (row 16, col 40)
-    img = render_result_image(display, pred, model_info)
+    result = compose_result_image(display, pred, model_info)
+    img = result.pixels
+    assert np.array_equal(img, render_result_image(display, pred, model_info))
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     scale = 512 / 80  # small images are enlarged to a 512 long side
-    banner = img.shape[0] - round(80 * scale)
+    banner = result.image_box[1]
+    assert result.image_box[3] - banner == round(80 * scale)
     assert img.shape[1] == round(60 * scale) and banner > 20
     # the banner holds text (bright pixels on black), the radiograph part starts below it
     assert (img[:banner] > 150).any()
@@ -88,10 +93,13 @@ def test_render_places_cam_and_text(model_info) -> None:  # type: ignore[no-unty
 
 def test_render_downsizes_large_images(model_info) -> None:  # type: ignore[no-untyped-def]
     display = np.zeros((3000, 2400), np.uint8)
-    img = render_result_image(display, FakePrediction(), model_info)
+    result = compose_result_image(display, FakePrediction(), model_info)
+    img = result.pixels
     assert img.shape[1] == 2400 * MAX_SIDE // 3000
-    banner = img.shape[0] - 1024  # the image part is 1024 high, plus the banner
-    assert 0 < banner < 0.25 * 1024
+    x0, y0, x1, y1 = result.image_box
+    assert (x0, x1, y1 - y0) == (0, img.shape[1], 1024)  # the image part is 1024 high
+    margins = img.shape[0] - 1024  # plus the banner above and the legend strip below
+    assert 0 < y0 and 0 < margins < 0.3 * 1024
 
 
 def test_render_without_cam_is_grey(model_info) -> None:  # type: ignore[no-untyped-def]
@@ -134,6 +142,16 @@ def _build(source: pydicom.Dataset, model_info, pred=None):  # type: ignore[no-u
     return uids, sc, sr
 
 
+def _build_all(source: pydicom.Dataset, model_info, pred=None):  # type: ignore[no-untyped-def]
+    """SC, heat map and the SR referencing both (what the pipeline builds)."""
+    pred = pred or FakePrediction()
+    uids = output_uids(source.SOPInstanceUID, model_info.version)
+    sc = build_secondary_capture(source, dicom_to_display(source), pred, model_info, uids)
+    hm = build_heatmap(source, pred, model_info, uids)
+    sr = build_structured_report(source, pred, model_info, uids, sc=sc, heatmap=hm)
+    return uids, sc, sr, hm
+
+
 def test_secondary_capture_content(model_info) -> None:  # type: ignore[no-untyped-def]
     src = make_chest_dataset(rows=96, cols=80, modality="DX")
     uids, sc, _ = _build(src, model_info)
@@ -144,7 +162,7 @@ def test_secondary_capture_content(model_info) -> None:  # type: ignore[no-untyp
     assert sc.SeriesInstanceUID != src.SeriesInstanceUID
     assert sc.PatientID == src.PatientID and str(sc.PatientName) == str(src.PatientName)
     assert sc.AccessionNumber == src.AccessionNumber
-    assert sc.SeriesDescription == SC_SERIES_DESCRIPTION
+    assert sc.SeriesDescription == "AI TRIAGE: COVID-19 SUSPECTED (NOT FOR DIAGNOSTIC USE)"
     assert sc.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
     assert "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription
     assert sc.BurnedInAnnotation == "YES"
@@ -156,6 +174,7 @@ def test_secondary_capture_content(model_info) -> None:  # type: ignore[no-untyp
     eq = ours[0]
     assert eq.ManufacturerModelName == model_info.name
     assert eq.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert is_valid_uid(eq.DeviceUID)
     assert eq.ContributionDateTime and eq.ContributionDescription
     ref = sc.SourceImageSequence[0]
     assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -267,10 +286,23 @@ def _our_errors(errors: list[str], src: pydicom.Dataset) -> list[str]:
     return left
 
 
+# dicom3tools' dciodvfy does not (yet) list Device UID (0018,1002) in the Contributing
+# Equipment Sequence, where IHE AIR puts the algorithm's UID: the only warnings we accept
+DEVICE_UID_WARNINGS = (
+    "Warning - Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
+    "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - "
+    "this is a Standard Extended SOP Class",
+)
+
+
+def _not_device_uid(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if w.strip() not in DEVICE_UID_WARNINGS]
+
+
 def _check_valid(tmp_path: Path, name: str, src: pydicom.Dataset, model_info) -> list[str]:  # type: ignore[no-untyped-def]
-    _, sc, sr = _build(src, model_info)
+    _, sc, sr, hm = _build_all(src, model_info)
     warnings: list[str] = []
-    for kind, ds in (("sc", sc), ("sr", sr)):
+    for kind, ds in (("sc", sc), ("sr", sr), ("hm", hm)):
         path = tmp_path / f"{name}_{kind}.dcm"
         ds.save_as(path, enforce_file_format=True)
         errors, warns = dciodvfy(path)
@@ -279,7 +311,15 @@ def _check_valid(tmp_path: Path, name: str, src: pydicom.Dataset, model_info) ->
         assert back.SOPInstanceUID == ds.SOPInstanceUID
         if kind == "sc":
             assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
-        warnings += warns
+        elif kind == "sr":  # highdicom reads it back as the TID 1500 document it wrote
+            doc = hd.sr.srread(path)
+            assert isinstance(doc, hd.sr.ComprehensiveSR)
+            assert len(doc.content.get_planar_roi_measurement_groups()) == 1
+        else:
+            seg = hd.seg.segread(path)
+            assert seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+            assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+        warnings += _not_device_uid(warns)
     return warnings
 
 
@@ -292,7 +332,7 @@ def test_dciodvfy_generated(tmp_path: Path, modality: str, model_info) -> None: 
         src.ImagerPixelSpacing = [0.2, 0.2]
         src.BodyPartExamined = "THORAX"
     warnings = _check_valid(tmp_path, modality, src, model_info)
-    assert warnings == []  # a complete source gives outputs without a single warning
+    assert warnings == []  # a complete source: no warning but the Device UID one
     if modality == "DX-geometry":
         _, sc, sr = _build(src, model_info)
         assert list(sc.PatientOrientation) == ["P", "FL"] and sc.BodyPartExamined == "CHEST"
@@ -313,17 +353,3 @@ def test_dciodvfy_shared_samples(tmp_path: Path, path: Path, model_info) -> None
 def test_shared_samples_present_or_skip(dicom_samples: Path) -> None:
     """Makes the absence of ../shared visible as a skip rather than an empty parametrisation."""
     assert CHEST_SAMPLES, f"no chest samples under {dicom_samples}"
-
-
-def test_overlay_matches_ml_gradcam() -> None:
-    """The fast blend equals ml.gradcam.overlay (the ML component's reference)."""
-    from ml import gradcam
-    from worker.results import overlay
-
-    rng = np.random.default_rng(1)
-    grey = rng.integers(0, 256, (120, 90), dtype=np.uint8)
-    cam = rng.random((120, 90), dtype=np.float32)
-    ours = overlay(grey, cam).astype(int)
-    ref = gradcam.overlay(grey, cam).astype(int)
-    assert ours.shape == ref.shape == (120, 90, 3)
-    assert np.abs(ours - ref).max() <= 1
