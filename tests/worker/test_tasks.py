@@ -82,7 +82,7 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
         ):
             assert getattr(inf, col) is not None and getattr(inf, col) >= 0, col
         dels = ss.execute(select(Delivery).where(Delivery.instance_id == iid)).scalars().all()
-        assert sorted(d.kind for d in dels) == ["SC", "SR"]
+        assert sorted(d.kind for d in dels) == ["HM", "SC", "SR"]
         assert all(d.state == "delivered" and d.last_status == "0x0000" for d in dels)
         kinds = [
             e.kind
@@ -92,11 +92,13 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
         ]
         assert kinds == ["queued", "processing", "classified", "delivered"]
         sc_uid, sr_uid = inf.sc_sop_instance_uid, inf.sr_sop_instance_uid
+        hm_uid = inf.hm_sop_instance_uid
 
-    # the PACS holds exactly what we sent - the SC and the SR - in the source's study
+    # the PACS holds exactly what we sent - the SC, the SR, the heat map - in the source's study
     tags = {t["SOPInstanceUID"]: t for t in orthanc.all_instance_tags()}
-    assert set(tags) == {sc_uid, sr_uid}
-    for uid in (sc_uid, sr_uid):
+    assert set(tags) == {sc_uid, sr_uid, hm_uid}
+    assert tags[hm_uid]["Modality"] == "SEG"
+    for uid in (sc_uid, sr_uid, hm_uid):
         assert tags[uid]["StudyInstanceUID"] == source.StudyInstanceUID
         assert tags[uid]["SeriesInstanceUID"] != source.SeriesInstanceUID
     assert tags[sr_uid]["Modality"] == "SR"
@@ -206,9 +208,9 @@ def test_unreachable_destination_then_delivery_failed_then_resend(
     with pytest.raises(pipeline.DeliveryIncomplete):
         pipeline.process_instance(s, iid)
     assert _state(s, iid).state == State.CLASSIFIED.value
-    # Orthanc got both results on the first attempt; it is not sent to again
+    # Orthanc got the three results on the first attempt; it is not sent to again
     n_orthanc = len(orthanc.instances())
-    assert n_orthanc == 2
+    assert n_orthanc == 3
     out = pipeline.deliver(s, iid, final_attempt=True)
     assert out.action == "delivery_failed"
     inst = _state(s, iid)
