@@ -409,3 +409,32 @@ def test_redelivery_timeout_follows_the_task_limits(tmp_path, sqlite_url, tiny_m
     opts = make_celery(s).conf.broker_transport_options
     assert opts["visibility_timeout"] == 225
     assert opts["unacked_restore_interval"] == 5 and opts["unacked_restore_throttle"] == 1
+
+
+@pytest.mark.parametrize("send_heatmap", [True, False])
+def test_heatmap_is_built_unless_switched_off(
+    tmp_path, sqlite_url, tiny_model_dir, dicom_samples, send_heatmap: bool
+):  # type: ignore[no-untyped-def]
+    """CXR_SEND_HEATMAP: the heat map is recorded and kept with the SC/SR, or not built
+    at all (and the SR then does not reference one)."""
+    from cxr.storage import Spool
+
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, send_heatmap=send_heatmap)
+    iid = insert_instance(s, _sample(dicom_samples))
+    assert pipeline.process_instance(s, iid).action == "classified"
+    with session_scope(s.database_url) as ss:
+        inf = ss.query(Inference).filter_by(instance_id=iid).one()
+    spool = Spool(s.spool_dir)
+    sr = pydicom.dcmread(spool.result_path(inf.sr_sop_instance_uid))
+    referenced = {str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    if send_heatmap:
+        assert inf.hm_sop_instance_uid and inf.hm_series_uid
+        hm = pydicom.dcmread(spool.result_path(inf.hm_sop_instance_uid))
+        assert hm.Modality == "SEG" and hm.SegmentationType == "FRACTIONAL"
+        assert inf.hm_sop_instance_uid in referenced
+    else:
+        assert inf.hm_sop_instance_uid is None and inf.hm_series_uid is None
+        assert not any(
+            p.name.startswith("2.25.") and "SEG" in p.name for p in spool.results.iterdir()
+        )
+        assert len(list(spool.results.iterdir())) == 2  # SC and SR only
