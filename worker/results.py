@@ -1,27 +1,33 @@
-"""The result objects sent back to the PACS: a Secondary Capture for the radiologist and a
-Structured Report for machines, both built with highdicom.
+"""The result objects sent back to the PACS, built with highdicom: a Secondary Capture for
+the radiologist, a Structured Report for machines and the heat map as a Segmentation.
 
 * **Secondary Capture** (:func:`build_secondary_capture`): same patient and study as the
-  source, a new series (deterministic UID, :mod:`worker.uids`), an RGB image = the
-  radiograph with the Grad-CAM overlay, and a black banner above it with burned-in text
-  (verdict, the three calibrated probabilities, model name and version, "NOT FOR
-  DIAGNOSTIC USE"). ``BurnedInAnnotation`` is ``YES``. The banner is added *above* the
-  image so that no text hides anatomy.
+  source, a new series (deterministic UID, :mod:`worker.uids`), an RGB image = a banner
+  with the burned-in text (verdict, the three calibrated probabilities, model name and
+  version, "NOT FOR DIAGNOSTIC USE") above the radiograph with the Grad-CAM overlay
+  (:func:`ml.gradcam.overlay`: opacity following the map, transparent where it is low),
+  and a legend strip with the colour bar below it: no text over anatomy
+  (:func:`compose_result_image`). ``BurnedInAnnotation`` is ``YES``.
+* **Heat map** (:func:`build_heatmap`): the Grad-CAM map on the source's own pixel grid
+  as a Segmentation with SegmentationType FRACTIONAL (why not a Parametric Map:
+  docs/conformance.md 8.1). Sources without patient geometry get none invented.
 * **Structured Report** (:func:`build_structured_report`): a Comprehensive SR with the TID
   1500 "Imaging Measurement Report" content: one TID 1501 measurement group per class with
   the calibrated probability as a coded numeric finding (DCM 122157 "Probability", UCUM
-  ``1``), one group with the verdict as a qualitative evaluation (DCM 121071 "Finding"),
-  the algorithm (TID 4019), the AI as observer device (TID 1004), the source image in the
-  image library and in every measurement, and the research-use disclaimer as a text item.
+  ``1``), one group with the verdict as a qualitative evaluation (DCM 121071 "Finding";
+  a TID 1410 planar ROI group whose region is the heat map when there is one), the
+  algorithm (TID 4019, with parameters), the AI as observer device (TID 1004), the source
+  image, the SC and the heat map in the image library and the evidence, and the
+  research-use disclaimer as a text item.
 
-Both carry the algorithm's provenance as in IHE AI Results: Manufacturer
-``cxr-triage``, ManufacturerModelName = model name, SoftwareVersions = model version and
-package version, and a Contributing Equipment Sequence item (purpose DCM 109102
-"Processing Equipment", i.e. the equipment that processed the source into this object)
-with the contribution date/time and a description.
+All carry the algorithm's provenance as in IHE AI Results: Manufacturer ``cxr-triage``,
+ManufacturerModelName = model name, SoftwareVersions = model version and package version,
+and a Contributing Equipment Sequence item (purpose DCM 109102 "Processing Equipment")
+with a Device UID stable per model version, the contribution date/time and a description.
 
-Series descriptions start with ``AI TRIAGE``: the node ignores such instances, so results
-that a PACS routes back to us never loop.
+Series descriptions start with ``AI TRIAGE`` (:data:`cxr.contracts.OWN_SERIES_PREFIX`),
+then the verdict: the node ignores such instances, so results that a PACS routes back to
+us never loop.
 """
 
 from __future__ import annotations
@@ -92,7 +98,6 @@ VERDICT_TEXT = {"COVID": "COVID-19 suspected", "Normal": "Normal", "Other": "Oth
 # "De-identifying Equipment": neither fits). See docs/conformance.md.
 AIR_PURPOSE_OF_REFERENCE = codes.DCM.ProcessingEquipment  # (109102, DCM, "Processing Equipment")
 HEATMAP_PROPERTY_CATEGORY = codes.SCT.Finding  # (404684003, SCT, "Finding"), CID 7150
-HEATMAP_FLOOR = 0.0  # the map is sent as computed: [0, 1], no floor (the SC's overlay has one)
 
 
 def series_description(kind: str, label: str) -> str:
