@@ -189,9 +189,9 @@ def overlay(
 def colour_bar(
     height: int, width: int, floor: float = ALPHA_FLOOR, horizontal: bool = True
 ) -> np.ndarray:
-    """A legend of the overlay: RGB uint8 (height, width, 3), the JET colours of the map
-    from ``floor`` (left or bottom) to 1 (right or top), as opaque as they are drawn at
-    full strength."""
+    """A legend of the overlay: RGB uint8 (height, width, 3), the pure JET colours of the
+    map from ``floor`` (left or bottom) to 1 (right or top); on the radiograph they are
+    blended at the opacity :func:`overlay_weights` gives."""
     n = width if horizontal else height
     ramp = np.linspace(floor, 1.0, max(n, 2), dtype=np.float32)[:n]
     colours = heat_colours(ramp)  # (n, 3)
