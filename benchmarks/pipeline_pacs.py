@@ -390,7 +390,7 @@ def main() -> int:
     print(
         f"images: the {len(SAMPLE_FILES)} shared chest samples (169x211 .. 1576x1976) cycled, new UIDs"
     )
-    print(f"PACS holds {n_pacs} objects (expected {2 * len(files)} = SC+SR per image)")
+    print(f"PACS holds {n_pacs} objects (expected {3 * len(files)} = SC+SR+heat map per image)")
     print()
     print("| figure | value |")
     print("|---|---|")

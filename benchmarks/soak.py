@@ -249,7 +249,7 @@ def _run_phase(
     expected = {}
     for u in ok_uids:
         o = output_uids(u, version)
-        expected[u] = {o.sc_sop, o.sr_sop}
+        expected[u] = {o.sc_sop, o.sr_sop, o.hm_sop}
     pacs_tags = stack.orthanc.all_instance_tags()
     ours = [t for t in pacs_tags if str(t.get("Manufacturer", "")).strip() == "cxr-triage"]
     in_pacs = Counter(str(t.get("SOPInstanceUID")) for t in ours)

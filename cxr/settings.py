@@ -328,6 +328,10 @@ class Settings(BaseSettings):
         "priority STAT (S) as 'COVID-19 suspected'.",
     )
     send_sr: bool = Field(True, description="Also send the Structured Report.")
+    send_heatmap: bool = Field(
+        True,
+        description="Also send the Grad-CAM heat map as a DICOM Segmentation (FRACTIONAL).",
+    )
     delivery_max_attempts: int = Field(
         10,
         ge=1,

@@ -309,7 +309,8 @@ def cmd_show(args: argparse.Namespace, out: IO[str] | None = None) -> int:
                     f"({inf['engine'] or '-'}) verdict {inf['verdict']} "
                     f"COVID={inf['p_covid']:.3f} Normal={inf['p_normal']:.3f} Other={inf['p_other']:.3f}\n"
                     f"       timings ms: {timings or '-'}\n"
-                    f"       SC {inf['sc_sop_instance_uid'] or '-'}  SR {inf['sr_sop_instance_uid'] or '-'}\n"
+                    f"       SC {inf['sc_sop_instance_uid'] or '-'}  SR {inf['sr_sop_instance_uid'] or '-'}"
+                    f"  HM {inf.get('hm_sop_instance_uid') or '-'}\n"
                 )
             out.write("  -- deliveries --\n")
             table(

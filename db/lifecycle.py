@@ -256,7 +256,7 @@ def cleanup_spool(
     ``retention_days`` (default ``CXR_SPOOL_RETENTION_DAYS``; 0 = keep forever) ago.
 
     Removes the received file (``instances.spool_path``, unless a newer, still-retained row
-    points at the same content) and the SC/SR results built for it; sets ``spool_path`` to
+    points at the same content) and the SC/SR/heat-map results built for it; sets ``spool_path`` to
     NULL and appends a ``spool_purged`` event, so the audit trail records the deletion.
     Audit rows themselves are never deleted.
     """
@@ -294,9 +294,11 @@ def cleanup_spool(
             result_uids = [
                 uid
                 for row in s.execute(
-                    select(Inference.sc_sop_instance_uid, Inference.sr_sop_instance_uid).where(
-                        Inference.instance_id.in_(chunk)
-                    )
+                    select(
+                        Inference.sc_sop_instance_uid,
+                        Inference.sr_sop_instance_uid,
+                        Inference.hm_sop_instance_uid,
+                    ).where(Inference.instance_id.in_(chunk))
                 ).all()
                 for uid in row
                 if uid
@@ -513,6 +515,8 @@ class InferenceRecord:
     sr_series_uid: str | None
     sr_sop_instance_uid: str | None
     timings_ms: dict[str, float]
+    hm_series_uid: str | None = None
+    hm_sop_instance_uid: str | None = None
 
 
 NO_DESTINATIONS = "no destinations configured"
@@ -547,6 +551,8 @@ def record_classification(
         inf.sc_sop_instance_uid = rec.sc_sop_instance_uid
         inf.sr_series_uid = rec.sr_series_uid
         inf.sr_sop_instance_uid = rec.sr_sop_instance_uid
+        inf.hm_series_uid = rec.hm_series_uid
+        inf.hm_sop_instance_uid = rec.hm_sop_instance_uid
         inf.t_decode_ms = t.get("decode")
         inf.t_preprocess_ms = t.get("preprocess")
         inf.t_forward_ms = t.get("forward")
@@ -606,7 +612,7 @@ class DeliveryPlan:
 
     state: str
     inference_id: int | None
-    results: list[tuple[str, str]]  # (kind "SC"/"SR", SOP Instance UID)
+    results: list[tuple[str, str]]  # (kind "SC"/"SR"/"HM", SOP Instance UID)
     done: set[tuple[str, str]]  # (destination, SOP Instance UID) already acknowledged
     received_at: datetime | None
     report: ReportFacts | None = None  # None without an inference
@@ -653,6 +659,8 @@ def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
                 )
             if inf.sr_sop_instance_uid:
                 results.append(("SR", inf.sr_sop_instance_uid))
+            if inf.hm_sop_instance_uid:
+                results.append(("HM", inf.hm_sop_instance_uid))
         done = {
             (d.destination, d.sop_instance_uid)
             for d in s.execute(

@@ -166,6 +166,9 @@ class Inference(Base):
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     sr_series_uid: Mapped[str | None] = mapped_column(String(64))
     sr_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    # the heat map (DICOM Segmentation, FRACTIONAL); NULL when not sent (migration 0004)
+    hm_series_uid: Mapped[str | None] = mapped_column(String(64))
+    hm_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     t_decode_ms: Mapped[float | None] = mapped_column(Float)
     t_preprocess_ms: Mapped[float | None] = mapped_column(Float)
     t_forward_ms: Mapped[float | None] = mapped_column(Float)
@@ -186,7 +189,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), index=True)
     destination: Mapped[str] = mapped_column(String(128))
-    kind: Mapped[str] = mapped_column(String(8))  # SC or SR; ORU (HL7 result message)
+    kind: Mapped[str] = mapped_column(String(8))  # SC, SR, HM (heat map); ORU (HL7 message)
     sop_instance_uid: Mapped[str] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_status: Mapped[str | None] = mapped_column(String(16))  # e.g. 0x0000, 0xB000

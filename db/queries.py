@@ -298,6 +298,8 @@ def instance_history(session: Session, uid: str) -> list[InstanceHistory]:
                     "sc_sop_instance_uid",
                     "sr_series_uid",
                     "sr_sop_instance_uid",
+                    "hm_series_uid",
+                    "hm_sop_instance_uid",
                 )
                 + tuple(f"t_{s}_ms" for s in STAGES),
             )

@@ -20,7 +20,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALPHA = 0.4
+DEFAULT_ALPHA = 0.5  # opacity of the heat colour where the map is 1
+ALPHA_FLOOR = 0.2  # below this CAM value the overlay is fully transparent
 
 
 def normalise_cam(cam: np.ndarray) -> np.ndarray:
@@ -125,17 +126,43 @@ def cam_to_display(
     return np.clip(out, 0.0, 1.0)
 
 
+def overlay_weights(
+    cam: np.ndarray, alpha: float = DEFAULT_ALPHA, floor: float = ALPHA_FLOOR
+) -> np.ndarray:
+    """Per-pixel opacity of the heat colour: ``alpha * cam`` where ``cam >= floor``, 0 below
+    (float32). Cold regions keep the radiograph exactly as it is; only where the map says
+    something does colour appear, and the stronger the map, the more opaque."""
+    m = np.clip(np.nan_to_num(np.asarray(cam, np.float32)), 0.0, 1.0)
+    return np.where(m >= np.float32(floor), m * np.float32(alpha), np.float32(0.0)).astype(
+        np.float32
+    )
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """RGB uint8 JET colours of values in [0, 1] (any shape (..., ) -> (..., 3))."""
+    v = np.clip(np.nan_to_num(np.asarray(values, np.float32)), 0.0, 1.0)
+    u8 = cv2.convertScaleAbs(v, alpha=255.0)
+    flat = u8.reshape(-1, 1) if u8.ndim != 2 else u8
+    rgb = cv2.cvtColor(cv2.applyColorMap(flat, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return rgb.reshape((*v.shape, 3))
+
+
 def overlay(
     display_uint8: np.ndarray,
     cam: np.ndarray,
     alpha: float = DEFAULT_ALPHA,
     text: str | None = None,
     box: tuple[int, int, int, int] | None = None,
+    floor: float = ALPHA_FLOOR,
 ) -> np.ndarray:
     """Colour-mapped CAM alpha-blended on a grey display image -> RGB uint8 (H, W, 3).
 
     ``cam`` is either already in the display frame (same H, W) or a square model-frame
-    map (it is then mapped with :func:`cam_to_display`). ``text`` is burnt in at the top.
+    map (it is then mapped with :func:`cam_to_display`). The opacity follows the map
+    (:func:`overlay_weights`): pixels whose CAM is below ``floor`` are the grey radiograph,
+    unchanged. ``text`` is burnt in at the top. The one overlay of the project: the
+    Secondary Capture (``worker.results``) and ``cxr-ml predict --cam-dir`` use it. The
+    blend is OpenCV's ``blendLinear`` (no float NumPy temporaries of the whole image).
     """
     grey = np.asarray(display_uint8)
     if grey.ndim == 3:
@@ -146,15 +173,31 @@ def overlay(
         grey = to_uint8(grey)
     h, w = grey.shape
     m = cam if cam.shape == (h, w) and box is None else cam_to_display(cam, (h, w), box)
-    heat = cv2.applyColorMap(np.clip(m * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB).astype(np.float32)
-    base = np.repeat(grey[..., None], 3, axis=-1).astype(np.float32)
-    # weight the heat by the map itself so cold regions keep the radiograph visible
-    a = (alpha * np.clip(m, 0, 1))[..., None]
-    out = np.clip(base * (1 - a) + heat * a + 0.5, 0, 255).astype(np.uint8)
+    m = np.clip(np.nan_to_num(np.asarray(m, np.float32)), 0.0, 1.0)
+    heat = heat_colours(m)
+    base = cv2.cvtColor(np.ascontiguousarray(grey), cv2.COLOR_GRAY2RGB)
+    weight = overlay_weights(m, alpha, floor)
+    out = cv2.blendLinear(heat, base, weight, np.float32(1.0) - weight)
+    # blendLinear divides by (w1 + w2 + 1e-5): pixels without heat are copied exactly
+    cold = weight == 0
+    out[cold] = base[cold]
     if text:
         out = burn_text(out, text)
     return out
+
+
+def colour_bar(
+    height: int, width: int, floor: float = ALPHA_FLOOR, horizontal: bool = True
+) -> np.ndarray:
+    """A legend of the overlay: RGB uint8 (height, width, 3), the pure JET colours of the
+    map from ``floor`` (left or bottom) to 1 (right or top); on the radiograph they are
+    blended at the opacity :func:`overlay_weights` gives."""
+    n = width if horizontal else height
+    ramp = np.linspace(floor, 1.0, max(n, 2), dtype=np.float32)[:n]
+    colours = heat_colours(ramp)  # (n, 3)
+    if horizontal:
+        return np.ascontiguousarray(np.broadcast_to(colours[None, :, :], (height, width, 3)))
+    return np.ascontiguousarray(np.broadcast_to(colours[::-1, None, :], (height, width, 3)))
 
 
 def burn_text(rgb: np.ndarray, text: str) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Per-instance processing: claim -> decode -> classify -> build SC/SR -> deliver -> audit.
+"""Per-instance processing: claim -> decode -> classify -> build SC/SR/heat map -> deliver
+-> audit.
 
 This module is the whole worker logic, callable without Celery (the Celery tasks in
 :mod:`worker.tasks` are thin wrappers around it, and ``benchmarks/pipeline.py`` calls it
@@ -281,7 +282,7 @@ def classify(
     move the instance to ``classified``. The caller holds the ``processing`` claim."""
     from ml.ood import OOD_MESSAGE
     from ml.preprocess import PreprocessError, dicom_to_display
-    from worker.results import build_secondary_capture, build_structured_report
+    from worker.results import build_heatmap, build_secondary_capture, build_structured_report
     from worker.uids import output_uids
 
     timings: dict[str, float] = {}
@@ -327,12 +328,22 @@ def classify(
     sc = build_secondary_capture(ds, display, pred, model, uids, settings)
     spool.store_result(uids.sc_sop, sc)
     built: dict[str, Dataset] = {uids.sc_sop: sc}
+    heatmap = None
+    if settings.send_heatmap and getattr(pred, "cam", None) is not None:
+        try:
+            heatmap = build_heatmap(ds, pred, model, uids, settings)
+        except ValueError as exc:  # e.g. a multi-frame or colour source: SC and SR still go
+            log.warning("instance %d: no heat map: %s", instance_id, scrub(str(exc)))
+    if heatmap is not None:
+        spool.store_result(uids.hm_sop, heatmap)
     sr_uid = None
     if settings.send_sr:
-        sr = build_structured_report(ds, pred, model, uids, sc)
+        sr = build_structured_report(ds, pred, model, uids, sc, heatmap=heatmap)
         spool.store_result(uids.sr_sop, sr)
         sr_uid = uids.sr_sop
         built[sr_uid] = sr
+    if heatmap is not None:
+        built[uids.hm_sop] = heatmap
     timings["build"] = (time.perf_counter() - t1) * 1000
 
     no_dest = not settings.delivery_destinations
@@ -352,6 +363,8 @@ def classify(
             sr_series_uid=uids.sr_series if sr_uid else None,
             sr_sop_instance_uid=sr_uid,
             timings_ms=timings,
+            hm_series_uid=uids.hm_series if heatmap is not None else None,
+            hm_sop_instance_uid=uids.hm_sop if heatmap is not None else None,
         ),
         f"{pred.label} (model {clf.version})"
         + (

@@ -1,31 +1,38 @@
-"""The result objects sent back to the PACS: a Secondary Capture for the radiologist and a
-Structured Report for machines, both built with highdicom.
+"""The result objects sent back to the PACS, built with highdicom: a Secondary Capture for
+the radiologist, a Structured Report for machines and the heat map as a Segmentation.
 
 * **Secondary Capture** (:func:`build_secondary_capture`): same patient and study as the
-  source, a new series (deterministic UID, :mod:`worker.uids`), an RGB image = the
-  radiograph with the Grad-CAM overlay, and a black banner above it with burned-in text
-  (verdict, the three calibrated probabilities, model name and version, "NOT FOR
-  DIAGNOSTIC USE"). ``BurnedInAnnotation`` is ``YES``. The banner is added *above* the
-  image so that no text hides anatomy.
+  source, a new series (deterministic UID, :mod:`worker.uids`), an RGB image = a banner
+  with the burned-in text (verdict, the three calibrated probabilities, model name and
+  version, "NOT FOR DIAGNOSTIC USE") above the radiograph with the Grad-CAM overlay
+  (:func:`ml.gradcam.overlay`: opacity following the map, transparent where it is low),
+  and a legend strip with the colour bar below it: no text over anatomy
+  (:func:`compose_result_image`). ``BurnedInAnnotation`` is ``YES``.
+* **Heat map** (:func:`build_heatmap`): the Grad-CAM map on the source's own pixel grid
+  as a Segmentation with SegmentationType FRACTIONAL (why not a Parametric Map:
+  docs/conformance.md 8.1). Sources without patient geometry get none invented.
 * **Structured Report** (:func:`build_structured_report`): a Comprehensive SR with the TID
   1500 "Imaging Measurement Report" content: one TID 1501 measurement group per class with
   the calibrated probability as a coded numeric finding (DCM 122157 "Probability", UCUM
-  ``1``), one group with the verdict as a qualitative evaluation (DCM 121071 "Finding"),
-  the algorithm (TID 4019), the AI as observer device (TID 1004), the source image in the
-  image library and in every measurement, and the research-use disclaimer as a text item.
+  ``1``), one group with the verdict as a qualitative evaluation (DCM 121071 "Finding";
+  a TID 1410 planar ROI group whose region is the heat map when there is one), the
+  algorithm (TID 4019, with parameters), the AI as observer device (TID 1004), the source
+  image, the SC and the heat map in the image library and the evidence, and the
+  research-use disclaimer as a text item.
 
-Both carry the algorithm's provenance as in IHE AI Results: Manufacturer
-``cxr-triage``, ManufacturerModelName = model name, SoftwareVersions = model version and
-package version, and a Contributing Equipment Sequence item (purpose DCM 109102
-"Processing Equipment", i.e. the equipment that processed the source into this object)
-with the contribution date/time and a description.
+All carry the algorithm's provenance as in IHE AI Results: Manufacturer ``cxr-triage``,
+ManufacturerModelName = model name, SoftwareVersions = model version and package version,
+and a Contributing Equipment Sequence item (purpose DCM 109102 "Processing Equipment")
+with a Device UID stable per model version, the contribution date/time and a description.
 
-Series descriptions start with ``AI TRIAGE``: the node ignores such instances, so results
-that a PACS routes back to us never loop.
+Series descriptions start with ``AI TRIAGE`` (:data:`cxr.contracts.OWN_SERIES_PREFIX`),
+then the verdict: the node ignores such instances, so results that a PACS routes back to
+us never loop.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import warnings
@@ -44,6 +51,7 @@ from pydicom.uid import (
     ComprehensiveSRStorage,
     ExplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
+    SegmentationStorage,
 )
 
 from cxr import DISCLAIMER, __version__
@@ -62,13 +70,15 @@ log = logging.getLogger(__name__)
 
 # one source of truth with the node's loop prevention (it ignores what carries these marks)
 SERIES_DESCRIPTION_PREFIX = OWN_SERIES_PREFIX
-SC_SERIES_DESCRIPTION = f"{OWN_SERIES_PREFIX} (NOT FOR DIAGNOSTIC USE)"
-SR_SERIES_DESCRIPTION = f"{OWN_SERIES_PREFIX} SR (NOT FOR DIAGNOSTIC USE)"
+NOT_FOR_DIAGNOSTIC_USE = "(NOT FOR DIAGNOSTIC USE)"
 SC_SERIES_NUMBER = 9901
 SR_SERIES_NUMBER = 9902
+HM_SERIES_NUMBER = 9903
+HM_SERIES_DESCRIPTION = f"{OWN_SERIES_PREFIX}: AI HEAT MAP {NOT_FOR_DIAGNOSTIC_USE}"
 MANUFACTURER = OWN_MANUFACTURER
 SC_SOP_CLASS_UID = str(SecondaryCaptureImageStorage)
 SR_SOP_CLASS_UID = str(ComprehensiveSRStorage)
+HM_SOP_CLASS_UID = str(SegmentationStorage)
 MAX_SIDE = 1024  # long side of the SC image (the radiograph part) at most
 MIN_SIDE = 512  # small sources are enlarged so that the burned-in text stays legible
 
@@ -83,6 +93,24 @@ UNIT_ONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 _CHEST_TERMS = frozenset({"", "CHEST", "THORAX", "LUNG"})
 VERDICT_TRACKING_ID = "AI triage verdict"  # the measurement group holding the verdict
 VERDICT_TEXT = {"COVID": "COVID-19 suspected", "Normal": "Normal", "Other": "Other lung disease"}
+# IHE AIR / PS3.16 CID 7005 "Contributing Equipment Purpose of Reference": the equipment
+# that processed the source into this object (109103 is "Modifying Equipment", 109104
+# "De-identifying Equipment": neither fits). See docs/conformance.md.
+AIR_PURPOSE_OF_REFERENCE = codes.DCM.ProcessingEquipment  # (109102, DCM, "Processing Equipment")
+HEATMAP_PROPERTY_CATEGORY = codes.SCT.Finding  # (404684003, SCT, "Finding"), CID 7150
+
+
+def series_description(kind: str, label: str) -> str:
+    """SeriesDescription of the SC (``kind`` "SC") or the SR ("SR"): it begins with the
+    verdict, e.g. ``AI TRIAGE: COVID-19 SUSPECTED (NOT FOR DIAGNOSTIC USE)``; the SR adds
+    ``REPORT``. Always within the 64 characters of LO, always starting with
+    :data:`cxr.contracts.OWN_SERIES_PREFIX` (the node's loop prevention)."""
+    verdict = VERDICT_TEXT[label].upper()
+    middle = verdict if kind == "SC" else f"{verdict} REPORT"
+    text = f"{OWN_SERIES_PREFIX}: {middle} {NOT_FOR_DIAGNOSTIC_USE}"
+    if len(text) > 64:  # pragma: no cover - the texts above are fixed and short
+        raise ValueError(f"series description too long: {text!r}")
+    return text
 
 
 class PredictionLike(Protocol):
@@ -158,25 +186,11 @@ def _fit_display(display: np.ndarray) -> np.ndarray:
     return cv2.resize(display, size, interpolation=interp)
 
 
-def overlay(
-    display: np.ndarray, cam_on_display: np.ndarray, alpha: float = gradcam.DEFAULT_ALPHA
-) -> np.ndarray:
-    """The same blend as :func:`ml.gradcam.overlay` (JET heat map weighted by
-    ``alpha * cam`` over the grey image, RGB uint8; equal within 1 grey level), with
-    OpenCV's ``blendLinear`` instead of float NumPy temporaries: ~3x faster."""
-    cam = np.clip(np.nan_to_num(np.asarray(cam_on_display, np.float32)), 0.0, 1.0)
-    heat = cv2.applyColorMap(cv2.convertScaleAbs(cam, alpha=255.0), cv2.COLORMAP_JET)
-    heat = cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)
-    base = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB)
-    weight = cam * np.float32(alpha)
-    return cv2.blendLinear(heat, base, weight, np.float32(1.0) - weight)
-
-
 def annotation_lines(prediction: PredictionLike, model: ModelInfo) -> list[str]:
     """The burned-in text (ASCII only: cv2's Hershey fonts)."""
     probs = _probabilities(prediction)
     lines = [
-        f"AI TRIAGE: {VERDICT_TEXT[prediction.label]}",
+        f"{OWN_SERIES_PREFIX}: {VERDICT_TEXT[prediction.label].upper()}",
         "  ".join(f"{c} {100 * probs[c]:.1f}%" for c in CLASSES),
     ]
     if getattr(prediction, "ood", None):
@@ -187,10 +201,54 @@ def annotation_lines(prediction: PredictionLike, model: ModelInfo) -> list[str]:
     ]
 
 
-def render_result_image(
-    display: np.ndarray, prediction: PredictionLike, model: ModelInfo
+Box = tuple[int, int, int, int]  # (x0, y0, x1, y1), end exclusive
+
+
+@dataclass(frozen=True)
+class ResultImage:
+    """The Secondary Capture's pixels and where things are on them: the radiograph (with
+    the overlay) in ``image_box``; every burned-in character in ``text_boxes``, all in the
+    banner above or the legend strip below the radiograph, never over it; the colour bar
+    in ``legend_box``."""
+
+    pixels: np.ndarray
+    image_box: Box
+    text_boxes: tuple[Box, ...]
+    legend_box: Box | None
+
+
+def _overlaps(a: Box, b: Box) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def cam_on_grid(
+    cam: np.ndarray,
+    shape: tuple[int, int],
+    box: Sequence[int] | None,
+    source_shape: tuple[int, int],
 ) -> np.ndarray:
-    """RGB uint8: banner with the burned-in text on top of the radiograph + Grad-CAM."""
+    """The model-frame CAM on a (h, w) grid of the source image (the source's own grid or a
+    scaled copy): ``box`` is :attr:`ml.runtime.Prediction.frame_box`, in source pixels."""
+    h, w = shape
+    h0, w0 = source_shape
+    scaled: Box | None = None
+    if box is not None:
+        sx, sy = w / w0, h / h0
+        scaled = (
+            round(box[0] * sx),
+            round(box[1] * sy),
+            round(box[2] * sx),
+            round(box[3] * sy),
+        )
+    return gradcam.cam_to_display(np.asarray(cam), (h, w), scaled)
+
+
+def compose_result_image(
+    display: np.ndarray, prediction: PredictionLike, model: ModelInfo
+) -> ResultImage:
+    """RGB uint8: a banner with the burned-in text above the radiograph + Grad-CAM overlay
+    (opacity following the map, :func:`ml.gradcam.overlay`), and a legend strip below it
+    with the colour bar. No text lies on the radiograph."""
     if display.ndim != 2 or display.size == 0:
         raise ValueError(f"expected a non-empty (H, W) display image, got {display.shape}")
     if display.dtype != np.uint8:
@@ -203,12 +261,9 @@ def render_result_image(
     display = _fit_display(display)
     h, w = display.shape[:2]
     cam = getattr(prediction, "cam", None)
-    box = getattr(prediction, "frame_box", None)
-    if box is not None:  # the model frame in the original display: scale to this one
-        sx, sy = w / w0, h / h0
-        box = (round(box[0] * sx), round(box[1] * sy), round(box[2] * sx), round(box[3] * sy))
     if cam is not None:
-        image = overlay(display, gradcam.cam_to_display(np.asarray(cam), (h, w), box))
+        on_grid = cam_on_grid(cam, (h, w), getattr(prediction, "frame_box", None), (h0, w0))
+        image = gradcam.overlay(display, on_grid)
     else:
         image = cv2.cvtColor(display, cv2.COLOR_GRAY2RGB)
 
@@ -221,29 +276,69 @@ def render_result_image(
     line_h = cv2.getTextSize("Ag", font, scale, thick)[0][1]
     gap = max(4, line_h // 2)
     banner_h = len(lines) * (line_h + gap) + gap + 4
-    canvas = np.zeros((banner_h + h, w, 3), np.uint8)
-    canvas[banner_h:] = image
+    # legend strip: "Grad-CAM  low [colour bar] high", one text line high plus margins
+    small = max(0.3, scale * 0.8)
+    small_thick = max(1, round(small * 2))
+    small_h = cv2.getTextSize("Ag", font, small, small_thick)[0][1]
+    legend_h = (small_h + 2 * gap + 4) if cam is not None else 0
+    canvas = np.zeros((banner_h + h + legend_h, w, 3), np.uint8)
+    canvas[banner_h : banner_h + h] = image
+    image_box: Box = (0, banner_h, w, banner_h + h)
+    text_boxes: list[Box] = []
+
+    def put(text: str, x: int, y: int, sc: float, th: int, colour: tuple[int, int, int]) -> None:
+        (tw, tht), base = cv2.getTextSize(text, font, sc, th)
+        cv2.putText(canvas, text, (x, y), font, sc, colour, th, cv2.LINE_AA)
+        # the glyphs' extent (anti-aliasing and thickness included)
+        text_boxes.append((max(0, x - th), max(0, y - tht - th), x + tw + th, y + base + th))
+
     y = gap + line_h
     colours = [(255, 255, 0), (255, 255, 255)]
     if len(lines) == 5:
         colours.append((255, 160, 0))  # the out-of-distribution warning
     colours += [(200, 200, 200), (255, 80, 80)]
     for text, colour in zip(lines, colours, strict=True):
-        cv2.putText(canvas, text, (8, y), font, scale, colour, thick, cv2.LINE_AA)
+        put(text, 8, y, scale, thick, colour)
         y += line_h + gap
-    return canvas
+    legend_box: Box | None = None
+    if cam is not None:
+        y_text = banner_h + h + gap + 2 + small_h
+        x = 8
+        for label in ("Grad-CAM", "low"):
+            put(label, x, y_text, small, small_thick, (200, 200, 200))
+            x = text_boxes[-1][2] + gap
+        high_w = cv2.getTextSize("high", font, small, small_thick)[0][0]
+        bar_x1 = max(x + 8, w - high_w - 8 - gap)
+        bar_y0, bar_y1 = banner_h + h + gap + 2, banner_h + h + gap + 2 + small_h
+        if bar_x1 > x:
+            canvas[bar_y0:bar_y1, x:bar_x1] = gradcam.colour_bar(bar_y1 - bar_y0, bar_x1 - x)
+            legend_box = (x, bar_y0, bar_x1, bar_y1)
+        put("high", bar_x1 + gap, y_text, small, small_thick, (200, 200, 200))
+    assert not any(_overlaps(b, image_box) for b in text_boxes), "text over the radiograph"
+    return ResultImage(canvas, image_box, tuple(text_boxes), legend_box)
+
+
+def render_result_image(
+    display: np.ndarray, prediction: PredictionLike, model: ModelInfo
+) -> np.ndarray:
+    """The pixels of :func:`compose_result_image`."""
+    return compose_result_image(display, prediction, model).pixels
 
 
 def contributing_equipment(model: ModelInfo, description: str) -> hd.ContributingEquipment:
-    """The algorithm as Contributing Equipment (IHE AI Results provenance)."""
-    return hd.ContributingEquipment(
+    """The algorithm as Contributing Equipment (IHE AI Results provenance): purpose
+    :data:`AIR_PURPOSE_OF_REFERENCE`, Manufacturer, ManufacturerModelName, SoftwareVersions
+    and DeviceUID, a UID stable per model version (:func:`device_uid`)."""
+    item = hd.ContributingEquipment(
         manufacturer=_lo(model.manufacturer),
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        purpose_of_reference=AIR_PURPOSE_OF_REFERENCE,
         manufacturer_model_name=_lo(model.name),
         software_versions=model.software_versions,
         contribution_datetime=datetime.now().astimezone(),
         contribution_description=_lo(description),
     )
+    item.DeviceUID = device_uid(model)
+    return item
 
 
 def _source_reference(source: Dataset) -> Dataset:
@@ -330,7 +425,7 @@ def build_secondary_capture(
         )
     sc.PatientOrientation = list(orientation) if orientation else ""
     _set_provenance(sc, model, settings)
-    sc.SeriesDescription = SC_SERIES_DESCRIPTION
+    sc.SeriesDescription = series_description("SC", prediction.label)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = _lo(
@@ -395,8 +490,8 @@ def _reference_copy(source: Dataset, image: bool = False) -> Dataset:
         keep += ("SeriesInstanceUID", "Modality", "Rows", "Columns", "ImageType")
     ref = Dataset()
     for kw in keep:
-        if kw in source:
-            ref.add(source[kw])
+        if kw in source:  # a copy: the caller may change it (never the source's element)
+            ref.add(copy.deepcopy(source[kw]))
     if str(ref.get("PatientSex") or "") not in ("M", "F", "O"):
         ref.PatientSex = None
     for kw in _TYPE2_PATIENT_STUDY:  # absent Type 2 attributes: present and empty
@@ -405,10 +500,128 @@ def _reference_copy(source: Dataset, image: bool = False) -> Dataset:
     return ref
 
 
+# ----------------------------------------------------------------------------- heat map
+
+# what highdicom needs to place the segment frame in the source's patient frame of reference
+_GEOMETRY = (
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "SliceThickness",
+)
+
+
+def heatmap_array(source: Dataset, prediction: PredictionLike) -> np.ndarray:
+    """The CAM on the source image's own pixel grid: float32 (Rows, Columns) in [0, 1].
+    The model frame's CAM is mapped back with ``prediction.frame_box`` (the region of the
+    source/display image the model frame covers); outside it the map is 0."""
+    cam = getattr(prediction, "cam", None)
+    if cam is None:
+        raise ValueError("the prediction has no CAM")
+    rows, cols = int(source.Rows), int(source.Columns)
+    box = getattr(prediction, "frame_box", None)
+    return cam_on_grid(cam, (rows, cols), box, (rows, cols)).astype(np.float32)
+
+
+def build_heatmap(
+    source: Dataset,
+    prediction: PredictionLike,
+    model: ModelInfo,
+    uids: OutputUIDs,
+    settings: Settings | None = None,
+) -> Dataset:
+    """The Grad-CAM heat map as a DICOM Segmentation, SegmentationType FRACTIONAL
+    (FractionalType PROBABILITY, 8 bits, 255 = map value 1), one segment whose property
+    type is the verdict's finding; same study, series :data:`HM_SERIES_NUMBER`, same
+    Rows/Columns as the source, referencing it (Derivation Image / Source Image Sequence,
+    spatial locations preserved).
+
+    A source without patient geometry (a CR/DX without Frame of Reference, the usual
+    radiograph) gives a Segmentation without Frame of Reference (highdicom's "no FoR"
+    mode: the segment frame is aligned pixel by pixel with the source image). A source with
+    a full geometry (Frame of Reference, Image Position/Orientation (Patient), Pixel
+    Spacing) gives one in the source's frame, with the source's pixel spacing."""
+    _check_source(source)
+    if int(source.get("NumberOfFrames", 1) or 1) != 1:
+        raise ValueError("the heat map is built for single-frame sources only")
+    if int(source.get("SamplesPerPixel", 1) or 1) != 1:
+        raise ValueError("the heat map is built for greyscale sources only")
+    values = heatmap_array(source, prediction)
+    ref = _reference_copy(source, image=True)
+    for kw in ("SeriesNumber", "InstanceNumber"):
+        if kw in source:
+            ref.add(source[kw])
+    # full geometry: the segmentation is in the source's frame of reference (highdicom
+    # copies plane position/orientation and pixel measures); otherwise (the usual CR/DX)
+    # none is invented and the segment frame is aligned pixel by pixel with the source
+    if all(source.get(k) for k in _GEOMETRY):
+        for kw in _GEOMETRY:
+            ref.add(source[kw])
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=_lo(model.name),
+        family=codes.DCM.ArtificialIntelligence,
+        version=_lo(model.version),
+        source=_lo(model.manufacturer),
+        parameters={"map": "Grad-CAM", "class": prediction.label},
+    )
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=_lo(f"Grad-CAM {VERDICT_TEXT[prediction.label]}"),
+        segmented_property_category=HEATMAP_PROPERTY_CATEGORY,
+        segmented_property_type=CLASS_CODES[prediction.label],
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+    )
+    with _no_phi_warnings(source):
+        seg = hd.seg.Segmentation(
+            source_images=[ref],
+            pixel_array=values,
+            segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+            segment_descriptions=[segment],
+            series_instance_uid=uids.hm_series,
+            series_number=HM_SERIES_NUMBER,
+            sop_instance_uid=uids.hm_sop,
+            instance_number=1,
+            manufacturer=_lo(model.manufacturer),
+            manufacturer_model_name=_lo(model.name),
+            software_versions=model.software_versions[0],  # all of them: _set_provenance
+            device_serial_number=_lo(model.sha256[:16] or "0"),
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            max_fractional_value=255,
+            content_label="GRADCAM",
+            content_description=_lo(f"AI heat map (Grad-CAM, relative 0-1), {DISCLAIMER}", 64),
+            omit_empty_frames=False,
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            contributing_equipment=[contributing_equipment(model, "AI triage: Grad-CAM heat map")],
+        )
+    doc = Dataset(seg)
+    doc.file_meta = seg.file_meta
+    doc.preamble = seg.preamble
+    orientation = _patient_orientation(source)
+    doc.PatientOrientation = list(orientation) if orientation else ""
+    _set_provenance(doc, model, settings)
+    doc.SeriesDescription = HM_SERIES_DESCRIPTION
+    body_part = str(source.get("BodyPartExamined") or "").strip().upper()
+    if body_part in _CHEST_TERMS:
+        doc.BodyPartExamined = "CHEST"
+    return doc
+
+
 # ----------------------------------------------------------------------- Structured Report
 
 
-def _device_uid(model: ModelInfo) -> str:
+def algorithm_parameters(model: ModelInfo) -> list[str]:
+    """TID 4019 Algorithm Parameters: what identifies the model beyond name and version."""
+    params = ["output: calibrated softmax over COVID/Normal/Other", "saliency: Grad-CAM"]
+    if model.sha256:
+        params.insert(0, f"weights sha256: {model.sha256}")
+    return params
+
+
+def device_uid(model: ModelInfo) -> str:
+    """The algorithm's Device UID: the same for every output of one model version (name,
+    version, weights digest), another for another version (deterministic, ``2.25.``)."""
     return uid_from("device", model.name, model.version, model.sha256)
 
 
@@ -419,17 +632,26 @@ def build_structured_report(
     uids: OutputUIDs,
     sc: Dataset | None = None,
     settings: Settings | None = None,
+    heatmap: Dataset | None = None,
 ) -> Dataset:
-    """A Comprehensive SR (TID 1500) with the probabilities, the verdict and references."""
+    """A Comprehensive SR (TID 1500) with the probabilities, the verdict and references.
+
+    With ``heatmap`` (the :func:`build_heatmap` Segmentation) the verdict group is a TID
+    1410 planar ROI group whose region is the heat map's segment (so the SR references the
+    heat map, and through it the source image); without, a TID 1501 group."""
     _check_source(source)
     probs = _probabilities(prediction)
     algorithm = hd.sr.AlgorithmIdentification(
-        name=_lo(model.name), version=_lo(model.version), manufacturer=_lo(model.manufacturer)
+        name=_lo(model.name),
+        version=_lo(model.version),
+        parameters=algorithm_parameters(model),
+        family=codes.DCM.ArtificialIntelligence,
+        manufacturer=_lo(model.manufacturer),
     )
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_device_uid(model),
+            uid=device_uid(model),
             name=_lo(model.name),
             manufacturer_name=_lo(model.manufacturer),
             model_name=_lo(model.name),
@@ -439,20 +661,42 @@ def build_structured_report(
         referenced_sop_class_uid=source.SOPClassUID,
         referenced_sop_instance_uid=source.SOPInstanceUID,
     )
-    groups: list[hd.sr.MeasurementsAndQualitativeEvaluations] = [
-        hd.sr.MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=uid_from(uids.sr_sop, "verdict"),
-                identifier=VERDICT_TRACKING_ID,
-            ),
-            algorithm_id=algorithm,
-            qualitative_evaluations=[
-                hd.sr.QualitativeEvaluation(
-                    name=codes.DCM.Finding, value=CLASS_CODES[prediction.label]
-                )
-            ],
-        )
+    verdict_tracking = hd.sr.TrackingIdentifier(
+        uid=uid_from(uids.sr_sop, "verdict"), identifier=VERDICT_TRACKING_ID
+    )
+    verdict_evaluation = [
+        hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=CLASS_CODES[prediction.label])
     ]
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    if heatmap is not None:
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=verdict_tracking,
+                referenced_segment=hd.sr.ReferencedSegmentationFrame(
+                    sop_class_uid=heatmap.SOPClassUID,
+                    sop_instance_uid=heatmap.SOPInstanceUID,
+                    frame_number=1,
+                    segment_number=1,
+                    source_image=hd.sr.SourceImageForSegmentation(
+                        referenced_sop_class_uid=source.SOPClassUID,
+                        referenced_sop_instance_uid=source.SOPInstanceUID,
+                    ),
+                ),
+                algorithm_id=algorithm,
+                qualitative_evaluations=verdict_evaluation,
+            )
+        )
+    else:
+        groups.append(
+            hd.sr.MeasurementsAndQualitativeEvaluations(
+                tracking_identifier=verdict_tracking,
+                algorithm_id=algorithm,
+                qualitative_evaluations=verdict_evaluation,
+            )
+        )
     for cls in CLASSES:
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -472,7 +716,7 @@ def build_structured_report(
                 ],
             )
         )
-    library = [source] + ([sc] if sc is not None else [])
+    library = [source] + [ds for ds in (sc, heatmap) if ds is not None]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PROCEDURE_CODE,
@@ -480,6 +724,7 @@ def build_structured_report(
         referenced_images=[_library_entry(ds) for ds in library],
     )
     root = report[0]
+    _drop_segment_number_beside_frame(root)
     disclaimer = hd.sr.TextContentItem(
         name=codes.DCM.Comment,
         value=f"{DISCLAIMER}. Automated triage by {_lo(model.name)} {_lo(model.version)}.",
@@ -499,8 +744,7 @@ def build_structured_report(
             )
         )
     evidence = [_reference_copy(source, image=True)]
-    if sc is not None:
-        evidence.append(_reference_copy(sc, image=True))
+    evidence += [_reference_copy(ds, image=True) for ds in (sc, heatmap) if ds is not None]
     _check_references(root, evidence)
     # Performance: highdicom's SR constructor deep-copies and re-parses the whole content
     # tree (~65 ms of pure Python for this small report on the 2-core reference machine).
@@ -536,8 +780,23 @@ def build_structured_report(
     doc.preamble = sr.preamble
     doc.ContentSequence = root.ContentSequence
     _set_provenance(doc, model, settings)
-    doc.SeriesDescription = SR_SERIES_DESCRIPTION
+    doc.SeriesDescription = series_description("SR", prediction.label)
     return doc
+
+
+def _drop_segment_number_beside_frame(root: Dataset) -> None:
+    """highdicom's TID 1410 "Referenced Segmentation Frame" item carries both the frame and
+    the segment number; PS3.3 (Image SOP Instance Reference Macro) forbids Referenced
+    Segment Number beside Referenced Frame Number (dciodvfy: error). The heat map has one
+    frame holding its one segment, so the frame number alone identifies it."""
+    stack = list(root.ContentSequence)
+    while stack:
+        item = stack.pop()
+        if item.get("ValueType") == "IMAGE":
+            for ref in item.ReferencedSOPSequence:
+                if "ReferencedFrameNumber" in ref and "ReferencedSegmentNumber" in ref:
+                    del ref.ReferencedSegmentNumber
+        stack.extend(item.get("ContentSequence", []))
 
 
 def _check_references(root: Dataset, evidence: Sequence[Dataset]) -> None:

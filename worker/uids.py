@@ -1,4 +1,4 @@
-"""Deterministic UIDs of the results (Secondary Capture and Structured Report).
+"""Deterministic UIDs of the results (Secondary Capture, Structured Report, heat map).
 
 Every output UID is derived from the *input* SOP Instance UID and the model version, so a
 re-run of the same instance with the same model (a redelivered task, a worker killed
@@ -34,12 +34,14 @@ def uid_from(*parts: str) -> str:
 
 @dataclass(frozen=True)
 class OutputUIDs:
-    """The four UIDs of one instance's results for one model version."""
+    """The UIDs of one instance's results for one model version."""
 
     sc_series: str
     sc_sop: str
     sr_series: str
     sr_sop: str
+    hm_series: str = ""
+    hm_sop: str = ""
 
     def as_dict(self) -> dict[str, str]:
         return {
@@ -47,6 +49,8 @@ class OutputUIDs:
             "sc_sop": self.sc_sop,
             "sr_series": self.sr_series,
             "sr_sop": self.sr_sop,
+            "hm_series": self.hm_series,
+            "hm_sop": self.hm_sop,
         }
 
 
@@ -65,6 +69,8 @@ def output_uids(source_sop_instance_uid: str, model_version: str) -> OutputUIDs:
         sc_sop=derive_uid(src, model_version, "SC-instance"),
         sr_series=derive_uid(src, model_version, "SR-series"),
         sr_sop=derive_uid(src, model_version, "SR-instance"),
+        hm_series=derive_uid(src, model_version, "HM-series"),
+        hm_sop=derive_uid(src, model_version, "HM-instance"),
     )
 
 

@@ -183,6 +183,36 @@ def test_empty_body_part_and_view_are_chest_frontal(node_factory, sqlite_url):
     assert [r.state for r in instances(sqlite_url)] == [State.QUEUED.value]
 
 
+def test_our_real_results_coming_back_are_ignored(node_factory, sqlite_url):
+    """What the worker really builds - SC, SR and the heat map Segmentation, with their
+    verdict-first series descriptions - is recognised as own output when a PACS routes it
+    back (the markers of cxr.contracts)."""
+    from ml.preprocess import dicom_to_display
+    from tests.worker.conftest import FakePrediction
+    from worker.results import (
+        ModelInfo,
+        build_heatmap,
+        build_secondary_capture,
+        build_structured_report,
+    )
+    from worker.uids import output_uids
+
+    node = node_factory(sqlite_url)
+    src = make_chest_dataset(seed=8)
+    model = ModelInfo(name="cxr-test-model", version="1.0", sha256="ef" * 32)
+    uids = output_uids(src.SOPInstanceUID, model.version)
+    pred = FakePrediction(label="Other", probs=(0.1, 0.2, 0.7))
+    sc = build_secondary_capture(src, dicom_to_display(src), pred, model, uids)
+    hm = build_heatmap(src, pred, model, uids)
+    sr = build_structured_report(src, pred, model, uids, sc=sc, heatmap=hm)
+    res = scu_send(node.address, [sc, sr, hm])
+    assert res.statuses == [SUCCESS] * 3
+    rows = instances(sqlite_url)
+    assert {r.sop_instance_uid for r in rows} == {uids.sc_sop, uids.sr_sop, uids.hm_sop}
+    assert all(r.state == State.IGNORED.value for r in rows)
+    assert all(r.reason.startswith("own output") for r in rows)
+
+
 def test_filter_rules_configurable(node_factory, sqlite_url):
     node = node_factory(sqlite_url, chest_body_parts="CHEST", frontal_views="PA")
     res = scu_send(

@@ -55,6 +55,7 @@ def test_cleanup_deletes_only_old_finished_files(db_url: str, tmp_path: Path) ->
                 verdict="Normal",
                 sc_sop_instance_uid="9.1",
                 sr_sop_instance_uid="9.2",
+                hm_sop_instance_uid="9.3",
             )
         )
         ign_id, ign_path = _add(s, spool, "1.2", State.IGNORED, 31, b"old ignored")
@@ -64,17 +65,17 @@ def test_cleanup_deletes_only_old_finished_files(db_url: str, tmp_path: Path) ->
         # same content as an old row, but a newer retained version: the file must stay
         _add(s, spool, "1.6", State.FAILED, 50, b"shared content")
         _, shared_path = _add(s, spool, "1.7", State.DELIVERED, 1, b"shared content")
-    results = [spool.results / "9.1.dcm", spool.results / "9.2.dcm"]
+    results = [spool.results / f"9.{k}.dcm" for k in (1, 2, 3)]  # SC, SR, heat map
     for r in results:
         r.write_bytes(b"result")
 
     dry = cleanup_spool(settings, dry_run=True)
-    assert (dry.files, dry.instances) == (4, 3)
+    assert (dry.files, dry.instances) == (5, 3)
     assert old_path.exists() and all(r.exists() for r in results)
 
     res = cleanup_spool(settings)
-    assert (res.files, res.instances) == (4, 3)
-    assert res.bytes == len(b"old delivered") + len(b"old ignored") + 2 * len(b"result")
+    assert (res.files, res.instances) == (5, 3)
+    assert res.bytes == len(b"old delivered") + len(b"old ignored") + 3 * len(b"result")
     assert not old_path.exists() and not ign_path.exists()
     assert not any(r.exists() for r in results)
     for kept in (new_path, busy_path, pend_path, shared_path):

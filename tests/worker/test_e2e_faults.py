@@ -153,7 +153,7 @@ def test_pacs_down_during_delivery_then_back(private_redis, make_stack, tmp_path
     assert all(r.state == State.DELIVERED.value for r in rows)
     with session_scope(stack.db_url) as s:
         dels = list(s.execute(select(Delivery)).scalars())
-    assert len(dels) == 2 * len(sources)
+    assert len(dels) == 3 * len(sources)  # SC, SR and heat map
     assert all(d.state == "delivered" for d in dels)
     assert max(d.attempts for d in dels) >= 2
     check_audit_story(stack, set(sources))

@@ -1,6 +1,7 @@
 """End to end against real services: Orthanc (the PACS) pushes the shared samples to a
 `cxr node` subprocess, `cxr worker` subprocesses (Celery prefork) classify them with the
-tiny test model and send the SC + SR back to Orthanc; the audit DB tells the story.
+tiny test model and send the SC, the SR and the heat map (Segmentation) back to Orthanc;
+the audit DB tells the story.
 
 Runs with Redis + PostgreSQL, and once with the embedded defaults (SQLite broker + SQLite
 audit DB, no server). One test uses the shipped model when present."""
@@ -52,10 +53,18 @@ def walk_uids(ds: pydicom.Dataset, keyword: str = "ReferencedSOPInstanceUID") ->
 
 
 def check_pacs_holds_results(stack: Stack, sources: dict[str, str]) -> None:
-    """Every source has exactly one SC and one SR in Orthanc, in its own study,
-    referencing it, and Orthanc holds no other result."""
+    """Every source has exactly one SC, one SR and one heat map in Orthanc, in its own
+    study, referencing it; the SR also references the heat map (and the SC); the heat map
+    has the source's pixel grid; Orthanc holds no other result."""
     o = stack.orthanc
-    by_uid = {t["SOPInstanceUID"]: t for t in o.all_instance_tags()}
+
+    def ours() -> list[dict]:  # type: ignore[type-arg]
+        held = o.all_instance_tags()
+        mine = [t for t in held if str(t.get("SeriesDescription", "")).startswith(RESULT_PREFIX)]
+        return held if len(mine) >= 3 * len(sources) else []
+
+    # SC, SR and heat map of every source, all in the PACS
+    by_uid = {t["SOPInstanceUID"]: t for t in wait_for(ours, 30, what="SC+SR+heat map")}
     results = {
         u: t
         for u, t in by_uid.items()
@@ -70,21 +79,31 @@ def check_pacs_holds_results(stack: Stack, sources: dict[str, str]) -> None:
             if src_uid not in sources:
                 continue
             src = by_uid[src_uid]
-            for uid, modality in ((inf.sc_sop_instance_uid, None), (inf.sr_sop_instance_uid, "SR")):
-                assert uid in results, f"result {uid} of {src_uid} not in the PACS"
+            outputs = (
+                (inf.sc_sop_instance_uid, "OT"),
+                (inf.sr_sop_instance_uid, "SR"),
+                (inf.hm_sop_instance_uid, "SEG"),
+            )
+            files: dict[str, pydicom.Dataset] = {}
+            for uid, modality in outputs:
+                assert uid in results, f"{modality} result {uid} of {src_uid} not in the PACS"
                 r = results[uid]
                 assert r["StudyInstanceUID"] == src["StudyInstanceUID"]
                 assert r["SeriesInstanceUID"] != src["SeriesInstanceUID"]
-                if modality:
-                    assert r["Modality"] == modality
+                assert r["Modality"] == modality
                 ds = pydicom.dcmread(io.BytesIO(o.file(r["_id"])))
                 assert src_uid in walk_uids(ds), f"{uid} does not reference its source"
+                files[modality] = ds
                 expected.add(uid)
-    # one SC + one SR per distinct source SOP Instance UID, nothing else
+            assert {inf.hm_sop_instance_uid, inf.sc_sop_instance_uid} <= walk_uids(files["SR"])
+            hm = files["SEG"]
+            assert hm.SegmentationType == "FRACTIONAL" and hm.SeriesNumber == 9903
+            assert (hm.Rows, hm.Columns) == (int(src["Rows"]), int(src["Columns"]))
+    # one SC + one SR + one heat map per distinct source SOP Instance UID, nothing else
     assert set(results) == expected
-    assert len(expected) == 2 * len(sources)
+    assert len(expected) == 3 * len(sources)
     series = {t["SeriesInstanceUID"] for t in results.values()}
-    assert len(series) == 2 * len(sources), "exactly one SC series and one SR series per source"
+    assert len(series) == 3 * len(sources), "one SC, one SR and one heat-map series per source"
 
 
 def check_audit_story(stack: Stack, chest_uids: set[str]) -> None:
@@ -102,7 +121,7 @@ def check_audit_story(stack: Stack, chest_uids: set[str]) -> None:
             assert inf.verdict in ("COVID", "Normal", "Other")
             assert inf.t_forward_ms is not None and inf.t_send_ms is not None
             dels = s.execute(select(Delivery).where(Delivery.instance_id == r.id)).scalars().all()
-            assert sorted(d.kind for d in dels) == ["SC", "SR"]
+            assert sorted(d.kind for d in dels) == ["HM", "SC", "SR"]
             assert all(d.state == "delivered" and d.delivered_at for d in dels)
             kinds = [
                 e.kind
@@ -206,7 +225,7 @@ def test_e2e_embedded_defaults(make_stack, tmp_path, dicom_samples):  # type: ig
         if line.startswith("cxr_inferences_total{")
     )
     assert inferred == n_chest, text[:2000]
-    assert 'cxr_deliveries_total{status="success"} ' + f"{2 * n_chest}.0" in text
+    assert 'cxr_deliveries_total{status="success"} ' + f"{3 * n_chest}.0" in text
 
 
 def test_e2e_shipped_model(make_stack, tmp_path, dicom_samples):  # type: ignore[no-untyped-def]
@@ -229,4 +248,4 @@ def test_e2e_shipped_model(make_stack, tmp_path, dicom_samples):  # type: ignore
 
     card = json.loads((shipped / "model_card.json").read_text())
     assert inf.model_version == str(card.get("version"))
-    wait_for(lambda: len(o.instances()) == 3, 10, what="SC+SR in Orthanc")
+    wait_for(lambda: len(o.instances()) == 4, 10, what="SC+SR+heat map in Orthanc")

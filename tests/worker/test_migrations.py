@@ -73,3 +73,50 @@ def test_0003_upgrade_downgrade_keeps_rows(db_url: str) -> None:
         assert c.execute(text("SELECT state FROM instances")).scalar_one() == "classified"
     command.upgrade(cfg, "head")
     dispose_engines()
+
+
+def test_0004_upgrade_downgrade_keeps_rows(db_url: str) -> None:
+    """0004: the heat map's UIDs of an inference (inferences.hm_series_uid/hm_sop_instance_uid)."""
+    cfg = alembic_config(db_url)
+    command.upgrade(cfg, "0003")
+    assert "hm_sop_instance_uid" not in _columns(db_url, "inferences")
+    with get_engine(db_url).begin() as c:
+        c.execute(
+            text(
+                "INSERT INTO instances (sop_instance_uid, content_sha256, version, state, received_at,"
+                " updated_at, attempts) VALUES ('1.2.5', 'ef', 1, 'classified', CURRENT_TIMESTAMP,"
+                " CURRENT_TIMESTAMP, 1)"
+            )
+        )
+        iid = c.execute(text("SELECT id FROM instances WHERE sop_instance_uid = '1.2.5'")).scalar()
+        c.execute(
+            text(
+                "INSERT INTO inferences (instance_id, created_at, model_version, model_sha256,"
+                " p_covid, p_normal, p_other, verdict, sc_sop_instance_uid) VALUES"
+                f" ({iid}, CURRENT_TIMESTAMP, '1.0.0', 'x', 0.1, 0.8, 0.1, 'Normal', '2.25.7')"
+            )
+        )
+    command.upgrade(cfg, "head")
+    assert {"hm_series_uid", "hm_sop_instance_uid"} <= _columns(db_url, "inferences")
+    with get_engine(db_url).begin() as c:
+        row = c.execute(
+            text(
+                "SELECT sc_sop_instance_uid, hm_sop_instance_uid FROM inferences"
+                f" WHERE instance_id = {iid}"
+            )
+        ).one()
+        assert tuple(row) == ("2.25.7", None)
+        c.execute(
+            text(f"UPDATE inferences SET hm_sop_instance_uid = '2.25.8' WHERE instance_id = {iid}")
+        )
+    command.downgrade(cfg, "0003")
+    assert "hm_sop_instance_uid" not in _columns(db_url, "inferences")
+    with get_engine(db_url).begin() as c:
+        assert (
+            c.execute(
+                text(f"SELECT verdict FROM inferences WHERE instance_id = {iid}")
+            ).scalar_one()
+            == "Normal"
+        )
+    command.upgrade(cfg, "head")
+    dispose_engines()

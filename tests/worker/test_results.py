@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -19,11 +20,12 @@ from tests.conftest import DICOM_SAMPLES, make_chest_dataset
 from tests.worker.conftest import FakePrediction, dciodvfy, read_sample
 from worker.results import (
     MAX_SIDE,
-    SC_SERIES_DESCRIPTION,
     SERIES_DESCRIPTION_PREFIX,
     VERDICT_TRACKING_ID,
+    build_heatmap,
     build_secondary_capture,
     build_structured_report,
+    compose_result_image,
     render_result_image,
 )
 from worker.uids import is_valid_uid, output_uids
@@ -36,7 +38,7 @@ def test_output_uids_are_deterministic_and_distinct() -> None:
     a = output_uids("1.2.3.4.5", "1.0.0")
     b = output_uids("1.2.3.4.5", "1.0.0")
     assert a == b
-    assert len(set(a.as_dict().values())) == 4
+    assert len(set(a.as_dict().values())) == 6
     assert output_uids("1.2.3.4.6", "1.0.0").sc_sop != a.sc_sop  # other source
     other_model = output_uids("1.2.3.4.5", "1.0.1")
     assert set(other_model.as_dict().values()).isdisjoint(a.as_dict().values())
@@ -69,10 +71,13 @@ def test_render_places_cam_and_text(model_info) -> None:  # type: ignore[no-unty
     # 80 rows x 60 cols: padded left/right by 10 px to an 80 square for the model
     display = np.full((80, 60), 128, np.uint8)
     pred = FakePrediction(size=64, peak=(16, 40))  # peak at model-frame (row 16, col 40)
-    img = render_result_image(display, pred, model_info)
+    result = compose_result_image(display, pred, model_info)
+    img = result.pixels
+    assert np.array_equal(img, render_result_image(display, pred, model_info))
     assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
     scale = 512 / 80  # small images are enlarged to a 512 long side
-    banner = img.shape[0] - round(80 * scale)
+    banner = result.image_box[1]
+    assert result.image_box[3] - banner == round(80 * scale)
     assert img.shape[1] == round(60 * scale) and banner > 20
     # the banner holds text (bright pixels on black), the radiograph part starts below it
     assert (img[:banner] > 150).any()
@@ -88,10 +93,13 @@ def test_render_places_cam_and_text(model_info) -> None:  # type: ignore[no-unty
 
 def test_render_downsizes_large_images(model_info) -> None:  # type: ignore[no-untyped-def]
     display = np.zeros((3000, 2400), np.uint8)
-    img = render_result_image(display, FakePrediction(), model_info)
+    result = compose_result_image(display, FakePrediction(), model_info)
+    img = result.pixels
     assert img.shape[1] == 2400 * MAX_SIDE // 3000
-    banner = img.shape[0] - 1024  # the image part is 1024 high, plus the banner
-    assert 0 < banner < 0.25 * 1024
+    x0, y0, x1, y1 = result.image_box
+    assert (x0, x1, y1 - y0) == (0, img.shape[1], 1024)  # the image part is 1024 high
+    margins = img.shape[0] - 1024  # plus the banner above and the legend strip below
+    assert 0 < y0 and 0 < margins < 0.3 * 1024
 
 
 def test_render_without_cam_is_grey(model_info) -> None:  # type: ignore[no-untyped-def]
@@ -134,6 +142,16 @@ def _build(source: pydicom.Dataset, model_info, pred=None):  # type: ignore[no-u
     return uids, sc, sr
 
 
+def _build_all(source: pydicom.Dataset, model_info, pred=None):  # type: ignore[no-untyped-def]
+    """SC, heat map and the SR referencing both (what the pipeline builds)."""
+    pred = pred or FakePrediction()
+    uids = output_uids(source.SOPInstanceUID, model_info.version)
+    sc = build_secondary_capture(source, dicom_to_display(source), pred, model_info, uids)
+    hm = build_heatmap(source, pred, model_info, uids)
+    sr = build_structured_report(source, pred, model_info, uids, sc=sc, heatmap=hm)
+    return uids, sc, sr, hm
+
+
 def test_secondary_capture_content(model_info) -> None:  # type: ignore[no-untyped-def]
     src = make_chest_dataset(rows=96, cols=80, modality="DX")
     uids, sc, _ = _build(src, model_info)
@@ -144,7 +162,7 @@ def test_secondary_capture_content(model_info) -> None:  # type: ignore[no-untyp
     assert sc.SeriesInstanceUID != src.SeriesInstanceUID
     assert sc.PatientID == src.PatientID and str(sc.PatientName) == str(src.PatientName)
     assert sc.AccessionNumber == src.AccessionNumber
-    assert sc.SeriesDescription == SC_SERIES_DESCRIPTION
+    assert sc.SeriesDescription == "AI TRIAGE: COVID-19 SUSPECTED (NOT FOR DIAGNOSTIC USE)"
     assert sc.SeriesDescription.startswith(SERIES_DESCRIPTION_PREFIX)
     assert "NOT FOR DIAGNOSTIC USE" in sc.SeriesDescription
     assert sc.BurnedInAnnotation == "YES"
@@ -156,6 +174,7 @@ def test_secondary_capture_content(model_info) -> None:  # type: ignore[no-untyp
     eq = ours[0]
     assert eq.ManufacturerModelName == model_info.name
     assert eq.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert is_valid_uid(eq.DeviceUID)
     assert eq.ContributionDateTime and eq.ContributionDescription
     ref = sc.SourceImageSequence[0]
     assert ref.ReferencedSOPInstanceUID == src.SOPInstanceUID
@@ -267,10 +286,23 @@ def _our_errors(errors: list[str], src: pydicom.Dataset) -> list[str]:
     return left
 
 
+# dicom3tools' dciodvfy does not (yet) list Device UID (0018,1002) in the Contributing
+# Equipment Sequence, where IHE AIR puts the algorithm's UID: the only warnings we accept
+DEVICE_UID_WARNINGS = (
+    "Warning - Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
+    "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - "
+    "this is a Standard Extended SOP Class",
+)
+
+
+def _not_device_uid(warnings: list[str]) -> list[str]:
+    return [w for w in warnings if w.strip() not in DEVICE_UID_WARNINGS]
+
+
 def _check_valid(tmp_path: Path, name: str, src: pydicom.Dataset, model_info) -> list[str]:  # type: ignore[no-untyped-def]
-    _, sc, sr = _build(src, model_info)
+    _, sc, sr, hm = _build_all(src, model_info)
     warnings: list[str] = []
-    for kind, ds in (("sc", sc), ("sr", sr)):
+    for kind, ds in (("sc", sc), ("sr", sr), ("hm", hm)):
         path = tmp_path / f"{name}_{kind}.dcm"
         ds.save_as(path, enforce_file_format=True)
         errors, warns = dciodvfy(path)
@@ -279,7 +311,15 @@ def _check_valid(tmp_path: Path, name: str, src: pydicom.Dataset, model_info) ->
         assert back.SOPInstanceUID == ds.SOPInstanceUID
         if kind == "sc":
             assert back.pixel_array.shape == (back.Rows, back.Columns, 3)
-        warnings += warns
+        elif kind == "sr":  # highdicom reads it back as the TID 1500 document it wrote
+            doc = hd.sr.srread(path)
+            assert isinstance(doc, hd.sr.ComprehensiveSR)
+            assert len(doc.content.get_planar_roi_measurement_groups()) == 1
+        else:
+            seg = hd.seg.segread(path)
+            assert seg.segmentation_type == hd.seg.SegmentationTypeValues.FRACTIONAL
+            assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+        warnings += _not_device_uid(warns)
     return warnings
 
 
@@ -292,7 +332,7 @@ def test_dciodvfy_generated(tmp_path: Path, modality: str, model_info) -> None: 
         src.ImagerPixelSpacing = [0.2, 0.2]
         src.BodyPartExamined = "THORAX"
     warnings = _check_valid(tmp_path, modality, src, model_info)
-    assert warnings == []  # a complete source gives outputs without a single warning
+    assert warnings == []  # a complete source: no warning but the Device UID one
     if modality == "DX-geometry":
         _, sc, sr = _build(src, model_info)
         assert list(sc.PatientOrientation) == ["P", "FL"] and sc.BodyPartExamined == "CHEST"
@@ -315,15 +355,296 @@ def test_shared_samples_present_or_skip(dicom_samples: Path) -> None:
     assert CHEST_SAMPLES, f"no chest samples under {dicom_samples}"
 
 
-def test_overlay_matches_ml_gradcam() -> None:
-    """The fast blend equals ml.gradcam.overlay (the ML component's reference)."""
-    from ml import gradcam
-    from worker.results import overlay
+# ------------------------------------------------------------- SC legibility (issue 11)
+def _gradient(rows: int, cols: int) -> np.ndarray:
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    return ((xx * 3 + yy * 2) % 200 + 30).astype(np.uint8)
 
-    rng = np.random.default_rng(1)
-    grey = rng.integers(0, 256, (120, 90), dtype=np.uint8)
-    cam = rng.random((120, 90), dtype=np.float32)
-    ours = overlay(grey, cam).astype(int)
-    ref = gradcam.overlay(grey, cam).astype(int)
-    assert ours.shape == ref.shape == (120, 90, 3)
-    assert np.abs(ours - ref).max() <= 1
+
+def test_sc_overlay_is_transparent_where_the_cam_is_low(model_info) -> None:  # type: ignore[no-untyped-def]
+    from ml.gradcam import ALPHA_FLOOR
+    from worker.results import cam_on_grid
+
+    display = _gradient(600, 520)  # within MIN_SIDE..MAX_SIDE: not rescaled
+    pred = FakePrediction(size=64, peak=(20, 30))
+    result = compose_result_image(display, pred, model_info)
+    x0, y0, x1, y1 = result.image_box
+    body = result.pixels[y0:y1, x0:x1].astype(int)
+    cam = cam_on_grid(pred.cam, display.shape, None, display.shape)
+    grey = np.repeat(display[..., None], 3, axis=-1).astype(int)
+    cold = cam < ALPHA_FLOOR
+    assert cold.mean() > 0.5 and (~cold).any()
+    # where the map is below the floor: exactly the grey radiograph
+    assert np.array_equal(body[cold], grey[cold])
+    # where it is strong: coloured, the more so the stronger (opacity follows the map)
+    strong, mid = cam > 0.9, (cam > 0.3) & (cam < 0.4)
+    delta = np.abs(body - grey).sum(axis=-1)
+    assert delta[strong].mean() > 60
+    assert delta[strong].mean() > delta[mid].mean() > 0
+
+
+def test_sc_has_a_colour_bar_below_the_radiograph(model_info) -> None:  # type: ignore[no-untyped-def]
+    from ml.gradcam import colour_bar
+
+    display = _gradient(600, 520)
+    result = compose_result_image(display, FakePrediction(), model_info)
+    assert result.legend_box is not None
+    lx0, ly0, lx1, ly1 = result.legend_box
+    assert ly0 >= result.image_box[3]  # below the radiograph, not on it
+    assert lx1 - lx0 > 100 and ly1 - ly0 >= 5
+    bar = result.pixels[ly0:ly1, lx0:lx1]
+    assert np.array_equal(bar, colour_bar(ly1 - ly0, lx1 - lx0))
+    # the JET ramp: blue-ish at the low end, red-ish at the high end
+    lo, hi = bar[0, 0].astype(int), bar[0, -1].astype(int)
+    assert lo[2] > lo[0] and hi[0] > hi[2]
+    # no CAM, no legend
+    assert compose_result_image(display, FakePrediction(peak=None), model_info).legend_box is None
+
+
+@pytest.mark.parametrize("shape", [(600, 520), (80, 60), (3000, 2400), (400, 1000)])
+def test_sc_text_is_off_the_radiograph(shape: tuple[int, int], model_info) -> None:  # type: ignore[no-untyped-def]
+    from ml import gradcam
+    from worker.results import _fit_display, cam_on_grid
+
+    display = _gradient(*shape)
+    pred = FakePrediction()
+    pred.ood = True  # the longest text: five lines
+    result = compose_result_image(display, pred, model_info)
+    x0, y0, x1, y1 = result.image_box
+    assert len(result.text_boxes) >= 5 + 3  # banner lines + "Grad-CAM", "low", "high"
+    for bx0, by0, bx1, by1 in result.text_boxes:
+        assert by1 <= y0 or by0 >= y1, f"text box {(bx0, by0, bx1, by1)} over the radiograph"
+    # the radiograph part is exactly the overlay: nothing was drawn on it
+    fitted = _fit_display(display)
+    cam = cam_on_grid(pred.cam, fitted.shape, None, display.shape)
+    assert np.array_equal(result.pixels[y0:y1, x0:x1], gradcam.overlay(fitted, cam))
+    # and the text is there: bright pixels in the banner and in the legend strip
+    assert (result.pixels[:y0] > 150).any() and (result.pixels[y1:] > 150).any()
+
+
+# ------------------------------------------------------------ series descriptions
+@pytest.mark.parametrize(
+    ("label", "verdict"),
+    [
+        ("COVID", "AI TRIAGE: COVID-19 SUSPECTED"),
+        ("Normal", "AI TRIAGE: NORMAL"),
+        ("Other", "AI TRIAGE: OTHER LUNG DISEASE"),
+    ],
+)
+def test_series_descriptions_begin_with_the_verdict(label: str, verdict: str, model_info) -> None:  # type: ignore[no-untyped-def]
+    from cxr.contracts import OWN_SERIES_PREFIX
+    from dicom_node.filters import Header, PixelInfo, is_own_output
+
+    src = make_chest_dataset()
+    probs = {"COVID": (0.7, 0.2, 0.1), "Normal": (0.1, 0.8, 0.1), "Other": (0.1, 0.2, 0.7)}
+    _, sc, sr, hm = _build_all(src, model_info, FakePrediction(label=label, probs=probs[label]))
+    for ds in (sc, sr, hm):
+        desc = _roundtrip(ds).SeriesDescription
+        assert len(desc) <= 64 and desc.startswith(OWN_SERIES_PREFIX)
+        assert "NOT FOR DIAGNOSTIC USE" in desc
+        # the node recognises each as its own output, by the description alone too
+        assert is_own_output(Header(ds=ds, pixels=PixelInfo(present=True, length=1)))
+        bare = pydicom.Dataset()
+        bare.SeriesDescription = desc
+        assert is_own_output(Header(ds=bare, pixels=PixelInfo(present=True, length=1)))
+    assert sc.SeriesDescription == f"{verdict} (NOT FOR DIAGNOSTIC USE)"
+    assert sr.SeriesDescription == f"{verdict} REPORT (NOT FOR DIAGNOSTIC USE)"
+    assert "HEAT MAP" in hm.SeriesDescription
+    assert len({sc.SeriesNumber, sr.SeriesNumber, hm.SeriesNumber}) == 3
+    assert hm.SeriesNumber == 9903
+
+
+# ------------------------------------------------------------------------ heat map
+def _frames(seg: pydicom.Dataset) -> np.ndarray:
+    px = seg.pixel_array
+    return px if px.ndim == 2 else px[0]
+
+
+def test_heatmap_of_a_cr_without_geometry(tmp_path: Path, model_info) -> None:  # type: ignore[no-untyped-def]
+    from worker.results import heatmap_array
+
+    src = make_chest_dataset(rows=80, cols=60, modality="CR")
+    for kw in ("FrameOfReferenceUID", "PixelSpacing", "ImagePositionPatient"):
+        assert kw not in src
+    uids, _, _, hm = _build_all(src, model_info)
+    path = tmp_path / "hm.dcm"
+    hm.save_as(path, enforce_file_format=True)
+    seg = hd.seg.segread(path)
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    assert (seg.SeriesInstanceUID, seg.SOPInstanceUID) == (uids.hm_series, uids.hm_sop)
+    assert seg.StudyInstanceUID == src.StudyInstanceUID
+    assert seg.PatientID == src.PatientID and seg.Modality == "SEG"
+    assert seg.SegmentationType == "FRACTIONAL" and seg.MaximumFractionalValue == 255
+    assert (seg.Rows, seg.Columns) == (80, 60)
+    assert "FrameOfReferenceUID" not in seg  # none invented
+    # references the source image
+    assert src.SOPInstanceUID in {
+        r.ReferencedSOPInstanceUID for r in seg.get("SourceImageSequence", [])
+    } | {
+        i.ReferencedSOPInstanceUID
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
+    desc = seg.SegmentSequence[0]
+    assert desc.SegmentedPropertyTypeCodeSequence[0].CodeValue == "840539006"
+    assert desc.SegmentAlgorithmType == "AUTOMATIC"
+    # the values are the CAM on the source grid (8-bit fractions)
+    expected = heatmap_array(src, FakePrediction())
+    got = _frames(seg).astype(np.float32) / 255.0
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 1 / 255 + 1e-6
+    # provenance
+    ours = [e for e in seg.ContributingEquipmentSequence if e.Manufacturer == "cxr-triage"]
+    assert len(ours) == 1 and ours[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+    assert seg.Manufacturer == "cxr-triage" and model_info.version in seg.SoftwareVersions
+
+
+def test_heatmap_maps_the_model_frame_back_to_the_source_grid(model_info) -> None:  # type: ignore[no-untyped-def]
+    from worker.results import heatmap_array
+
+    src = make_chest_dataset(rows=80, cols=60)
+    pred = FakePrediction(size=64, peak=(16, 40))
+    pred.frame_box = (5, 10, 55, 60)  # the model frame covers x 5..55, y 10..60
+    values = heatmap_array(src, pred)
+    assert values.shape == (80, 60)
+    # model (16, 40) of 64 -> source (10 + 16 * 50 / 64, 5 + 40 * 50 / 64) = (22.5, 36.25)
+    r, c = np.unravel_index(int(np.argmax(values)), values.shape)
+    assert abs(r - 22.5) <= 1.5 and abs(c - 36.25) <= 1.5
+    outside = np.ones_like(values, bool)
+    outside[10:60, 5:55] = False
+    assert (values[outside] == 0).all()
+    hm = build_heatmap(src, pred, model_info, output_uids(src.SOPInstanceUID, "1"))
+    assert np.abs(_frames(hm) / 255.0 - values).max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.dcmtk
+def test_heatmap_of_a_dx_with_geometry(tmp_path: Path, model_info) -> None:  # type: ignore[no-untyped-def]
+    from pydicom.uid import generate_uid
+
+    src = make_chest_dataset(rows=70, cols=90, modality="DX")
+    src.FrameOfReferenceUID = generate_uid()
+    src.PixelSpacing = [0.15, 0.2]
+    src.ImagePositionPatient = [-10.0, -20.0, 5.0]
+    src.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    src.SliceThickness = 1.0
+    src.PatientOrientation = ["L", "F"]
+    _, _, _, hm = _build_all(src, model_info)
+    path = tmp_path / "hm_dx.dcm"
+    hm.save_as(path, enforce_file_format=True)
+    errors, warnings = dciodvfy(path)
+    assert errors == [] and _not_device_uid(warnings) == []
+    seg = hd.seg.segread(path)
+    assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
+    assert (seg.Rows, seg.Columns) == (70, 90)
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert [float(v) for v in measures.PixelSpacing] == [0.15, 0.2]
+    pos = seg.PerFrameFunctionalGroupsSequence[0].PlanePositionSequence[0]
+    assert [float(v) for v in pos.ImagePositionPatient] == [-10.0, -20.0, 5.0]
+    assert list(seg.PatientOrientation) == ["L", "F"]
+
+
+def test_heatmap_refuses_what_it_cannot_map(model_info) -> None:  # type: ignore[no-untyped-def]
+    src = make_chest_dataset()
+    uids = output_uids(src.SOPInstanceUID, "1")
+    with pytest.raises(ValueError, match="CAM"):
+        build_heatmap(src, FakePrediction(peak=None), model_info, uids)
+    src.NumberOfFrames = 2
+    with pytest.raises(ValueError, match="single-frame"):
+        build_heatmap(src, FakePrediction(), model_info, uids)
+
+
+def test_send_heatmap_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cxr.settings import Settings
+
+    monkeypatch.delenv("CXR_SEND_HEATMAP", raising=False)
+    assert Settings().send_heatmap is True
+    monkeypatch.setenv("CXR_SEND_HEATMAP", "false")
+    assert Settings().send_heatmap is False
+
+
+# ------------------------------------------------------------------- IHE AIR (SR)
+def _code(item: pydicom.Dataset) -> tuple[str, str]:
+    c = item.ConceptNameCodeSequence[0]
+    return str(c.CodeValue), str(c.CodingSchemeDesignator)
+
+
+def test_sr_air_content(tmp_path: Path, model_info) -> None:  # type: ignore[no-untyped-def]
+    from worker.results import device_uid
+
+    src = make_chest_dataset()
+    pred = FakePrediction(label="COVID", probs=(0.7, 0.2, 0.1))
+    _, sc, sr, hm = _build_all(src, model_info, pred)
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    back = pydicom.dcmread(path)
+    items = list(_items(back.ContentSequence))
+    # TID 4019: algorithm name, version, parameters (DCM 111001, 111003, 111002) and family
+    texts = {_code(i): str(i.TextValue) for i in items if i.ValueType == "TEXT"}
+    assert texts[("111001", "DCM")] == model_info.name
+    assert texts[("111003", "DCM")] == model_info.version
+    params = [str(i.TextValue) for i in items if _code(i) == ("111002", "DCM")]
+    assert any(model_info.sha256 in p for p in params) and any("Grad-CAM" in p for p in params)
+    families = {i.ConceptCodeSequence[0].CodeValue for i in items if _code(i) == ("111000", "DCM")}
+    assert families == {"123110"}  # DCM "Artificial Intelligence"
+    # the device observer (TID 1004) and every output's Contributing Equipment: one UID
+    uid = device_uid(model_info)
+    observer = [str(i.UID) for i in items if _code(i) == ("121012", "DCM")]
+    assert observer == [uid]
+    for ds in (sc, sr, hm):
+        eq = [e for e in ds.ContributingEquipmentSequence if e.Manufacturer == "cxr-triage"]
+        assert len(eq) == 1 and eq[0].DeviceUID == uid
+        assert eq[0].PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
+        assert eq[0].ManufacturerModelName == model_info.name
+        assert list(eq[0].SoftwareVersions)[0] == model_info.version
+    # findings: SNOMED CT codes; three probabilities with UCUM unit "1"
+    findings = {
+        i.ConceptCodeSequence[0].CodeValue
+        for i in items
+        if i.ValueType == "CODE" and _code(i) == ("121071", "DCM")
+    }
+    assert findings == {"840539006", "17621005", "19829001"}
+    nums = [i for i in items if i.ValueType == "NUM" and _code(i) == ("122157", "DCM")]
+    assert len(nums) == 3  # DCM "Probability", one per class
+    for n in nums:
+        unit = n.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+        assert (unit.CodeValue, unit.CodingSchemeDesignator) == ("1", "UCUM")
+    # references: the verdict group's region is the heat map (segment frame), whose source
+    # is the source image; the evidence lists source, SC and heat map
+    seg_refs = [
+        i
+        for i in items
+        if i.ValueType == "IMAGE"
+        and i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == hm.SOPInstanceUID
+        and "ReferencedFrameNumber" in i.ReferencedSOPSequence[0]
+    ]
+    assert len(seg_refs) == 1
+    seg_sources = [  # DCM 121233 "Source Image for Segmentation"
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in items
+        if i.ValueType == "IMAGE" and _code(i) == ("121233", "DCM")
+    ]
+    assert seg_sources == [src.SOPInstanceUID]
+    evid = {
+        r.ReferencedSOPInstanceUID
+        for s in back.CurrentRequestedProcedureEvidenceSequence
+        for se in s.ReferencedSeriesSequence
+        for r in se.ReferencedSOPSequence
+    }
+    assert evid == {src.SOPInstanceUID, sc.SOPInstanceUID, hm.SOPInstanceUID}
+    # highdicom reads the planar ROI group back, its region being the heat map's segment
+    doc = hd.sr.srread(path)
+    (group,) = doc.content.get_planar_roi_measurement_groups()
+    frame = group.referenced_segmentation_frame
+    assert frame is not None
+    assert frame.referenced_sop_instance_uid == hm.SOPInstanceUID
+    assert frame.source_image_for_segmentation.referenced_sop_instance_uid == src.SOPInstanceUID
+
+
+def test_device_uid_is_stable_per_model_version(model_info) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from worker.results import device_uid
+
+    assert device_uid(model_info) == device_uid(replace(model_info))
+    assert is_valid_uid(device_uid(model_info))
+    assert device_uid(replace(model_info, version="9.9.9")) != device_uid(model_info)

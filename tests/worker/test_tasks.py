@@ -82,7 +82,7 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
         ):
             assert getattr(inf, col) is not None and getattr(inf, col) >= 0, col
         dels = ss.execute(select(Delivery).where(Delivery.instance_id == iid)).scalars().all()
-        assert sorted(d.kind for d in dels) == ["SC", "SR"]
+        assert sorted(d.kind for d in dels) == ["HM", "SC", "SR"]
         assert all(d.state == "delivered" and d.last_status == "0x0000" for d in dels)
         kinds = [
             e.kind
@@ -92,11 +92,13 @@ def test_classify_and_deliver_to_pacs(tmp_path, db_url, tiny_model_dir, orthanc,
         ]
         assert kinds == ["queued", "processing", "classified", "delivered"]
         sc_uid, sr_uid = inf.sc_sop_instance_uid, inf.sr_sop_instance_uid
+        hm_uid = inf.hm_sop_instance_uid
 
-    # the PACS holds exactly what we sent - the SC and the SR - in the source's study
+    # the PACS holds exactly what we sent - the SC, the SR, the heat map - in the source's study
     tags = {t["SOPInstanceUID"]: t for t in orthanc.all_instance_tags()}
-    assert set(tags) == {sc_uid, sr_uid}
-    for uid in (sc_uid, sr_uid):
+    assert set(tags) == {sc_uid, sr_uid, hm_uid}
+    assert tags[hm_uid]["Modality"] == "SEG"
+    for uid in (sc_uid, sr_uid, hm_uid):
         assert tags[uid]["StudyInstanceUID"] == source.StudyInstanceUID
         assert tags[uid]["SeriesInstanceUID"] != source.SeriesInstanceUID
     assert tags[sr_uid]["Modality"] == "SR"
@@ -206,9 +208,9 @@ def test_unreachable_destination_then_delivery_failed_then_resend(
     with pytest.raises(pipeline.DeliveryIncomplete):
         pipeline.process_instance(s, iid)
     assert _state(s, iid).state == State.CLASSIFIED.value
-    # Orthanc got both results on the first attempt; it is not sent to again
+    # Orthanc got the three results on the first attempt; it is not sent to again
     n_orthanc = len(orthanc.instances())
-    assert n_orthanc == 2
+    assert n_orthanc == 3
     out = pipeline.deliver(s, iid, final_attempt=True)
     assert out.action == "delivery_failed"
     inst = _state(s, iid)
@@ -407,3 +409,29 @@ def test_redelivery_timeout_follows_the_task_limits(tmp_path, sqlite_url, tiny_m
     opts = make_celery(s).conf.broker_transport_options
     assert opts["visibility_timeout"] == 225
     assert opts["unacked_restore_interval"] == 5 and opts["unacked_restore_throttle"] == 1
+
+
+@pytest.mark.parametrize("send_heatmap", [True, False])
+def test_heatmap_is_built_unless_switched_off(
+    tmp_path, sqlite_url, tiny_model_dir, dicom_samples, send_heatmap: bool
+):  # type: ignore[no-untyped-def]
+    """CXR_SEND_HEATMAP: the heat map is recorded and kept with the SC/SR, or not built
+    at all (and the SR then does not reference one)."""
+    from cxr.storage import Spool
+
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, send_heatmap=send_heatmap)
+    iid = insert_instance(s, _sample(dicom_samples))
+    assert pipeline.process_instance(s, iid).action == "classified"
+    with session_scope(s.database_url) as ss:
+        inf = ss.query(Inference).filter_by(instance_id=iid).one()
+    spool = Spool(s.spool_dir)
+    sr = pydicom.dcmread(spool.result_path(inf.sr_sop_instance_uid))
+    referenced = {str(e.value) for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"}
+    if send_heatmap:
+        assert inf.hm_sop_instance_uid and inf.hm_series_uid
+        hm = pydicom.dcmread(spool.result_path(inf.hm_sop_instance_uid))
+        assert hm.Modality == "SEG" and hm.SegmentationType == "FRACTIONAL"
+        assert inf.hm_sop_instance_uid in referenced
+    else:
+        assert inf.hm_sop_instance_uid is None and inf.hm_series_uid is None
+        assert len(list(spool.results.iterdir())) == 2  # SC and SR only
