@@ -18,7 +18,7 @@ import pytest
 import uvicorn
 
 from cxr.settings import load_settings
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port
 from tests.ship.conftest import clean_env
 from web.auth import (
     Credentials,
@@ -261,4 +261,3 @@ def test_cxr_web_serves_and_moves_off_a_taken_port(tmp_path: Path) -> None:
             proc.terminate()
             _, err = proc.communicate(timeout=30)
     assert "is in use" in err and "CXR_WEB_PORT" in err
-    del REPO
