@@ -64,6 +64,8 @@ CSP = (
     "object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
 )
 
+CSP_DOCS = CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")
+
 
 class LoginRequired(Exception):
     """Raised by page dependencies: redirect to the login page."""
@@ -220,7 +222,9 @@ def create_app(
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
-        response.headers.setdefault("Content-Security-Policy", CSP)
+        # Swagger UI sets inline styles: only its page allows them
+        csp = CSP_DOCS if request.url.path == "/docs" else CSP
+        response.headers.setdefault("Content-Security-Policy", csp)
         if request.url.path.startswith(("/api/", "/instances/")):
             response.headers.setdefault("Cache-Control", "no-store")
         return response
@@ -450,7 +454,7 @@ def create_app(
             model_state=classifier.state,
         )
 
-    @app.get("/model/files/{name}", include_in_schema=False)
+    @app.get("/model/files/{name:path}", include_in_schema=False)
     def model_file(name: str, user: PageUser) -> Response:
         from web.modelcard import model_file_bytes
 
