@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything and run the full test suite (this is what .ci/run calls).
 #   - Python packages: pip install -e '.[test]'
-#   - Debian packages when missing: dcmtk orthanc dicom3tools redis-server postgresql
+#   - Debian packages when missing: dcmtk orthanc orthanc-dicomweb dicom3tools chromium
+#     redis-server postgresql
 #   - starts Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, user postgres, db test)
 #     when they are down; no system Orthanc service is left holding 4242/8042
 #   - static checks: ruff check, ruff format --check, lint-imports
@@ -19,6 +20,10 @@ missing=()
 [ -x /usr/bin/dcmsend ] || missing+=(dcmtk)
 [ -x /usr/sbin/Orthanc ] || missing+=(orthanc)
 [ -x /usr/bin/dciodvfy ] || missing+=(dicom3tools)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
+# the web console's browser tests drive Debian's Chromium with Playwright (PyPI has no
+# browser for `playwright install` to download here)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v redis-server >/dev/null || missing+=(redis-server)
 command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v psql >/dev/null || missing+=(postgresql-client)

@@ -483,6 +483,7 @@ def create_app(
         request: Request,
         user: ApiUser,
         file: Annotated[UploadFile | None, File(description="PNG, JPEG or DICOM")] = None,
+        image: Annotated[bool, Query(description="also return the plain image as PNG")] = False,
     ) -> Response:
         """Multipart field ``file``. Returns ``label``, calibrated ``probabilities``
         (COVID, Normal, Other), ``model`` (name, version), the out-of-distribution flag and
@@ -490,7 +491,7 @@ def create_app(
         check_csrf(request, None)
         try:
             data = await _read_upload(file, settings.web_max_upload_bytes)
-            result = await _predict(classifier, data, file.filename if file else None)
+            result = await _predict(classifier, data, file.filename if file else None, image)
         except UploadError as exc:
             return JSONResponse({"detail": str(exc)}, exc.status)
         return JSONResponse(result.as_json())
@@ -572,12 +573,14 @@ async def _read_upload(file: UploadFile | None, limit: int) -> bytes:
     return data
 
 
-async def _predict(classifier: WebClassifier, data: bytes, filename: str | None) -> Any:
+async def _predict(
+    classifier: WebClassifier, data: bytes, filename: str | None, with_image: bool = True
+) -> Any:
     from starlette.concurrency import run_in_threadpool
 
     if classifier.state == "error":
         raise UploadError(f"the model could not be loaded: {classifier.error}", 503)
-    return await run_in_threadpool(classifier.predict_bytes, data, filename)
+    return await run_in_threadpool(classifier.predict_bytes, data, filename, with_image)
 
 
 def _filter(

@@ -115,10 +115,23 @@ class User:
 
 
 class Credentials:
-    """The configured users, each with a password check."""
+    """The configured users, each with a password check.
+
+    scrypt costs ~60 ms per check on purpose; HTTP Basic sends the password with every
+    request, so a *successful* check is remembered for ``CACHE_S`` under a keyed hash
+    (HMAC with a per-process random key: the cache never holds the password). Failures are
+    never cached, so guessing still pays the full cost (and the limiter counts it)."""
+
+    CACHE_S = 300.0
 
     def __init__(self, hashes: dict[str, str]) -> None:
         self._hashes = hashes
+        self._key = os.urandom(32)
+        self._ok: dict[bytes, tuple[float, User]] = {}
+        self._lock = threading.Lock()
+
+    def _cache_key(self, user: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Credentials:
@@ -141,12 +154,25 @@ class Credentials:
         return cls(hashes)
 
     def check(self, user: str, password: str) -> User | None:
+        key = self._cache_key(user, password)
+        now = time.monotonic()
+        with self._lock:
+            hit = self._ok.get(key)
+            if hit is not None and now - hit[0] < self.CACHE_S:
+                return hit[1]
         encoded = self._hashes.get(user)
         if encoded is None:
             # same work as a real check, so timing does not tell which users exist
             verify_password(password, self._hashes[ADMIN])
             return None
-        return User(user, ROLES[user]) if verify_password(password, encoded) else None
+        if not verify_password(password, encoded):
+            return None
+        found = User(user, ROLES[user])
+        with self._lock:
+            if len(self._ok) > 1000:
+                self._ok.clear()
+            self._ok[key] = (now, found)
+        return found
 
 
 class LoginLimiter:

@@ -44,6 +44,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
     def make(p: int) -> socket.socket:
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # accepted connections inherit it: without, Nagle + delayed ACK add ~40 ms to
+        # every response written in two parts (docs/benchmarks.md, web console)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             s.bind((host, p))
         except OSError:

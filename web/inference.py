@@ -53,7 +53,7 @@ class WebPrediction:
     ood: bool | None
     ood_score: float | None
     ood_message: str | None
-    image_png: bytes
+    image_png: bytes | None  # the plain radiograph (the page's heat-map switch), optional
     overlay_png: bytes
     timings_ms: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +71,7 @@ class WebPrediction:
             "ood_score": self.ood_score,
             "ood_message": self.ood_message,
             "overlay_png_base64": self.b64(self.overlay_png),
-            "image_png_base64": self.b64(self.image_png),
+            "image_png_base64": None if self.image_png is None else self.b64(self.image_png),
             "timings_ms": self.timings_ms,
             "disclaimer": "Research use only, not for diagnostic use.",
         }
@@ -81,7 +81,7 @@ def _png(rgb_or_grey: np.ndarray) -> bytes:
     img = rgb_or_grey
     if img.ndim == 3:
         img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - cv2 encodes any uint8 array
         raise RuntimeError("PNG encoding failed")
     return buf.tobytes()
@@ -155,7 +155,9 @@ class WebClassifier:
         info = self._clf.info()
         return {"name": info["name"], "version": info["version"], "engine": info["engine"]}
 
-    def predict_bytes(self, data: bytes, filename: str | None = None) -> WebPrediction:
+    def predict_bytes(
+        self, data: bytes, filename: str | None = None, with_image: bool = True
+    ) -> WebPrediction:
         t0 = time.perf_counter()
         try:
             display = load_display_bytes(data, max_pixels=self.settings.max_pixels)
@@ -176,7 +178,7 @@ class WebClassifier:
         small, box = _preview(display, pred.frame_box)
         # the model frame box maps the CAM onto the (scaled) display image
         rgb = overlay(small, pred.cam, box=box if box is not None else None)
-        image_png, overlay_png = _png(small), _png(rgb)
+        image_png, overlay_png = (_png(small) if with_image else None), _png(rgb)
         t3 = time.perf_counter()
         if self.settings.web_keep_uploads:
             self._keep(data, filename)

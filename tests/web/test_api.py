@@ -140,7 +140,11 @@ def _decode_png(b64: str) -> np.ndarray:
 def test_predict_a_real_radiograph(stack: WebStack, rel: str, label: str) -> None:
     data = (CXR_DATA / rel).read_bytes()
     with stack.client(auth=stack.admin) as c:
-        r = c.post("/api/v1/predict", files={"file": (rel.split("/")[-1], data, "image/png")})
+        r = c.post(
+            "/api/v1/predict",
+            params={"image": "true"},
+            files={"file": (rel.split("/")[-1], data, "image/png")},
+        )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["label"] == label
@@ -165,6 +169,7 @@ def test_predict_a_dicom_upload_and_a_phantom_is_flagged(stack: WebStack) -> Non
         r = c.post("/api/v1/predict", files={"file": ("x.dcm", ds_path.read_bytes())})
         assert r.status_code == 200, r.text
         assert r.json()["label"] == "COVID"
+        assert r.json()["image_png_base64"] is None  # only the overlay unless ?image=true
         # a smooth gradient phantom is nothing like a radiograph
         yy, xx = np.mgrid[0:256, 0:256]
         ok, buf = cv2.imencode(".png", ((xx + yy) / 2).astype(np.uint8))
