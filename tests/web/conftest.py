@@ -67,7 +67,7 @@ class ResultPacs:
 
     port: int
     received: list[tuple[str, str]] = field(default_factory=list)  # (study, SOP class)
-    refuse: set[str] = field(default_factory=set)
+    refuse: set[str] = field(default_factory=set)  # StudyInstanceUIDs answered 0xA700
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -157,7 +157,7 @@ def _dcmsend(port: int, files: list[Path]) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def stack(
     tmp_path_factory: pytest.TempPathFactory, shipped_model_cache: Path
 ) -> Iterator[WebStack]:
@@ -217,13 +217,15 @@ def stack(
             time.sleep(0.5)
         else:
             raise AssertionError(f"web not healthy:\n{st.stderr[-4000:]}")
-        # three real radiographs: a COVID one (with PHI in its header), a normal one, and
-        # one whose study the PACS refuses (delivery_failed, then retried by the tests)
+        # real radiographs: a COVID one (with PHI in its header), a normal one, and two
+        # whose studies the PACS refuses (delivery_failed; the API test retries the first,
+        # the browser test the second)
         files = []
         for name, rel, kw in (
             ("covid", COVID_PNG, {"patient_name": PHI_NAME, "patient_id": PHI_ID}),
             ("normal", NORMAL_PNG, {}),
             ("refused", NORMAL_PNG, {}),
+            ("refused2", NORMAL_PNG, {}),
         ):
             ds = radiograph_dataset(data / rel, f"ACC-{name.upper()}", **kw)
             st.studies[name] = str(ds.StudyInstanceUID)
@@ -231,13 +233,14 @@ def stack(
             path = work / f"{name}.dcm"
             ds.save_as(path, enforce_file_format=True)
             files.append(path)
-        pacs.refuse.add(st.studies["refused"])
+        pacs.refuse.update({st.studies["refused"], st.studies["refused2"]})
         _dcmsend(dicom_port, files)
         st.wait_states(
             {
                 st.sops["covid"]: {"delivered"},
                 st.sops["normal"]: {"delivered"},
                 st.sops["refused"]: {"delivery_failed"},
+                st.sops["refused2"]: {"delivery_failed"},
             }
         )
         yield st

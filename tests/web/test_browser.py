@@ -119,7 +119,7 @@ def test_worklist_instance_dashboard_model_and_docs(page: object, stack: WebStac
     SHOTS.mkdir(parents=True, exist_ok=True)
     pg = page
     rows = pg.locator("table.worklist tbody tr")  # type: ignore[attr-defined]
-    assert rows.count() == 3
+    assert rows.count() == 4
     urgent = pg.locator("table.worklist tbody tr.urgent")  # type: ignore[attr-defined]
     assert urgent.count() == 1 and "COVID-19 suspected" in urgent.inner_text()
     assert stack.sops["covid"] in urgent.inner_text()
@@ -128,14 +128,14 @@ def test_worklist_instance_dashboard_model_and_docs(page: object, stack: WebStac
     pg.wait_for_function(  # type: ignore[attr-defined]
         "() => document.getElementById('worklist').dataset.refreshedAt", timeout=25_000
     )
-    assert pg.locator("table.worklist tbody tr").count() == 3  # type: ignore[attr-defined]
+    assert pg.locator("table.worklist tbody tr").count() == 4  # type: ignore[attr-defined]
     pg.screenshot(path=str(SHOTS / "worklist.png"), full_page=True)  # type: ignore[attr-defined]
     # filter by verdict
     pg.select_option("select[name=verdict]", ["Normal"])  # type: ignore[attr-defined]
     pg.click("form.filters button[type=submit]")  # type: ignore[attr-defined]
     pg.wait_for_url("**verdict=Normal**")  # type: ignore[attr-defined]
     assert pg.locator("table.worklist tbody tr.urgent").count() == 0  # type: ignore[attr-defined]
-    assert pg.locator("table.worklist tbody tr").count() == 2  # type: ignore[attr-defined]
+    assert pg.locator("table.worklist tbody tr").count() == 3  # type: ignore[attr-defined]
 
     pg.goto(f"{stack.base_url}/worklist")  # type: ignore[attr-defined]
     pg.click(f"a[href='/instances/{stack.sops['covid']}']")  # type: ignore[attr-defined]
@@ -168,13 +168,13 @@ def test_worklist_instance_dashboard_model_and_docs(page: object, stack: WebStac
 def test_admin_retries_from_the_instance_page(page: object, stack: WebStack) -> None:
     """The refused study ends delivery_failed; the admin's Retry button (a POST with the
     page's CSRF token) delivers it once the PACS takes it."""
-    uid = stack.sops["refused"]
-    assert stack.states()[uid] == "delivery_failed"  # this module's own stack
+    uid = stack.sops["refused2"]  # the API test retries the other refused study
+    assert stack.states()[uid] == "delivery_failed"
     pg = page
     pg.goto(f"{stack.base_url}/instances/{uid}")  # type: ignore[attr-defined]
     assert "delivery_failed" in pg.inner_text("#state")  # type: ignore[attr-defined]
     with stack.pacs.lock:
-        stack.pacs.refuse.clear()
+        stack.pacs.refuse.discard(stack.studies["refused2"])
     pg.click("#retry")  # type: ignore[attr-defined]
     pg.wait_for_selector("#notice")  # type: ignore[attr-defined]
     assert "delivery_failed -> classified" in pg.inner_text("#notice")  # type: ignore[attr-defined]
