@@ -35,8 +35,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-cv2.setLogLevel(0) if hasattr(cv2, "setLogLevel") else None
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 DATA = REPO.parent / "shared" / "data" / "cxr"
