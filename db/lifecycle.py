@@ -40,6 +40,7 @@ from db.models import (
     Event,
     Inference,
     Instance,
+    Lease,
     State,
     utcnow,
 )
@@ -547,6 +548,124 @@ def requeue_undelivered(url: str, send: SendDeliver, stale_after: float) -> int:
     if stale:
         log.info("undelivered sweep re-sent %d instance(s)", stale)
     return n + stale
+
+
+# ------------------------------------------------------------- one sweeper per interval
+#: the lease the re-queue sweep runs under (``leases.name``)
+SWEEP_LEASE = "requeue-sweep"
+
+
+def take_lease(
+    url: str, name: str, holder: str, seconds: float, now: datetime | None = None
+) -> bool:
+    """Take or renew the lease ``name`` for ``seconds``. True when ``holder`` holds it now:
+    it was free, expired, or already ``holder``'s. One conditional UPDATE (or the first
+    INSERT) decides, so of two processes asking at once exactly one gets it, on SQLite
+    (one writer at a time) as on PostgreSQL (the second UPDATE re-reads the row the first
+    committed and no longer matches). Times are the callers' clocks (UTC): processes on
+    hosts whose clocks differ by more than the lease's margin could overlap once."""
+    now = now or utcnow()
+    until = now + timedelta(seconds=seconds)
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Lease)
+            .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at <= now))
+            .values(holder=holder[:128], expires_at=until, renewed_at=now)
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        if s.get(Lease, name) is not None:
+            return False  # held by another process
+    try:
+        with session_scope(url) as s:
+            s.add(Lease(name=name, holder=holder[:128], expires_at=until, renewed_at=now))
+        return True
+    except IntegrityError:  # another process inserted it first
+        return False
+
+
+def release_lease(url: str, name: str, holder: str) -> bool:
+    """Give the lease up at once (a clean stop), if ``holder`` holds it. True when it did."""
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Lease)
+            .where(Lease.name == name, Lease.holder == holder)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def lease_holder(url: str, name: str) -> str | None:
+    """Who holds the lease now (None: nobody, or expired)."""
+    with session_scope(url) as s:
+        row = s.get(Lease, name)
+        if row is None or (aware(row.expires_at) or utcnow()) <= utcnow():
+            return None
+        return row.holder
+
+
+@dataclass
+class SweepResult:
+    """One :func:`sweep`: ``ran`` is False when another process held the lease (then
+    nothing was sent); the counts of what was re-sent; the queue depth."""
+
+    ran: bool
+    stranded: int = 0
+    undelivered: int = 0
+    queue_depth: int | None = None
+
+    @property
+    def sent(self) -> int:
+        return self.stranded + self.undelivered
+
+
+def sweep(
+    settings: Settings,
+    send: Send,
+    send_deliver: SendDeliver | None,
+    *,
+    holder: str,
+    received_older_than: float = 5.0,
+) -> SweepResult:
+    """The re-queue sweep, at most one process per ``CXR_REQUEUE_INTERVAL``.
+
+    It re-sends instances stranded in ``received`` (the broker was down at receipt) or
+    stuck in ``queued``/``processing`` (:func:`requeue_stranded`), then due delivery
+    retries and undelivered ``classified`` instances (:func:`requeue_undelivered`; without
+    ``send_deliver`` that part is skipped), and sets the queue depth gauge.
+
+    **Who sweeps.** The node does, by default (``StorageNode(sweep=True)``, ``cxr node``;
+    ``cxr worker`` sweeps only with ``--sweep``, and ``cxr run`` passes it to no worker):
+
+    * there is exactly one node per site by construction (it owns the DICOM port; in
+      docker-compose.yml it publishes 11112, so ``--scale`` applies to workers only),
+      while workers are identical replicas, 0 to N of them, none of which can be "the
+      first" in compose;
+    * the node creates the ``received`` rows whose hand-off failed, so re-sending them is
+      the rest of its own hand-off; it already holds the broker producer for it, and the
+      sweep only publishes (it needs no consumer, which is what a worker adds);
+    * it keeps running while no worker does (all restarting, a model warm-up of minutes):
+      what it re-sends waits in the broker, and the tasks are idempotent (the claim skips
+      a final or live-held instance), so a duplicate message costs a no-op.
+
+    **The lease.** Whoever calls it, the sweep first takes the :data:`SWEEP_LEASE` lease
+    for 1.5 intervals (:func:`take_lease`); a process that does not get it sends nothing.
+    The holder renews it on each pass, so one sweeper keeps it, and another takes over
+    within 1.5 intervals of the holder dying; a clean stop releases it. Two nodes, or a
+    ``cxr worker --sweep`` next to the node, therefore never both re-send an instance."""
+    url = settings.database_url
+    seconds = 1.5 * float(settings.requeue_interval)
+    if not take_lease(url, SWEEP_LEASE, holder, seconds):
+        log.debug("re-queue sweep: the lease is held by another process")
+        return SweepResult(False, queue_depth=queue_depth(settings))
+    res = SweepResult(True)
+    res.stranded = requeue_stranded(settings, send, received_older_than)
+    if send_deliver is not None:
+        # the rows say what awaits delivery: a classified, unfinished instance exists only
+        # where some worker had destinations, whatever the sweeper's own CXR_DESTINATIONS
+        res.undelivered = requeue_undelivered(url, send_deliver, settings.requeue_stale_after)
+    res.queue_depth = queue_depth(settings)
+    return res
 
 
 # --------------------------------------------------------------------- spool clean-up

@@ -6,24 +6,32 @@ Public API::
     node.start(block=False)             # bind, serve in background threads
     node.address                        # (host, port) actually bound
     node.flush(timeout)                 # wait until queued hand-offs are done (tests/benchmarks)
-    node.sweep(received_older_than=5)   # one re-queue sweep now
+    node.sweep(received_older_than=5)   # one re-queue sweep now (under the sweep lease)
     node.stop(timeout=None)             # stop accepting, let associations finish, stop threads
 
 A C-STORE answers Success only after the encoded data set is durable in the spool
 (tmp + fsync + atomic rename) and its audit row is committed. The instance is handed to the
 broker afterwards by a dispatcher thread; if the broker is down it stays ``received`` and the
 periodic re-queue sweep sends it later. No inference runs in the node.
+
+The node owns the re-queue sweep (stranded/stale instances, due delivery retries,
+undelivered results): :func:`db.lifecycle.sweep` says why, and how its lease keeps a
+second sweeper (another node, ``cxr worker --sweep``) from re-sending the same instances.
+Every audit row is written by :mod:`db.lifecycle`; the node holds no SQL.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,7 +40,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
 
 from cxr import metrics
-from cxr.contracts import hash_patient_id, send_classify
+from cxr.contracts import hash_patient_id, send_classify, send_deliver
 from cxr.logconfig import PEER_NOISE, register_dataset_phi, scrub
 from cxr.settings import DEFAULT_PATIENT_ID_SALT, Settings
 from cxr.storage import Spool, content_sha256
@@ -132,6 +140,9 @@ class StorageNode:
         self._dispatch_q: queue.Queue[object] = queue.Queue()
         self._dispatch_thread: threading.Thread | None = None
         self._sweep_thread: threading.Thread | None = None
+        # who holds the sweep lease (leases.holder): this node object in this process
+        self._swept = False
+        self.sweep_holder = f"node@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # C-STORE handlers running now: thread id -> start (monotonic), for /healthz
         self._handlers: dict[int, float] = {}
         self._handlers_lock = threading.Lock()
@@ -285,6 +296,15 @@ class StorageNode:
             self._dispatch_thread.join(timeout=30)
         if self._sweep_thread is not None:
             self._sweep_thread.join(timeout=30)
+            self._sweep_thread = None
+        if self._swept:
+            self._swept = False
+            try:  # a clean stop: the next sweeper need not wait for the lease to expire
+                lifecycle.release_lease(
+                    self.settings.database_url, lifecycle.SWEEP_LEASE, self.sweep_holder
+                )
+            except Exception as exc:
+                log.warning("could not release the sweep lease (%s)", type(exc).__name__)
         if self._metrics_enabled and self.settings.metrics_port:
             from cxr.health import unregister_health_check
 
@@ -345,8 +365,21 @@ class StorageNode:
         with self._pending_cv:
             return self._pending_cv.wait_for(lambda: self._pending == 0, timeout)
 
+    def _send_deliver(self, instance_id: int, attempt: int | None) -> None:
+        send_deliver(self.celery_app, instance_id, attempt)
+
     def sweep(self, received_older_than: float = 5.0) -> int:
-        return lifecycle.requeue_stranded(self.settings, self._send, received_older_than)
+        """One re-queue sweep now (:func:`db.lifecycle.sweep`, under its lease; it also
+        sets the ``cxr_queue_depth`` gauge). Returns how many tasks it sent (0 also when
+        another process holds the lease)."""
+        self._swept = True  # released at stop
+        return lifecycle.sweep(
+            self.settings,
+            self._send,
+            self._send_deliver,
+            holder=self.sweep_holder,
+            received_older_than=received_older_than,
+        ).sent
 
     def _sweep_loop(self) -> None:
         first = True
@@ -354,7 +387,6 @@ class StorageNode:
             first = False
             try:
                 self.sweep()
-                lifecycle.queue_depth(self.settings)  # the cxr_queue_depth gauge
             except Exception as exc:
                 log.warning("re-queue sweep failed: %s", type(exc).__name__)
 
