@@ -198,3 +198,14 @@ def test_0005_leases_upgrade_downgrade(db_url: str) -> None:
     assert "leases" not in inspect(get_engine(db_url)).get_table_names()
     command.upgrade(cfg, "head")
     dispose_engines()
+
+
+def test_node_sweeps_by_default_and_can_hand_it_off() -> None:
+    import argparse
+
+    from dicom_node import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(), "node")
+    assert parser.parse_args(["node"]).no_sweep is False
+    assert parser.parse_args(["node", "--no-sweep"]).no_sweep is True
