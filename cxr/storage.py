@@ -30,6 +30,15 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 
+def content_sha256(chunks: Iterable[bytes | memoryview]) -> str:
+    """SHA-256 (hex) of the chunks as if joined, without joining them (the spool names a
+    received instance by it)."""
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -88,10 +97,7 @@ class Spool:
         written in order without being joined (no copy of a large data set)."""
         chunks = data if isinstance(data, list) else [data]
         if sha256 is None:
-            h = hashlib.sha256()
-            for c in chunks:
-                h.update(c)
-            sha256 = h.hexdigest()
+            sha256 = content_sha256(chunks)
         size = sum(len(c) for c in chunks)
         path = self.incoming_path(sha256)
         if path.exists() and path.stat().st_size == size:

@@ -299,9 +299,8 @@ class Supervisor:
         env = self._child_env()
         self.children = [Child("node", child_argv("node"), env)]
         for i in range(1, self.n_workers + 1):
-            # one re-queue sweep is enough: the first worker runs it
-            extra = [] if i == 1 else ["--no-sweep"]
-            self.children.append(Child(f"worker-{i}", child_argv("worker", extra), env))
+            # the node owns the re-queue sweep (db.lifecycle.sweep): no worker runs it
+            self.children.append(Child(f"worker-{i}", child_argv("worker"), env))
         if self.web:
             web_env = dict(env, CXR_WEB_PORT=str(self.web_port or self.settings.web_port))
             self.children.append(Child("web", child_argv("web"), web_env))

@@ -1,11 +1,12 @@
 """The instance lifecycle's state changes, written once (the audit DB owns them).
 
-This module is where the state machine's SQL lives. So far it holds the hand-off to the
-queue (``received`` -> ``queued``, written once for the node and the sweep), the
-stranded-instance sweep, the queue depth, the delivery retry schedule and the spool
-clean-up (retention); the claim,
-inference, delivery and final transitions still sit in ``worker.pipeline`` and
-``dicom_node.node`` (issue #10 lists them) and move here next.
+This module is where the state machine's SQL lives, for every process: the node's
+receipt rows (associations, ``received``/``ignored``/refused instances and their
+duplicates), the hand-off to the queue (``received`` -> ``queued``, written once for the
+node and the sweep), the stranded-instance sweep and its lease (one sweeper per
+interval), the queue depth, the worker's claim, classification and delivery transitions,
+the delivery retry schedule and the spool clean-up (retention). The node, the worker, the
+supervisor and ``cxr audit`` call these functions and hold no SQL of their own.
 
 **Delivery retries that wait in the database.** A broker such as Redis holds a task
 with a countdown as an unacknowledged message, and it redelivers every unacknowledged
@@ -20,20 +21,31 @@ and the re-queue sweep sends it when it is due (:func:`take_due_delivery_retries
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError, NoResultFound, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cxr import metrics
 from cxr.storage import Spool
-from db.models import FINAL_STATES, Delivery, Event, Inference, Instance, State, utcnow
+from db.models import (
+    FINAL_STATES,
+    Association,
+    Delivery,
+    Event,
+    Inference,
+    Instance,
+    Lease,
+    State,
+    utcnow,
+)
 from db.queries import aware
-from db.session import session_scope
+from db.session import init_db, session_scope
 
 if TYPE_CHECKING:  # pragma: no cover
     from cxr.settings import Settings
@@ -41,6 +53,311 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 Send = Callable[[int], None]  # publishes the classify task of one instance (raises if down)
+
+
+# ------------------------------------------------------------------ receipt (the node)
+def prepare_database(url: str) -> None:
+    """Create/upgrade the audit schema (idempotent; the node calls it at start)."""
+    init_db(url)
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Whether ``exc`` means the audit database failed (the node answers 0xA700 for it)."""
+    return isinstance(exc, SQLAlchemyError)
+
+
+def open_association(
+    url: str,
+    *,
+    calling_ae: str,
+    called_ae: str,
+    peer_host: str | None,
+    peer_port: int | None,
+    tls: bool,
+    rejected: str | None = None,
+) -> int:
+    """The ``associations`` row of a requested association: ``open``, or ``rejected``
+    (closed at once) with the reason. Returns its id."""
+    with session_scope(url) as s:
+        row = Association(
+            calling_ae=calling_ae[:16],
+            called_ae=called_ae[:16],
+            peer_host=peer_host,
+            peer_port=peer_port,
+            tls=tls,
+            outcome="rejected" if rejected else "open",
+            reason=rejected,
+            ended_at=utcnow() if rejected else None,
+        )
+        s.add(row)
+        s.flush()
+        return int(row.id)
+
+
+def close_association(
+    url: str, association_id: int, *, outcome: str, reason: str | None, counts: Mapping[str, int]
+) -> None:
+    """End an association's row: its outcome (released/aborted/closed/failed), the reason
+    (e.g. rejected presentation contexts) and its counters (``stored``, ``ignored``,
+    ``duplicate``, ``refused``, ``echo``; missing ones count 0)."""
+    with session_scope(url) as s:
+        row = s.get(Association, association_id)
+        if row is None:
+            return
+        row.outcome = outcome
+        row.ended_at = utcnow()
+        row.reason = reason
+        row.n_stored = int(counts.get("stored", 0))
+        row.n_ignored = int(counts.get("ignored", 0))
+        row.n_duplicate = int(counts.get("duplicate", 0))
+        row.n_refused = int(counts.get("refused", 0))
+        row.n_echo = int(counts.get("echo", 0))
+
+
+def record_rejected_connection(
+    url: str, *, peer_host: str, peer_port: int | None, tls: bool, reason: str
+) -> None:
+    """A connection refused before any association was requested (a failed TLS
+    handshake): a closed ``rejected`` association row without AE titles."""
+    with session_scope(url) as s:
+        s.add(
+            Association(
+                calling_ae="",
+                called_ae="",
+                peer_host=peer_host,
+                peer_port=peer_port,
+                tls=tls,
+                outcome="rejected",
+                reason=reason[:255],
+                ended_at=utcnow(),
+            )
+        )
+
+
+@dataclass
+class Receipt:
+    """One C-STORE as the node read it: the ``instances`` columns it knows (no PHI: the
+    PatientID arrives hashed, per ``CXR_PATIENT_ID_STORAGE``) and where it came from."""
+
+    sop_instance_uid: str
+    content_sha256: str
+    calling_ae: str
+    association_id: int | None
+    sop_class_uid: str | None = None
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    transfer_syntax_uid: str | None = None
+    accession_number: str | None = None
+    patient_id_hash: str | None = None
+    modality: str | None = None
+    body_part: str | None = None
+    view_position: str | None = None
+    rows: int | None = None
+    columns: int | None = None
+    size_bytes: int | None = None
+    spool_path: str | None = None  # relative to the spool; None when nothing was kept
+
+    @classmethod
+    def from_fields(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        calling_ae: str,
+        association_id: int | None,
+    ) -> Receipt:
+        """From a mapping holding (some of) the column names and ``sha256``; other keys
+        are ignored."""
+        known = {f.name for f in fields(cls)} - {"calling_ae", "association_id"}
+        kw = {k: values[k] for k in known if k in values}
+        kw["sop_instance_uid"] = str(values.get("sop_instance_uid") or "")
+        kw["content_sha256"] = str(values.get("sha256") or values.get("content_sha256") or "")
+        return cls(**kw, calling_ae=calling_ae, association_id=association_id)
+
+    @property
+    def uid(self) -> str:
+        """The SOP Instance UID as stored (NUL-free, at most 64 characters)."""
+        return self.sop_instance_uid.replace("\x00", "")[:64]
+
+
+#: the columns of ``instances`` a :class:`Receipt` fills
+_RECEIPT_COLUMNS = (
+    "sop_class_uid",
+    "study_instance_uid",
+    "series_instance_uid",
+    "transfer_syntax_uid",
+    "accession_number",
+    "patient_id_hash",
+    "modality",
+    "body_part",
+    "view_position",
+    "rows",
+    "columns",
+    "size_bytes",
+    "spool_path",
+)
+
+
+@dataclass
+class ReceiptOutcome:
+    """What :func:`record_receipt` committed: ``kind`` is ``stored`` (a new ``received``
+    row, or a refused/ignored one stored now) or ``duplicate`` (an identical re-send: an
+    event only). ``version`` is the stored version (None for a duplicate)."""
+
+    kind: str
+    instance_id: int
+    version: int | None
+
+
+def _new_instance(r: Receipt, state: State, reason: str | None, version: int) -> Instance:
+    cols: dict[str, Any] = {k: getattr(r, k) for k in _RECEIPT_COLUMNS}
+    for k, v in cols.items():
+        if isinstance(v, str):
+            cols[k] = v.replace("\x00", "")  # PostgreSQL text cannot hold NUL
+    return Instance(
+        **cols,
+        sop_instance_uid=r.uid,
+        content_sha256=r.content_sha256,
+        version=version,
+        calling_ae=r.calling_ae[:16] or None,
+        association_id=r.association_id,
+        state=state.value,
+        reason=reason,
+        finished_at=utcnow() if state in (State.IGNORED, State.FAILED) else None,
+    )
+
+
+def _find_receipt(s: Session, r: Receipt) -> Instance | None:
+    return s.execute(
+        select(Instance).where(
+            Instance.sop_instance_uid == r.uid, Instance.content_sha256 == r.content_sha256
+        )
+    ).scalar_one_or_none()
+
+
+def _next_version(s: Session, r: Receipt) -> int:
+    v = s.execute(
+        select(func.max(Instance.version)).where(Instance.sop_instance_uid == r.uid)
+    ).scalar()
+    return int(v or 0) + 1
+
+
+def _event_on_existing(url: str, r: Receipt, kind: str, detail: str) -> int:
+    """An event on the row that a concurrent transaction committed for the same content."""
+    with session_scope(url) as s:
+        existing = _find_receipt(s, r)
+        if existing is None:  # pragma: no cover - deleted between the two transactions
+            raise NoResultFound("audit row vanished")
+        _event(s, existing.id, kind, detail, association_id=r.association_id)
+        return int(existing.id)
+
+
+def record_receipt(url: str, r: Receipt) -> ReceiptOutcome:
+    """Commit a stored C-STORE (its file is already durable in the spool): a new
+    ``received`` row with its event, or for content already recorded
+
+    * refused or ignored before with no data kept: that row is stored now (back to
+      ``received``, to be processed);
+    * otherwise a ``duplicate`` event (a row whose file was purged is re-pointed at it).
+
+    The version is 1 + the highest one under the same SOP Instance UID (new content under
+    a known UID). Two associations committing the same content at once end as one row and
+    one duplicate event. Raises on a database failure (nothing is committed)."""
+    dup_detail = f"identical re-send from {r.calling_ae}"
+    try:
+        with session_scope(url) as s:
+            existing = _find_receipt(s, r)
+            if (
+                existing is not None
+                and existing.spool_path is None
+                and existing.state in (State.FAILED.value, State.IGNORED.value)
+            ):
+                # the same content was refused (e.g. disk full) or ignored before and no
+                # data was kept: this re-send is stored now and must be processed
+                prev = existing.state
+                existing.spool_path = r.spool_path
+                existing.state = State.RECEIVED.value
+                existing.reason = None
+                existing.finished_at = None
+                existing.attempts = 0
+                existing.association_id = r.association_id
+                _event(
+                    s,
+                    existing.id,
+                    State.RECEIVED.value,
+                    f"stored on re-send (previously {prev}, no data kept)",
+                    association_id=r.association_id,
+                )
+                return ReceiptOutcome("stored", int(existing.id), int(existing.version))
+            if existing is not None:
+                if existing.spool_path is None:  # e.g. purged by retention: re-point
+                    existing.spool_path = r.spool_path
+                _event(s, existing.id, "duplicate", dup_detail, association_id=r.association_id)
+                return ReceiptOutcome("duplicate", int(existing.id), None)
+            version = _next_version(s, r)
+            inst = _new_instance(r, State.RECEIVED, None, version)
+            s.add(inst)
+            s.flush()
+            _event(
+                s,
+                inst.id,
+                State.RECEIVED.value,
+                f"stored, version {version}"
+                + (" (new content under a known UID)" if version > 1 else ""),
+                association_id=r.association_id,
+            )
+            return ReceiptOutcome("stored", int(inst.id), version)
+    except IntegrityError:  # the same content committed concurrently
+        return ReceiptOutcome(
+            "duplicate", _event_on_existing(url, r, "duplicate", dup_detail), None
+        )
+
+
+def _record_final(url: str, r: Receipt, state: State, reason: str, event_kind: str) -> str:
+    """A new final row (``ignored``/``failed``) with its event, or, for content already
+    recorded, an event on that row (``duplicate`` for an ignored re-send)."""
+    ignored = state == State.IGNORED
+    repeat_kind = "duplicate" if ignored else event_kind
+    try:
+        with session_scope(url) as s:
+            existing = _find_receipt(s, r)
+            if existing is not None:
+                _event(s, existing.id, repeat_kind, reason, association_id=r.association_id)
+                return "duplicate" if ignored else "refused"
+            inst = _new_instance(r, state, reason, _next_version(s, r))
+            s.add(inst)
+            s.flush()
+            _event(s, inst.id, event_kind, reason, association_id=r.association_id)
+            return "ignored" if ignored else "refused"
+    except IntegrityError:
+        _event_on_existing(url, r, repeat_kind, reason)
+        return "duplicate" if ignored else "refused"
+
+
+def record_ignored(url: str, r: Receipt, reason: str) -> str:
+    """An instance acknowledged but deliberately not classified (a filter's ``reason``;
+    nothing is kept in the spool): a final ``ignored`` row. Returns ``ignored``, or
+    ``duplicate`` when the same content was recorded before (a ``duplicate`` event)."""
+    return _record_final(url, r, State.IGNORED, reason, State.IGNORED.value)
+
+
+def record_refusal(url: str, r: Receipt, detail: str) -> str:
+    """A C-STORE answered with a failure status (``detail`` names it): a final ``failed``
+    row with a ``refused`` event, or a ``refused`` event on the row of the same content.
+    Returns ``refused``."""
+    return _record_final(url, r, State.FAILED, detail, "refused")
+
+
+def spool_path_referenced(url: str, rel_path: str) -> bool:
+    """Whether a committed audit row points at this spool file (False when the database
+    cannot say)."""
+    try:
+        with session_scope(url) as s:
+            row = s.execute(
+                select(Instance.id).where(Instance.spool_path == rel_path).limit(1)
+            ).first()
+            return row is not None
+    except Exception:
+        return False
 
 
 def mark_queued(url: str, instance_ids: Sequence[int]) -> list[int]:
@@ -233,6 +550,124 @@ def requeue_undelivered(url: str, send: SendDeliver, stale_after: float) -> int:
     return n + stale
 
 
+# ------------------------------------------------------------- one sweeper per interval
+#: the lease the re-queue sweep runs under (``leases.name``)
+SWEEP_LEASE = "requeue-sweep"
+
+
+def take_lease(
+    url: str, name: str, holder: str, seconds: float, now: datetime | None = None
+) -> bool:
+    """Take or renew the lease ``name`` for ``seconds``. True when ``holder`` holds it now:
+    it was free, expired, or already ``holder``'s. One conditional UPDATE (or the first
+    INSERT) decides, so of two processes asking at once exactly one gets it, on SQLite
+    (one writer at a time) as on PostgreSQL (the second UPDATE re-reads the row the first
+    committed and no longer matches). Times are the callers' clocks (UTC): processes on
+    hosts whose clocks differ by more than the lease's margin could overlap once."""
+    now = now or utcnow()
+    until = now + timedelta(seconds=seconds)
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Lease)
+            .where(Lease.name == name, or_(Lease.holder == holder, Lease.expires_at <= now))
+            .values(holder=holder[:128], expires_at=until, renewed_at=now)
+        )
+        if res.rowcount == 1:  # type: ignore[attr-defined]
+            return True
+        if s.get(Lease, name) is not None:
+            return False  # held by another process
+    try:
+        with session_scope(url) as s:
+            s.add(Lease(name=name, holder=holder[:128], expires_at=until, renewed_at=now))
+        return True
+    except IntegrityError:  # another process inserted it first
+        return False
+
+
+def release_lease(url: str, name: str, holder: str) -> bool:
+    """Give the lease up at once (a clean stop), if ``holder`` holds it. True when it did."""
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Lease)
+            .where(Lease.name == name, Lease.holder == holder)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def lease_holder(url: str, name: str) -> str | None:
+    """Who holds the lease now (None: nobody, or expired)."""
+    with session_scope(url) as s:
+        row = s.get(Lease, name)
+        if row is None or (aware(row.expires_at) or utcnow()) <= utcnow():
+            return None
+        return row.holder
+
+
+@dataclass
+class SweepResult:
+    """One :func:`sweep`: ``ran`` is False when another process held the lease (then
+    nothing was sent); the counts of what was re-sent; the queue depth."""
+
+    ran: bool
+    stranded: int = 0
+    undelivered: int = 0
+    queue_depth: int | None = None
+
+    @property
+    def sent(self) -> int:
+        return self.stranded + self.undelivered
+
+
+def sweep(
+    settings: Settings,
+    send: Send,
+    send_deliver: SendDeliver | None,
+    *,
+    holder: str,
+    received_older_than: float = 5.0,
+) -> SweepResult:
+    """The re-queue sweep, at most one process per ``CXR_REQUEUE_INTERVAL``.
+
+    It re-sends instances stranded in ``received`` (the broker was down at receipt) or
+    stuck in ``queued``/``processing`` (:func:`requeue_stranded`), then due delivery
+    retries and undelivered ``classified`` instances (:func:`requeue_undelivered`; without
+    ``send_deliver`` that part is skipped), and sets the queue depth gauge.
+
+    **Who sweeps.** The node does, by default (``StorageNode(sweep=True)``, ``cxr node``;
+    ``cxr worker`` sweeps only with ``--sweep``, and ``cxr run`` passes it to no worker):
+
+    * there is exactly one node per site by construction (it owns the DICOM port; in
+      docker-compose.yml it publishes 11112, so ``--scale`` applies to workers only),
+      while workers are identical replicas, 0 to N of them, none of which can be "the
+      first" in compose;
+    * the node creates the ``received`` rows whose hand-off failed, so re-sending them is
+      the rest of its own hand-off; it already holds the broker producer for it, and the
+      sweep only publishes (it needs no consumer, which is what a worker adds);
+    * it keeps running while no worker does (all restarting, a model warm-up of minutes):
+      what it re-sends waits in the broker, and the tasks are idempotent (the claim skips
+      a final or live-held instance), so a duplicate message costs a no-op.
+
+    **The lease.** Whoever calls it, the sweep first takes the :data:`SWEEP_LEASE` lease
+    for 1.5 intervals (:func:`take_lease`); a process that does not get it sends nothing.
+    The holder renews it on each pass, so one sweeper keeps it, and another takes over
+    within 1.5 intervals of the holder dying; a clean stop releases it. Two nodes, or a
+    ``cxr worker --sweep`` next to the node, therefore never both re-send an instance."""
+    url = settings.database_url
+    seconds = 1.5 * float(settings.requeue_interval)
+    if not take_lease(url, SWEEP_LEASE, holder, seconds):
+        log.debug("re-queue sweep: the lease is held by another process")
+        return SweepResult(False, queue_depth=queue_depth(settings))
+    res = SweepResult(True)
+    res.stranded = requeue_stranded(settings, send, received_older_than)
+    if send_deliver is not None:
+        # the rows say what awaits delivery: a classified, unfinished instance exists only
+        # where some worker had destinations, whatever the sweeper's own CXR_DESTINATIONS
+        res.undelivered = requeue_undelivered(url, send_deliver, settings.requeue_stale_after)
+    res.queue_depth = queue_depth(settings)
+    return res
+
+
 # --------------------------------------------------------------------- spool clean-up
 class CleanupResult:
     """What :func:`cleanup_spool` removed (or would remove, with ``dry_run``)."""
@@ -351,8 +786,15 @@ def final_clause() -> ColumnElement[bool]:
     )
 
 
-def _event(s: Session, instance_id: int, kind: str, detail: str | None = None) -> None:
-    s.add(Event(instance_id=instance_id, kind=kind, detail=detail))
+def _event(
+    s: Session,
+    instance_id: int,
+    kind: str,
+    detail: str | None = None,
+    *,
+    association_id: int | None = None,
+) -> None:
+    s.add(Event(instance_id=instance_id, kind=kind, detail=detail, association_id=association_id))
 
 
 def count_by_state(url: str) -> dict[str, int]:

@@ -199,3 +199,16 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     instance: Mapped[Instance] = relationship(back_populates="deliveries")
+
+
+class Lease(Base):
+    """A named lease (migration 0005): which process holds a periodic duty, e.g. the
+    re-queue sweep, until when. Taken and renewed by a conditional UPDATE in
+    ``db.lifecycle.take_lease``, so two processes never hold it at once."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    renewed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

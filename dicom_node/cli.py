@@ -21,6 +21,12 @@ def register(subparsers: Any, name: str) -> None:
     p.add_argument("--host", help="bind address (CXR_DICOM_HOST)")
     p.add_argument("--port", type=int, help="port (CXR_DICOM_PORT)")
     p.add_argument("--ae-title", help="our AE title (CXR_AE_TITLE)")
+    p.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="do not run the re-queue sweep here (the node owns it by default; then run "
+        "it in a worker: cxr worker --sweep)",
+    )
     p.set_defaults(func=run)
 
 
@@ -40,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     from dicom_node.node import StorageNode
 
-    node = StorageNode(settings)
+    node = StorageNode(settings, sweep=not getattr(args, "no_sweep", False))
 
     def _on_signal(signum: int, _frame: object) -> None:
         log.info("signal %d: stopping (associations in flight finish first)", signum)

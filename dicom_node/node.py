@@ -6,42 +6,45 @@ Public API::
     node.start(block=False)             # bind, serve in background threads
     node.address                        # (host, port) actually bound
     node.flush(timeout)                 # wait until queued hand-offs are done (tests/benchmarks)
-    node.sweep(received_older_than=5)   # one re-queue sweep now
+    node.sweep(received_older_than=5)   # one re-queue sweep now (under the sweep lease)
     node.stop(timeout=None)             # stop accepting, let associations finish, stop threads
 
 A C-STORE answers Success only after the encoded data set is durable in the spool
 (tmp + fsync + atomic rename) and its audit row is committed. The instance is handed to the
 broker afterwards by a dispatcher thread; if the broker is down it stays ``received`` and the
 periodic re-queue sweep sends it later. No inference runs in the node.
+
+The node owns the re-queue sweep (stranded/stale instances, due delivery retries,
+undelivered results): :func:`db.lifecycle.sweep` says why, and how its lease keeps a
+second sweeper (another node, ``cxr worker --sweep``) from re-sending the same instances.
+Every audit row is written by :mod:`db.lifecycle`; the node holds no SQL.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
+import os
 import queue
 import re
+import socket
 import ssl
 import threading
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pynetdicom import AE, evt
 from pynetdicom.dsutils import encode_file_meta
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from cxr import metrics
-from cxr.contracts import hash_patient_id, send_classify
+from cxr.contracts import hash_patient_id, send_classify, send_deliver
 from cxr.logconfig import PEER_NOISE, register_dataset_phi, scrub
 from cxr.settings import DEFAULT_PATIENT_ID_SALT, Settings
-from cxr.storage import Spool
+from cxr.storage import Spool, content_sha256
 from db import lifecycle
-from db.models import Association, Event, Instance, State, utcnow
-from db.session import init_db, session_scope
 from dicom_node import filters
 from dicom_node.status import (
     SUCCESS,
@@ -137,6 +140,9 @@ class StorageNode:
         self._dispatch_q: queue.Queue[object] = queue.Queue()
         self._dispatch_thread: threading.Thread | None = None
         self._sweep_thread: threading.Thread | None = None
+        # who holds the sweep lease (leases.holder): this node object in this process
+        self._swept = False
+        self.sweep_holder = f"node@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         # C-STORE handlers running now: thread id -> start (monotonic), for /healthz
         self._handlers: dict[int, float] = {}
         self._handlers_lock = threading.Lock()
@@ -189,7 +195,7 @@ class StorageNode:
         pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
         s = self.settings
         if self._init_database:
-            init_db(s.database_url)
+            lifecycle.prepare_database(s.database_url)
         self.spool.clean_tmp()
         if not s.allowed_calling_aets:
             log.warning(
@@ -290,6 +296,15 @@ class StorageNode:
             self._dispatch_thread.join(timeout=30)
         if self._sweep_thread is not None:
             self._sweep_thread.join(timeout=30)
+            self._sweep_thread = None
+        if self._swept:
+            self._swept = False
+            try:  # a clean stop: the next sweeper need not wait for the lease to expire
+                lifecycle.release_lease(
+                    self.settings.database_url, lifecycle.SWEEP_LEASE, self.sweep_holder
+                )
+            except Exception as exc:
+                log.warning("could not release the sweep lease (%s)", type(exc).__name__)
         if self._metrics_enabled and self.settings.metrics_port:
             from cxr.health import unregister_health_check
 
@@ -350,8 +365,21 @@ class StorageNode:
         with self._pending_cv:
             return self._pending_cv.wait_for(lambda: self._pending == 0, timeout)
 
+    def _send_deliver(self, instance_id: int, attempt: int | None) -> None:
+        send_deliver(self.celery_app, instance_id, attempt)
+
     def sweep(self, received_older_than: float = 5.0) -> int:
-        return lifecycle.requeue_stranded(self.settings, self._send, received_older_than)
+        """One re-queue sweep now (:func:`db.lifecycle.sweep`, under its lease; it also
+        sets the ``cxr_queue_depth`` gauge). Returns how many tasks it sent (0 also when
+        another process holds the lease)."""
+        self._swept = True  # released at stop
+        return lifecycle.sweep(
+            self.settings,
+            self._send,
+            self._send_deliver,
+            holder=self.sweep_holder,
+            received_older_than=received_older_than,
+        ).sent
 
     def _sweep_loop(self) -> None:
         first = True
@@ -359,7 +387,6 @@ class StorageNode:
             first = False
             try:
                 self.sweep()
-                lifecycle.queue_depth(self.settings)  # the cxr_queue_depth gauge
             except Exception as exc:
                 log.warning("re-queue sweep failed: %s", type(exc).__name__)
 
@@ -427,22 +454,16 @@ class StorageNode:
             rejection = self._rejection(assoc, st)
             st.rejected = rejection is not None
             assoc._cxr_state = st
-        outcome = "rejected" if rejection else "open"
         try:
-            with session_scope(self.settings.database_url) as sess:
-                row = Association(
-                    calling_ae=st.calling_ae[:16],
-                    called_ae=st.called_ae[:16],
-                    peer_host=st.host,
-                    peer_port=st.port,
-                    tls=self.settings.tls_enabled,
-                    outcome=outcome,
-                    reason=rejection[0] if rejection else None,
-                    ended_at=utcnow() if rejection else None,
-                )
-                sess.add(row)
-                sess.flush()
-                st.db_id = row.id
+            st.db_id = lifecycle.open_association(
+                self.settings.database_url,
+                calling_ae=st.calling_ae,
+                called_ae=st.called_ae,
+                peer_host=st.host,
+                peer_port=st.port,
+                tls=self.settings.tls_enabled,
+                rejected=rejection[0] if rejection else None,
+            )
         except Exception as exc:
             log.warning("could not record association (%s)", type(exc).__name__)
         if rejection:
@@ -491,17 +512,13 @@ class StorageNode:
         if st.db_id is None:
             return
         try:
-            with session_scope(self.settings.database_url) as sess:
-                row = sess.get(Association, st.db_id)
-                if row is not None:
-                    row.outcome = outcome
-                    row.ended_at = utcnow()
-                    row.reason = reason
-                    row.n_stored = st.counts["stored"]
-                    row.n_ignored = st.counts["ignored"]
-                    row.n_duplicate = st.counts["duplicate"]
-                    row.n_refused = st.counts["refused"]
-                    row.n_echo = st.counts["echo"]
+            lifecycle.close_association(
+                self.settings.database_url,
+                st.db_id,
+                outcome=outcome,
+                reason=reason,
+                counts={k: v for k, v in st.counts.items() if not k.startswith("_")},
+            )
         except Exception as exc:
             log.warning("could not close association %s record (%s)", st.db_id, type(exc).__name__)
         log.info(
@@ -533,19 +550,13 @@ class StorageNode:
             log.warning("connection from %s refused: %s", address[0], why)
             metrics.ASSOCIATIONS.labels(outcome="rejected").inc()
             try:
-                with session_scope(self.settings.database_url) as sess:
-                    sess.add(
-                        Association(
-                            calling_ae="",
-                            called_ae="",
-                            peer_host=address[0],
-                            peer_port=address[1],
-                            tls=True,
-                            outcome="rejected",
-                            reason=why[:255],
-                            ended_at=utcnow(),
-                        )
-                    )
+                lifecycle.record_rejected_connection(
+                    self.settings.database_url,
+                    peer_host=address[0],
+                    peer_port=address[1],
+                    tls=True,
+                    reason=why,
+                )
             except Exception as db_exc:
                 log.warning("could not record the TLS failure (%s)", type(db_exc).__name__)
             raise
@@ -613,9 +624,7 @@ class StorageNode:
                 f"{size} bytes exceeds CXR_MAX_INSTANCE_BYTES={self.settings.max_instance_bytes}",
                 "size_limit",
             )
-        digest = hashlib.sha256(head)
-        digest.update(body)
-        cur["sha256"] = digest.hexdigest()
+        cur["sha256"] = content_sha256((head, body))
         with reading_data_set():
             header = filters.parse_header(head, body)
             ds = header.ds
@@ -635,12 +644,14 @@ class StorageNode:
                 raise DoesNotMatchSOPClass(
                     "SOP Class UID differs from the C-STORE request", "class_mismatch"
                 )
-            cur.update(self._header_fields(header))
+            cur |= self._header_fields(header)
             filters.check_image_structure(header, self.rules)
 
             reason = filters.ignore_reason(header, self.rules)
             if reason is not None:
-                kind = self._record_final(st, cur, State.IGNORED, reason)
+                kind = lifecycle.record_ignored(
+                    self.settings.database_url, self._receipt(st, cur), reason
+                )
                 st.counts[kind] += 1
                 if kind == "duplicate":
                     metrics.INSTANCES_DUPLICATE.inc()
@@ -656,13 +667,16 @@ class StorageNode:
         path, _ = self.spool.store_incoming([head, body], cur["sha256"])
         cur["spool_path"] = self.spool.relative(path)
         try:
-            kind, instance_id = self._record_received(st, cur)
+            done = lifecycle.record_receipt(self.settings.database_url, self._receipt(st, cur))
         except Exception:
             # the same content may have been committed concurrently by another association:
             # never delete a file that an audit row points to
-            if not existed and not self._spool_referenced(cur["spool_path"]):
+            if not existed and not lifecycle.spool_path_referenced(
+                self.settings.database_url, cur["spool_path"]
+            ):
                 self.spool.delete(path)
             raise
+        kind, instance_id = done.kind, done.instance_id
         st.counts[kind] += 1
         metrics.STAGE_SECONDS.labels(stage="store").observe(time.monotonic() - t0)
         if kind == "duplicate":
@@ -670,7 +684,7 @@ class StorageNode:
             log.info("duplicate %s (instance %d) acknowledged", sop_uid, instance_id)
             return SUCCESS
         metrics.INSTANCES_ACCEPTED.inc()
-        log.info("stored %s as instance %d (version %d)", sop_uid, instance_id, cur["version"])
+        log.info("stored %s as instance %d (version %s)", sop_uid, instance_id, done.version)
         self._dispatch(instance_id)  # after the commit; the answer does not wait for the broker
         return SUCCESS
 
@@ -684,10 +698,9 @@ class StorageNode:
         cur = st.current
         if not cur.get("sop_instance_uid"):
             return
-        cur.setdefault("sha256", "")
         detail = f"refused {status_hex(refusal.status)} ({status_name(refusal.status)}): {refusal.detail}"
         try:
-            self._record_final(st, cur, State.FAILED, detail, event_kind="refused")
+            lifecycle.record_refusal(self.settings.database_url, self._receipt(st, cur), detail)
         except Exception as exc:
             log.warning("could not record refusal (%s)", type(exc).__name__)
 
@@ -721,174 +734,6 @@ class StorageNode:
             "columns": h.integer("Columns") or None,
         }
 
-    _INSTANCE_KEYS = (
-        "sop_instance_uid",
-        "sop_class_uid",
-        "study_instance_uid",
-        "series_instance_uid",
-        "transfer_syntax_uid",
-        "accession_number",
-        "patient_id_hash",
-        "modality",
-        "body_part",
-        "view_position",
-        "rows",
-        "columns",
-        "size_bytes",
-        "spool_path",
-    )
-
-    def _instance(
-        self, st: _AssocState, cur: dict[str, Any], state: State, reason: str | None, version: int
-    ) -> Instance:
-        fields = {k: cur.get(k) for k in self._INSTANCE_KEYS}
-        for k, v in fields.items():
-            if isinstance(v, str):
-                fields[k] = v.replace("\x00", "")
-        fields["sop_instance_uid"] = (fields["sop_instance_uid"] or "")[:64]
-        return Instance(
-            **fields,
-            content_sha256=cur.get("sha256", ""),
-            version=version,
-            calling_ae=st.calling_ae[:16] or None,
-            association_id=st.db_id,
-            state=state.value,
-            reason=reason,
-            finished_at=utcnow() if state in (State.IGNORED, State.FAILED) else None,
-        )
-
-    def _find(self, sess: Any, cur: dict[str, Any]) -> Instance | None:
-        return sess.execute(
-            select(Instance).where(
-                Instance.sop_instance_uid == cur["sop_instance_uid"].replace("\x00", "")[:64],
-                Instance.content_sha256 == cur.get("sha256", ""),
-            )
-        ).scalar_one_or_none()
-
-    def _spool_referenced(self, rel_path: str) -> bool:
-        """Whether a committed audit row points at this spool file (False if unknowable)."""
-        try:
-            with session_scope(self.settings.database_url) as sess:
-                row = sess.execute(
-                    select(Instance.id).where(Instance.spool_path == rel_path).limit(1)
-                ).first()
-                return row is not None
-        except Exception:
-            return False
-
-    def _next_version(self, sess: Any, uid: str) -> int:
-        v = sess.execute(
-            select(func.max(Instance.version)).where(
-                Instance.sop_instance_uid == uid.replace("\x00", "")[:64]
-            )
-        ).scalar()
-        return int(v or 0) + 1
-
-    def _duplicate_event(self, st: _AssocState, cur: dict[str, Any], kind: str, detail: str) -> int:
-        with session_scope(self.settings.database_url) as sess:
-            existing = self._find(sess, cur)
-            if existing is None:  # pragma: no cover - deleted between the two transactions
-                raise OutOfResources("audit row vanished", "database")
-            sess.add(
-                Event(instance_id=existing.id, kind=kind, detail=detail, association_id=st.db_id)
-            )
-            return existing.id
-
-    def _record_received(self, st: _AssocState, cur: dict[str, Any]) -> tuple[str, int]:
-        """Commit a new ``received`` row (or a duplicate event). Returns (kind, instance id)."""
-        dup_detail = f"identical re-send from {st.calling_ae}"
-        try:
-            with session_scope(self.settings.database_url) as sess:
-                existing = self._find(sess, cur)
-                if (
-                    existing is not None
-                    and existing.spool_path is None
-                    and existing.state in (State.FAILED.value, State.IGNORED.value)
-                ):
-                    # the same content was refused (e.g. disk full) or ignored before and no
-                    # data was kept: this re-send is stored now and must be processed
-                    prev = existing.state
-                    existing.spool_path = cur["spool_path"]
-                    existing.state = State.RECEIVED.value
-                    existing.reason = None
-                    existing.finished_at = None
-                    existing.attempts = 0
-                    existing.association_id = st.db_id
-                    cur["version"] = existing.version
-                    sess.add(
-                        Event(
-                            instance_id=existing.id,
-                            kind=State.RECEIVED.value,
-                            association_id=st.db_id,
-                            detail=f"stored on re-send (previously {prev}, no data kept)",
-                        )
-                    )
-                    return "stored", existing.id
-                if existing is not None:
-                    if existing.spool_path is None:  # e.g. purged by retention: re-point
-                        existing.spool_path = cur["spool_path"]
-                    sess.add(
-                        Event(
-                            instance_id=existing.id,
-                            kind="duplicate",
-                            detail=dup_detail,
-                            association_id=st.db_id,
-                        )
-                    )
-                    return "duplicate", existing.id
-                version = self._next_version(sess, cur["sop_instance_uid"])
-                cur["version"] = version
-                inst = self._instance(st, cur, State.RECEIVED, None, version)
-                sess.add(inst)
-                sess.flush()
-                sess.add(
-                    Event(
-                        instance_id=inst.id,
-                        kind=State.RECEIVED.value,
-                        association_id=st.db_id,
-                        detail=f"stored, version {version}"
-                        + (" (new content under a known UID)" if version > 1 else ""),
-                    )
-                )
-                return "stored", inst.id
-        except IntegrityError:  # the same content committed concurrently
-            return "duplicate", self._duplicate_event(st, cur, "duplicate", dup_detail)
-
-    def _record_final(
-        self,
-        st: _AssocState,
-        cur: dict[str, Any],
-        state: State,
-        reason: str,
-        event_kind: str | None = None,
-    ) -> str:
-        """Record an ignored/refused instance; a repeat of the same content adds an event.
-        Returns 'ignored', 'refused' or 'duplicate'."""
-        kind = "ignored" if state == State.IGNORED else "refused"
-        try:
-            with session_scope(self.settings.database_url) as sess:
-                existing = self._find(sess, cur)
-                if existing is not None:
-                    ev = "duplicate" if state == State.IGNORED else (event_kind or kind)
-                    sess.add(
-                        Event(
-                            instance_id=existing.id, kind=ev, detail=reason, association_id=st.db_id
-                        )
-                    )
-                    return "duplicate" if state == State.IGNORED else kind
-                version = self._next_version(sess, cur["sop_instance_uid"])
-                inst = self._instance(st, cur, state, reason, version)
-                sess.add(inst)
-                sess.flush()
-                sess.add(
-                    Event(
-                        instance_id=inst.id,
-                        kind=event_kind or state.value,
-                        detail=reason,
-                        association_id=st.db_id,
-                    )
-                )
-                return kind
-        except IntegrityError:
-            self._duplicate_event(st, cur, "duplicate" if state == State.IGNORED else kind, reason)
-            return "duplicate" if state == State.IGNORED else kind
+    def _receipt(self, st: _AssocState, cur: dict[str, Any]) -> lifecycle.Receipt:
+        """The C-STORE being handled, as the audit module records it."""
+        return lifecycle.Receipt.from_fields(cur, calling_ae=st.calling_ae, association_id=st.db_id)

@@ -97,11 +97,9 @@ class CannotUnderstand(StoreRefused):
 
 
 def _is_database_error(exc: BaseException) -> bool:
-    try:
-        from sqlalchemy.exc import SQLAlchemyError
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(exc, SQLAlchemyError)
+    from db.lifecycle import is_database_error  # the audit DB's own errors, known in db/
+
+    return is_database_error(exc)
 
 
 def classify_exception(exc: BaseException) -> StoreRefused:

@@ -3,14 +3,18 @@
 Besides the Celery worker itself, the command
 
 * upgrades the audit schema (idempotent) so a fresh database works;
-* runs the re-queue sweep at start and then every ``CXR_REQUEUE_INTERVAL`` seconds in a
-  daemon thread of the main process: instances stranded in ``received`` (broker was down
-  at receipt), stuck in ``queued``/``processing`` for longer than
-  ``CXR_REQUEUE_STALE_AFTER`` (a worker was killed), or left ``classified`` without
-  delivery for as long, are sent to the queue again (tasks are idempotent);
+* with ``--sweep`` only, runs the re-queue sweep at start and then every
+  ``CXR_REQUEUE_INTERVAL`` seconds in a daemon thread of the main process: instances
+  stranded in ``received`` (broker was down at receipt), stuck in ``queued``/``processing``
+  for longer than ``CXR_REQUEUE_STALE_AFTER`` (a worker was killed), or left
+  ``classified`` without delivery for as long, are sent to the queue again (tasks are
+  idempotent). The node owns the sweep by default (``db.lifecycle.sweep`` says why);
+  ``--sweep`` is for a node run with ``--no-sweep``. A sweep runs under a lease in the
+  audit DB, so several sweepers never re-send the same instance;
 * checks the model artifact and fills its ONNX export cache in a throw-away subprocess
   before the pool starts (``--no-warm-model`` skips it), so no task pays for the export;
-* sets the ``cxr_queue_depth`` gauge (instances ``received`` + ``queued``) on each sweep;
+* sets the ``cxr_queue_depth`` gauge (instances ``received`` + ``queued``) on each sweep
+  (with ``--sweep``);
 * serves Prometheus ``/metrics`` and ``/healthz`` on ``CXR_METRICS_PORT`` (0 = off); the
   pool processes' metrics are aggregated (prometheus-client multiprocess mode, in
   ``PROMETHEUS_MULTIPROC_DIR`` or a temporary folder).
@@ -51,8 +55,17 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
         help="pool processes (default CXR_WORKER_CONCURRENCY)",
     )
     p.add_argument("--hostname", default=None, help="Celery node name (default cxr@<host>-<pid>)")
-    p.add_argument(
-        "--no-sweep", action="store_true", help="do not run the re-queue sweep in this worker"
+    sweep = p.add_mutually_exclusive_group()
+    sweep.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also run the re-queue sweep here (the node owns it by default; for a node "
+        "run with --no-sweep). Several sweepers are safe: they share a lease",
+    )
+    sweep.add_argument(
+        "--no-sweep",
+        action="store_true",
+        help="do not run the re-queue sweep here (the default; kept for old scripts)",
     )
     p.add_argument(
         "--no-warm-model",
@@ -62,21 +75,27 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
     p.set_defaults(func=run_worker)
 
 
-def sweep_once(settings: object, app: object) -> int:
-    """One pass of both sweeps (stranded/stale instances and undelivered results), then
-    set the ``cxr_queue_depth`` gauge from the audit DB."""
-    from cxr.contracts import send_classify
-    from db.lifecycle import queue_depth, requeue_stranded
-    from worker.tasks import requeue_undelivered
+#: this process's name as a sweep lease holder (leases.holder)
+SWEEP_HOLDER = f"worker@{socket.gethostname()}:{os.getpid()}"
 
-    n = 0
+
+def sweep_once(settings: object, app: object) -> int:
+    """One re-queue sweep (:func:`db.lifecycle.sweep`: stranded/stale instances and
+    undelivered results, under the sweep lease), which also sets the ``cxr_queue_depth``
+    gauge. Returns how many tasks it sent (0 when another process holds the lease)."""
+    from cxr.contracts import send_classify, send_deliver
+    from db.lifecycle import sweep
+
     try:
-        n += requeue_stranded(settings, lambda i: send_classify(app, i))  # type: ignore[arg-type]
-        n += requeue_undelivered(settings, app)  # type: ignore[arg-type]
-        queue_depth(settings)  # type: ignore[arg-type]
+        return sweep(
+            settings,  # type: ignore[arg-type]
+            lambda i: send_classify(app, i),  # type: ignore[arg-type]
+            lambda i, attempt: send_deliver(app, i, attempt),  # type: ignore[arg-type]
+            holder=SWEEP_HOLDER,
+        ).sent
     except Exception as exc:  # DB down: try again next time
         log.warning("re-queue sweep failed: %s", type(exc).__name__)
-    return n
+        return 0
 
 
 def _sweeper(settings: object, app: object, interval: float, stop: threading.Event) -> None:
@@ -243,7 +262,7 @@ def _serve(
     from db.session import dispose_engines
 
     start_metrics_server(settings.metrics_host, settings.metrics_port)
-    if not args.no_sweep:
+    if args.sweep:
         sweep_once(settings, app)
         threading.Thread(
             target=_sweeper,

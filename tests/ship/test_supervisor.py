@@ -127,7 +127,8 @@ def test_children_are_python_m_cxr_cli(tmp_path: Path) -> None:
     assert names == ["node", "worker-1", "worker-2", "worker-3", "web"]
     assert s.children[0].argv == [sys.executable, "-m", "cxr.cli", "node"]
     assert s.children[1].argv[-1] == "worker"
-    assert s.children[2].argv[-2:] == ["worker", "--no-sweep"]  # one sweep is enough
+    # the node owns the re-queue sweep: no worker runs it (db.lifecycle.sweep)
+    assert [c.argv[-1] for c in s.children[1:4]] == ["worker"] * 3
     assert s.children[4].argv[-1] == "web"
     assert s.children[4].env["CXR_WEB_PORT"] == str(s.settings.web_port)
     env = s.children[0].env

@@ -492,7 +492,7 @@ def test_db_upgrade_and_current(db_url: str, workdir: Path, capsys) -> None:  # 
     rc, out, _ = run_cli(capsys, "db", "current", "--database-url", db_url)
     assert rc == 1 and "(empty)" in out and "behind" in out
     rc, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", db_url)
-    assert rc == 0 and "schema at 0004 (head 0004)" in out
+    assert rc == 0 and "schema at 0005 (head 0005)" in out
     rc, out, _ = run_cli(capsys, "db", "current", "--database-url", db_url)
     assert rc == 0 and "up to date" in out
     rc, out, _ = run_cli(capsys, "db", "upgrade", "--database-url", db_url)  # idempotent
