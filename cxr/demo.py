@@ -31,11 +31,13 @@ ANATOMY = {"CHEST": ("43799004", "Chest"), "KNEE": ("72696002", "Knee")}
 def chest_phantom(size: int = 512, seed: int = 0) -> np.ndarray:
     """A chest-radiograph-like phantom, MONOCHROME2 (air dark, bone bright), 0..4095."""
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    img = np.full((size, size), 0.08, np.float32)  # air
+    grid: np.ndarray = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = grid
+    img: np.ndarray = np.full((size, size), 0.08, np.float32)  # air
 
     def ellipse(cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
-        return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        inside: np.ndarray = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 <= 1.0
+        return inside
 
     jitter = rng.normal(0, 0.01, 8)
     body = ellipse(0.5, 0.62, 0.46 + jitter[0], 0.55)
@@ -66,7 +68,8 @@ def chest_phantom(size: int = 512, seed: int = 0) -> np.ndarray:
         img = cv2.GaussianBlur(img, (0, 0), size / 256)
     except ImportError:  # pragma: no cover - opencv is a dependency
         pass
-    return (np.clip(img, 0, 1) * (2**BITS - 1)).astype(np.uint16)
+    out: np.ndarray = (np.clip(img, 0, 1) * (2**BITS - 1)).astype(np.uint16)
+    return out
 
 
 def demo_dataset(
@@ -80,10 +83,10 @@ def demo_dataset(
     """A complete CR (or DX) instance with fake demographics."""
     from pydicom import Dataset
     from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, UID, ExplicitVRLittleEndian, generate_uid
 
     now = datetime.now(UTC)
-    sop_class = CR_IMAGE_STORAGE if modality == "CR" else DX_PRESENTATION_STORAGE
+    sop_class = UID(CR_IMAGE_STORAGE if modality == "CR" else DX_PRESENTATION_STORAGE)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = sop_class

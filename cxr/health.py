@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def health_report() -> tuple[bool, dict[str, bool]]:
     return all(results.values()), results
 
 
-def _metrics_registry():  # type: ignore[no-untyped-def]
+def _metrics_registry() -> CollectorRegistry:
     """The default registry, or, when ``PROMETHEUS_MULTIPROC_DIR`` is set (a Celery worker
     whose tasks run in forked pool processes), the aggregate of every process's metrics."""
     import os
@@ -43,7 +43,6 @@ def _metrics_registry():  # type: ignore[no-untyped-def]
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if not path:
         return REGISTRY
-    from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
     registry = CollectorRegistry()
@@ -51,14 +50,14 @@ def _metrics_registry():  # type: ignore[no-untyped-def]
     return registry
 
 
-def make_handler(registry: object | None = None) -> type[BaseHTTPRequestHandler]:
+def make_handler(registry: CollectorRegistry | None = None) -> type[BaseHTTPRequestHandler]:
     """The /metrics + /healthz request handler; ``registry`` defaults to this process's
     (or the multi-process aggregate when PROMETHEUS_MULTIPROC_DIR is set)."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
             if self.path.startswith("/metrics"):
-                body = generate_latest(registry or _metrics_registry())  # type: ignore[arg-type]
+                body = generate_latest(registry or _metrics_registry())
                 self._send(200, body, CONTENT_TYPE_LATEST)
             elif self.path.startswith("/healthz"):
                 ok, checks = health_report()
@@ -81,7 +80,7 @@ def make_handler(registry: object | None = None) -> type[BaseHTTPRequestHandler]
 
 
 def serve_metrics_and_health(
-    host: str, port: int, registry: object | None = None
+    host: str, port: int, registry: CollectorRegistry | None = None
 ) -> ThreadingHTTPServer:
     server = ThreadingHTTPServer((host, port), make_handler(registry))
     server.daemon_threads = True

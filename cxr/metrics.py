@@ -68,7 +68,7 @@ def start_metrics_server(host: str, port: int, fallback: bool = True) -> object 
         if not fallback or exc.errno != errno.EADDRINUSE:
             raise
     server = serve_metrics_and_health(host, 0)
-    actual = server.server_address[1]  # type: ignore[attr-defined]
+    actual = server.server_address[1]
     log.warning(
         "metrics port %s:%d is in use (another cxr process?); /metrics and /healthz of this "
         "process are on %s:%d instead (set CXR_METRICS_PORT per process to fix it)",

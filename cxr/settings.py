@@ -514,7 +514,7 @@ def settings_table() -> list[tuple[str, str, str]]:
     """(variable, default, description) for every setting, for the README/doctor."""
     rows = []
     for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default
+        default = field.get_default(call_default_factory=True)
         if isinstance(default, list):
             default = ",".join(str(x) for x in default)
         elif isinstance(default, SecretStr):

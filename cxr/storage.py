@@ -57,7 +57,9 @@ class Spool:
             d.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------ writing
-    def write_atomic(self, relpath: str, chunks: bytes | Iterable[bytes]) -> Path:
+    def write_atomic(
+        self, relpath: str, chunks: bytes | memoryview | Iterable[bytes | memoryview]
+    ) -> Path:
         """Durably write ``chunks`` to ``root/relpath`` (tmp + fsync + rename + dir fsync).
 
         On any error nothing is left behind and the exception propagates (e.g. ENOSPC).

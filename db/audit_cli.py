@@ -23,7 +23,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from db.models import State
 
@@ -182,7 +182,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: IO[str]) -> None:
+class _Writer(Protocol):
+    """Where ``table`` writes: a text stream, or ``_Indent`` around one."""
+
+    def write(self, text: str, /) -> object: ...
+
+
+def table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: _Writer) -> None:
     cells = [[_fmt(c) for c in r] for r in rows]
     widths = [len(h) for h in headers]
     for r in cells:

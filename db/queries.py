@@ -92,7 +92,7 @@ def _latest_inference_ids() -> Any:
     )
 
 
-def _filtered(flt: InstanceFilter) -> Select[Any]:
+def _filtered(flt: InstanceFilter) -> Select[Instance, Inference]:
     latest = _latest_inference_ids()
     q = (
         select(Instance, Inference)

@@ -156,7 +156,8 @@ def verify_sha(model_dir: str | Path) -> bool:
     except ArtifactError:
         return False
     w = d / card.get("weights_file", WEIGHTS_FILE)
-    return w.is_file() and sha256_file(w) == card["weights_sha256"]
+    expected: str = card["weights_sha256"]
+    return w.is_file() and sha256_file(w) == expected
 
 
 def build_model_from_card(card: Mapping[str, Any], model_dir: str | Path | None = None):  # type: ignore[no-untyped-def]

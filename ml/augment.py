@@ -44,9 +44,10 @@ def _geometry(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     m[0, 2] += float(rng.uniform(-0.05, 0.05)) * w
     m[1, 2] += float(rng.uniform(-0.05, 0.05)) * h
     fill = int(rng.choice([0, 0, 255]))
-    return cv2.warpAffine(
+    out: np.ndarray = cv2.warpAffine(
         img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=fill
     )
+    return out
 
 
 def _intensity(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -58,7 +59,8 @@ def _intensity(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         f = cv2.GaussianBlur(f, (0, 0), sigmaX=max(0.1, sigma))
     if rng.random() < 0.5:
         f = f + rng.normal(0, float(rng.uniform(0.003, 0.02)), f.shape).astype(np.float32)
-    return np.clip(f * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    out: np.ndarray = np.clip(f * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return out
 
 
 def _jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -66,7 +68,10 @@ def _jpeg(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, q])
     if not ok:  # pragma: no cover - OpenCV always encodes a grey uint8 image
         return img
-    return cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    dec = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
+    if dec is None:  # pragma: no cover - decoding what OpenCV just encoded
+        return img
+    return dec
 
 
 def _borders(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

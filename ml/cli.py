@@ -61,7 +61,7 @@ def _default_model_dir() -> Path:
     return Path(get_settings().model_dir)
 
 
-def _settings_engine_cache() -> tuple[str, Path | None]:
+def _settings_engine_cache() -> tuple[str, Path]:
     from cxr.settings import get_settings
 
     s = get_settings()

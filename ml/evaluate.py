@@ -196,7 +196,8 @@ def json_clean(o: Any) -> Any:
 # --------------------------------------------------------------------------- plots
 
 
-def _plt():  # type: ignore[no-untyped-def]
+def _plt() -> Any:
+    """matplotlib.pyplot on the Agg backend (imported on first use)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -29,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -83,8 +83,9 @@ class FeatureCache:
     copies: int
     shape: tuple[int, ...]
 
-    def array(self, copy: int, mode: str = "r") -> np.ndarray:
-        return np.load(self.root / f"feats_{copy}.npy", mmap_mode=mode)  # type: ignore[no-any-return]
+    def array(self, copy: int, mode: Literal["r+", "r", "w+", "c"] = "r") -> np.ndarray:
+        arr: np.ndarray = np.load(self.root / f"feats_{copy}.npy", mmap_mode=mode)
+        return arr
 
     def load(self) -> list[np.ndarray]:
         """All copies in memory (float16)."""
@@ -179,7 +180,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def source_balanced_indices(
-    labels: Sequence[int], sources: Sequence[str], n: int, rng: np.random.Generator
+    labels: Sequence[int] | np.ndarray,
+    sources: Sequence[str],
+    n: int,
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """``n`` indices: each class keeps its share of the data; within a class every source
     is drawn equally often (with replacement for small sources)."""
@@ -334,7 +338,8 @@ def train_head(
         model.save_weights(ckpt / "last.tmp.weights.h5")
         (ckpt / "last.tmp.weights.h5").replace(ckpt / "last.weights.h5")
         with open(ckpt / "optimizer.tmp.npz", "wb") as fh:
-            np.savez(fh, **{f"v{i}": np.asarray(v) for i, v in enumerate(opt.variables)})
+            arrays: dict[str, Any] = {f"v{i}": np.asarray(v) for i, v in enumerate(opt.variables)}
+            np.savez(fh, **arrays)
         (ckpt / "optimizer.tmp.npz").replace(ckpt / "optimizer.npz")
         new = not hist.is_file()
         with open(hist, "a") as fh:
@@ -435,7 +440,7 @@ def run_training(
         cfg.image_size,
         head=cfg.head,
         dropout=cfg.dropout,
-        backbone=cfg.backbone,  # type: ignore[arg-type]
+        backbone=cfg.backbone,
     )
     model.load_weights(cfg.init_from)
     trunk, _, head_feat = split_model(model)

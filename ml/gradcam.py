@@ -64,7 +64,6 @@ def make_gradcam_fn(model: Any) -> Any:
 
     fl = model if len(model.outputs) == 2 else feature_logit_model(model)
 
-    @tf.function(reduce_retracing=True)
     def fn(x: tf.Tensor, class_idx: tf.Tensor) -> tf.Tensor:
         with tf.GradientTape() as tape:
             features, logits = fl([x], training=False)
@@ -73,7 +72,8 @@ def make_gradcam_fn(model: Any) -> Any:
         alpha = tf.reduce_mean(grads, axis=(0, 1))  # global-average-pooled gradients
         return tf.reduce_sum(features[0] * alpha, axis=-1)
 
-    return fn
+    # tf.function(fn, ...) rather than a decorator: TensorFlow ships no type information
+    return tf.function(fn, reduce_retracing=True)
 
 
 def gradcam_gradient(model: Any, x: np.ndarray, class_idx: int, fn: Any = None) -> np.ndarray:

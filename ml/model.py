@@ -19,7 +19,7 @@ which only makes sense with pretrained (``weights="imagenet"`` or a local file) 
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import keras
 
@@ -88,7 +88,7 @@ def build_model(
     return keras.Model(inputs, logits, name=f"cxr_{backbone}_{head}")
 
 
-def _tiny_backbone(x):  # type: ignore[no-untyped-def]
+def _tiny_backbone(x: Any) -> Any:
     """Two small dense blocks with DenseNet's conv/BN/ReLU/concat pattern (tests only)."""
     x = keras.layers.Conv2D(16, 3, strides=4, padding="same", name="conv1_conv")(x)
     for block in (1, 2):

@@ -70,7 +70,8 @@ class MahalanobisOOD:
         z = (np.asarray(pooled, np.float32) - self.centre) @ self.components
         d = z[:, None, :] - self.class_means[None, :, :]  # (N, K, k)
         m = np.einsum("nkd,de,nke->nk", d, self.precision, d)
-        return np.sqrt(np.maximum(m.min(axis=1), 0.0))
+        dist: np.ndarray = np.sqrt(np.maximum(m.min(axis=1), 0.0))
+        return dist
 
     def is_ood(self, scores: np.ndarray) -> np.ndarray:
         return np.asarray(scores) > self.threshold

@@ -131,7 +131,7 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 def dicom_to_display(ds: Dataset, max_pixels: int | None = None) -> np.ndarray:
     """Decode a DICOM image to an 8-bit MONOCHROME2-looking display image (H, W)."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise PreprocessError("dataset has no pixel data")
@@ -150,7 +150,7 @@ def dicom_to_display(ds: Dataset, max_pixels: int | None = None) -> np.ndarray:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour (e.g. a secondary capture in RGB): use luminance
         if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
+            from pydicom.pixels.processing import convert_color_space
 
             arr = convert_color_space(arr, photometric, "RGB")
         return cv2.cvtColor(to_uint8(arr), cv2.COLOR_RGB2GRAY)
@@ -300,7 +300,9 @@ def pad_to_square(img: np.ndarray) -> np.ndarray:
         return img
     s = max(h, w)
     top, left = (s - h) // 2, (s - w) // 2
-    return cv2.copyMakeBorder(img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, 0)
+    return cv2.copyMakeBorder(
+        img, top, s - h - top, left, s - w - left, cv2.BORDER_CONSTANT, value=0
+    )
 
 
 # A border row/column is one whose pixels (95% of them) lie within BORDER_TOLERANCE grey
@@ -314,8 +316,8 @@ MAX_TRIM = 0.3
 
 def _border_lines(lines: np.ndarray) -> np.ndarray:
     """(n, m) array of lines -> bool (n,): is each line a uniform dark/bright border?"""
-    med = np.median(lines, axis=1)
-    dev = np.percentile(np.abs(lines - med[:, None]), 95, axis=1)
+    med: np.ndarray = np.median(lines, axis=1)
+    dev: np.ndarray = np.percentile(np.abs(lines - med[:, None]), 95, axis=1)
     return (dev <= BORDER_TOLERANCE) & ((med <= BORDER_DARK) | (med >= BORDER_BRIGHT))
 
 

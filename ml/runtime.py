@@ -344,7 +344,8 @@ class Classifier:
 
     def forward(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(N, S, S, 3) float32 -> (features (N, h, w, C), logits (N, K))."""
-        return self._engine.forward(np.asarray(x, np.float32))
+        out: tuple[np.ndarray, np.ndarray] = self._engine.forward(np.asarray(x, np.float32))
+        return out
 
     def logits(self, x: np.ndarray, batch_size: int = DEFAULT_BATCH) -> np.ndarray:
         out = [self.forward(x[i : i + batch_size])[1] for i in range(0, len(x), batch_size)]

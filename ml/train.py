@@ -28,7 +28,7 @@ import keras
 import numpy as np
 
 from ml.labels import CLASSES
-from ml.model import build_augmenter, build_model
+from ml.model import Head, build_augmenter, build_model
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class TrainConfig:
     batch_size: int = 16
     weights: str | None = None  # backbone: None = from scratch, "imagenet", or a weights file
     init_from: str | None = None  # whole-model weights to start from (e.g. a GPU run)
-    head: str = "gap"
+    head: Head = "gap"
     trainable: str = "all"
     loss: str = "focal"  # focal | ce
     focal_gamma: float = 2.0
@@ -88,7 +88,7 @@ def build_training_model(cfg: TrainConfig) -> tuple[keras.Model, keras.Model]:
     """(inference model, training model = augmentation + inference model), compiled."""
     model = build_model(
         image_size=cfg.image_size,
-        head=cfg.head,  # type: ignore[arg-type]
+        head=cfg.head,
         weights=cfg.weights,
         trainable=cfg.trainable,  # type: ignore[arg-type]
         dropout=cfg.dropout,
@@ -108,7 +108,7 @@ def build_training_model(cfg: TrainConfig) -> tuple[keras.Model, keras.Model]:
     return model, trainer
 
 
-class BestWeights(keras.callbacks.Callback):
+class BestWeights(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped
     """Saves the inference model's weights whenever ``val_loss`` improves."""
 
     def __init__(self, model_to_save: keras.Model, path: Path, state_path: Path) -> None:
@@ -136,7 +136,7 @@ class BestWeights(keras.callbacks.Callback):
         _write_state(self.state_path, self.state)
 
 
-class WallClockLimit(keras.callbacks.Callback):
+class WallClockLimit(keras.callbacks.Callback):  # type: ignore[misc]  # keras is untyped
     """Stops training after ``seconds`` (checked at the end of each epoch)."""
 
     def __init__(self, seconds: float) -> None:

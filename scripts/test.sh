@@ -5,7 +5,7 @@
 #     redis-server postgresql
 #   - starts Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, user postgres, db test)
 #     when they are down; no system Orthanc service is left holding 4242/8042
-#   - static checks: ruff check, ruff format --check, lint-imports
+#   - static checks: ruff check, ruff format --check, lint-imports, mypy (strict)
 #   - then: python3 -m pytest -q -ra (extra arguments are passed to pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,14 +84,15 @@ if [ "$(pg -c "select 1 from pg_database where datname = 'test'")" != 1 ]; then
 fi
 
 # ---------------------------------------------------------------- static checks
-# (issue 10) lint, format and import layers (pyproject.toml [tool.importlinter]); any
-# failure fails the run before the tests start (strict mypy is not in yet)
+# (issue 10) lint, format, import layers (pyproject.toml [tool.importlinter]) and strict
+# types (pyproject.toml [tool.mypy]); any failure fails the run before the tests start
 if [ "${SKIP_INSTALL:-0}" != 1 ] && [ "${SKIP_STATIC:-0}" != 1 ]; then
   bin="$(dirname "$("$PY" -c 'import sys; print(sys.executable)')")"
-  echo "test.sh: ruff check, ruff format --check, lint-imports"
+  echo "test.sh: ruff check, ruff format --check, lint-imports, mypy"
   "$PY" -m ruff check .
   "$PY" -m ruff format --check .
   "$bin/lint-imports" --no-cache
+  "$PY" -m mypy
 fi
 
 # ---------------------------------------------------------------- tests

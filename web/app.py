@@ -229,7 +229,9 @@ def create_app(
             response.headers.setdefault("Cache-Control", "no-store")
         return response
 
-    def render(request: Request, name: str, user: User | None, code: int = 200, **ctx: Any):  # type: ignore[no-untyped-def]
+    def render(
+        request: Request, name: str, user: User | None, code: int = 200, **ctx: Any
+    ) -> Response:
         ctx.update(user=user, csrf=csrf_token(request), path=request.url.path)
         return templates.TemplateResponse(request, name, ctx, status_code=code)
 
@@ -378,7 +380,7 @@ def create_app(
         base = [(k, v) for k, v in query.items()]
         base += [("state", s) for s in state or []] + [("verdict", v) for v in verdict or []]
         pages = max(1, math.ceil(total / PAGE_SIZE))
-        ctx = dict(
+        ctx: dict[str, Any] = dict(
             rows=rows,
             total=total,
             page=page,

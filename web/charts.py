@@ -49,7 +49,7 @@ def stacked_bars(
         'stroke="#888"/>',
     ]
     for i, (start, c) in enumerate(zip(starts, counts, strict=True)):
-        y = pad_t + plot_h
+        y: float = pad_t + plot_h
         for k in keys:
             v = int(c.get(k, 0))
             if not v:

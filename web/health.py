@@ -48,7 +48,7 @@ def check_broker(settings: Settings) -> Check:
     url = settings.effective_broker_url
     if url.startswith("sqla+"):
         return Check(True, "embedded (SQLite file)")
-    from kombu import Connection
+    from kombu.connection import Connection
 
     try:
         with Connection(url, connect_timeout=2) as conn:

@@ -69,6 +69,26 @@ def test_test_script_installs_and_starts_services() -> None:
     assert text.rstrip().splitlines()[-1] == 'exec "$PY" -m pytest -q -ra "$@"'
 
 
+def test_test_script_runs_the_static_checks() -> None:
+    """Lint, format, import layers and strict types fail the run (README says which)."""
+    import tomllib
+
+    text = (REPO / "scripts" / "test.sh").read_text()
+    for cmd in (
+        '"$PY" -m ruff check .',
+        '"$PY" -m ruff format --check .',
+        '"$bin/lint-imports" --no-cache',
+        '"$PY" -m mypy',
+    ):
+        assert cmd in text, cmd
+    readme = README.read_text()
+    for name in ("ruff check", "ruff format --check", "lint-imports", "mypy"):
+        assert f"`{name}`" in readme, name
+    mypy = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert mypy["strict"] is True
+    assert sorted(mypy["files"]) == ["cxr", "db", "dicom_node", "ml", "web", "worker"]
+
+
 def test_run_script_installs_and_starts_cxr_run() -> None:
     text = (REPO / "run.sh").read_text()
     assert "pip install --quiet -e ." in text
