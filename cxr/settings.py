@@ -382,6 +382,26 @@ class Settings(BaseSettings):
     web_login_window_seconds: float = Field(
         300.0, gt=0, description="Window of the failed-login rate limit (s)."
     )
+    web_max_pixels: int = Field(
+        36_000_000,
+        ge=1,
+        description="Largest upload (rows x columns x frames x samples) the web console "
+        "decodes: a decompression-bomb guard below the node's CXR_MAX_PIXELS.",
+    )
+    web_node_host: str = Field(
+        "",
+        description="Host the console checks the DICOM node on (default: CXR_DICOM_HOST, "
+        "0.0.0.0 meaning this host; in compose: node).",
+    )
+    web_tls_cert: Path | None = Field(
+        None, description="PEM certificate: the console speaks HTTPS (secure cookies, HSTS)."
+    )
+    web_tls_key: Path | None = Field(None, description="PEM private key for CXR_WEB_TLS_CERT.")
+    web_forwarded_allow_ips: str = Field(
+        "",
+        description="Reverse proxies trusted for X-Forwarded-For/-Proto (comma-separated "
+        "IPs); empty = none.",
+    )
     web_session_max_age: int = Field(
         8 * 3600, ge=60, description="Lifetime of a web login session (s)."
     )
@@ -453,6 +473,12 @@ class Settings(BaseSettings):
             raise ValueError("set either CXR_DICOMWEB_TOKEN or CXR_DICOMWEB_USERNAME, not both")
         if self.dicomweb_password.get_secret_value() and not self.dicomweb_username:
             raise ValueError("CXR_DICOMWEB_PASSWORD needs CXR_DICOMWEB_USERNAME")
+        if (self.web_tls_cert is None) != (self.web_tls_key is None):
+            raise ValueError("CXR_WEB_TLS_CERT and CXR_WEB_TLS_KEY must be set together")
+        for name in ("web_tls_cert", "web_tls_key"):
+            p = getattr(self, name)
+            if p is not None and not Path(p).is_file():
+                raise ValueError(f"{ENV_PREFIX}{name.upper()}: file {p} does not exist")
         if self.task_soft_time_limit >= self.task_time_limit:
             raise ValueError("CXR_TASK_SOFT_TIME_LIMIT must be below CXR_TASK_TIME_LIMIT")
         return self

@@ -80,6 +80,7 @@ class Child:
     backoff: float = BACKOFF_START_S
     restart_at: float | None = None
     pids: list[int] = field(default_factory=list)
+    pass_fds: tuple[int, ...] = ()  # e.g. the web console's listening socket
 
     def start(self, preexec: Callable[[], None] | None) -> None:
         self.proc = subprocess.Popen(  # noqa: S603 - our own executable and arguments
@@ -87,6 +88,7 @@ class Child:
             env=self.env,
             start_new_session=True,  # terminal Ctrl-C reaches only us; we forward SIGTERM
             preexec_fn=preexec,
+            pass_fds=self.pass_fds,
         )
         self.started_at = time.monotonic()
         self.restart_at = None
@@ -254,7 +256,7 @@ class Supervisor:
         self._poller: StatusPoller | None = None
         self.web = web
         self.web_port: int | None = None
-        self.web_password: str | None = None  # generated now: printed once, never stored
+        self.web_socket: socket.socket | None = None  # bound here, served by the web child
 
     # -- helpers
     def say(self, text: str) -> None:
@@ -303,7 +305,13 @@ class Supervisor:
             self.children.append(Child(f"worker-{i}", child_argv("worker"), env))
         if self.web:
             web_env = dict(env, CXR_WEB_PORT=str(self.web_port or self.settings.web_port))
-            self.children.append(Child("web", child_argv("web"), web_env))
+            fds: tuple[int, ...] = ()
+            if self.web_socket is not None:
+                # the child serves the socket bound here: the printed URL is always right,
+                # also across restarts of the child
+                web_env["CXR_WEB_LISTEN_FD"] = str(self.web_socket.fileno())
+                fds = (self.web_socket.fileno(),)
+            self.children.append(Child("web", child_argv("web"), web_env, pass_fds=fds))
 
     def start_metrics(self) -> None:
         port = self.settings.metrics_port
@@ -370,42 +378,39 @@ class Supervisor:
             return ["  web console       : off (--no-web)"]
         host = self.settings.web_host
         shown = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
-        lines = [f"  web console       : http://{shown}:{self.web_port}/  (user admin)"]
-        if self.web_password:
-            lines.append(
-                f"  admin password    : {self.web_password}  (shown once; only its hash is "
-                f"kept in {self.settings.web_admin_password_file})"
-            )
-        return lines
+        return [f"  web console       : http://{shown}:{self.web_port}/  (user admin)"]
 
     def prepare_web(self) -> str | None:
-        """Choose the console's port (a free one when CXR_WEB_PORT is taken) and make sure
-        an admin password exists (generated and printed once when none is set)."""
+        """Bind the console's socket (on a free port when CXR_WEB_PORT is taken; the web
+        child inherits it) and make sure an admin password exists: one is generated when
+        none is set, printed at once (only its hash is kept) and never again."""
         if not self.web:
             return None
-        from web.auth import ensure_admin_password
+        from web.auth import NoPasswordError, check_credentials_config, ensure_admin_password
+        from web.cli import bind_socket
 
         s = self.settings
-        family = socket.AF_INET6 if ":" in s.web_host else socket.AF_INET
-        port = s.web_port
-        with socket.socket(family) as sk:
-            sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sk.bind((s.web_host, port))
-            except OSError:
-                sk.bind((s.web_host, 0))
-                log.warning(
-                    "web port %s:%d is in use; the console goes on port %d (set CXR_WEB_PORT)",
-                    s.web_host,
-                    port,
-                    sk.getsockname()[1],
-                )
-                port = sk.getsockname()[1]
-        self.web_port = port
         try:
-            self.web_password = ensure_admin_password(s)
+            password = ensure_admin_password(s)
         except OSError as exc:
-            return f"cannot write {s.web_admin_password_file} (CXR_WEB_ADMIN_PASSWORD_FILE): {exc.strerror}"
+            return (
+                f"cannot write {s.web_admin_password_file} (CXR_WEB_ADMIN_PASSWORD_FILE): "
+                f"{exc.strerror}"
+            )
+        try:
+            check_credentials_config(s)
+        except NoPasswordError as exc:
+            return f"web console: {exc}"
+        try:
+            self.web_socket = bind_socket(s.web_host, s.web_port)
+        except OSError as exc:
+            return f"cannot listen on {s.web_host}:{s.web_port} (CXR_WEB_PORT): {exc.strerror}"
+        self.web_port = int(self.web_socket.getsockname()[1])
+        if password:
+            self.say(
+                f"cxr run: web console admin password: {password}  (shown once; only its "
+                f"hash is kept, in {Path(s.web_admin_password_file).resolve()})"
+            )
         return None
 
     @staticmethod
@@ -533,6 +538,8 @@ class Supervisor:
             if self.http is not None:
                 self.http.shutdown()
                 self.http.server_close()
+            if self.web_socket is not None:
+                self.web_socket.close()
             if self.metrics_dir:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
 

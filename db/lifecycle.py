@@ -1262,15 +1262,19 @@ def retry(
     *,
     uid: str | None = None,
     state: str | None = None,
+    instance_id: int | None = None,
     limit: int | None = None,
     who: str = "admin",
 ) -> RetryOutcome:
-    """Reset retriable instances (one SOP Instance UID, or all in ``state``) with a
+    """Reset retriable instances (one audit row, every version of one SOP Instance UID,
+    or all in ``state``) with a
     ``retry`` event naming ``who``, commit, then send their tasks."""
     from db.queries import prepare_retry
 
     with session_scope(settings.database_url) as s:
-        actions, notes = prepare_retry(s, uid=uid, state=state, limit=limit, who=who)
+        actions, notes = prepare_retry(
+            s, uid=uid, state=state, instance_id=instance_id, limit=limit, who=who
+        )
     if not actions:
         return RetryOutcome([], notes, set(), set())
     sent, pending = send_retries(settings, actions)

@@ -455,6 +455,7 @@ def prepare_retry(
     state: str | None = None,
     limit: int | None = None,
     who: str = "admin",
+    instance_id: int | None = None,
 ) -> tuple[list[RetryAction], list[str]]:
     """Reset retriable instances (``failed`` -> ``received``, ``delivery_failed`` ->
     ``classified``; ``attempts`` back to 0, reason cleared), add a ``retry`` event, and
@@ -464,10 +465,12 @@ def prepare_retry(
     sends the tasks."""
     from cxr.contracts import TASK_CLASSIFY, TASK_DELIVER
 
-    if (uid is None) == (state is None):
-        raise ValueError("give a SOP Instance UID or a state")
+    if sum(x is not None for x in (uid, state, instance_id)) != 1:
+        raise ValueError("give a SOP Instance UID, an audit row id or a state")
     q = select(Instance)
-    if uid is not None:
+    if instance_id is not None:
+        q = q.where(Instance.id == instance_id)
+    elif uid is not None:
         q = q.where(Instance.sop_instance_uid == uid.strip())
     else:
         if state not in RETRIABLE_STATES:
@@ -509,6 +512,8 @@ def prepare_retry(
         inst.attempts = 0
     if uid is not None and not actions and not notes:
         notes.append(f"no instance with SOP Instance UID {uid}")
+    if instance_id is not None and not actions and not notes:
+        notes.append(f"no instance with audit row id {instance_id}")
     return actions, notes
 
 

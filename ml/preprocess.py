@@ -240,10 +240,11 @@ def load_display_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray
         try:
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
+                bands = len(im.getbands())
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise PreprocessError(f"cannot read the {kind.upper()} header: corrupt file") from exc
-        if max_pixels is not None and w * h > max_pixels:
-            raise PreprocessError(f"image too large: {w}x{h} pixels")
+        if max_pixels is not None and w * h * bands > max_pixels:
+            raise PreprocessError(f"image too large: {w}x{h} pixels x {bands} samples")
         img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if img is None or img.size == 0:
             raise PreprocessError(f"cannot decode the {kind.upper()} image (truncated or corrupt)")
@@ -267,6 +268,18 @@ def load_display_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray
         raise PreprocessError("not a PNG, JPEG or DICOM file")
     if "PixelData" not in ds and "FloatPixelData" not in ds:
         raise PreprocessError("the DICOM file has no pixel data (not an image)")
+    if max_pixels is not None:  # before decoding: compressed data can expand a lot
+        try:
+            n = (
+                int(ds.get("Rows", 0) or 0)
+                * int(ds.get("Columns", 0) or 0)
+                * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.get("SamplesPerPixel", 1) or 1)
+            )
+        except (TypeError, ValueError) as exc:
+            raise PreprocessError("unreadable image size in the DICOM header") from exc
+        if n > max_pixels:
+            raise PreprocessError(f"image too large: {n} samples")
     _ensure_transfer_syntax(ds)
     return dicom_to_display(ds, max_pixels=max_pixels)
 

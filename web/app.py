@@ -28,8 +28,10 @@ from urllib.parse import urlencode, urlparse
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.security import HTTPBasic, HTTPBasicCredentials
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
 
@@ -58,7 +60,8 @@ STATES = (
     "duplicate",
 )
 VERDICTS = ("COVID", "Normal", "Other")
-_UID_RE = re.compile(r"^[0-9.]{1,64}$|^\d{1,18}$")
+_UID_RE = re.compile(r"[0-9.]{1,64}")  # a SOP Instance UID or an audit row id (fullmatch)
+SMALL_BODY = 256 * 1024  # every request but the two uploads
 CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "object-src 'none'; frame-ancestors 'none'; base-uri 'self'; form-action 'self'"
@@ -114,14 +117,29 @@ def basic_user(request: Request) -> User | None:
 
 
 def session_user(request: Request) -> User | None:
+    """The session's user, while its password is unchanged and the session not ended."""
     data = request.session.get("user")
     if not isinstance(data, dict):
         return None
+    creds: Credentials = request.app.state.credentials
+    name = str(data.get("name"))
+    fp = creds.fingerprint(name)
+    if fp is None or data.get("fp") != fp or data.get("sid") in request.app.state.revoked:
+        request.session.clear()
+        return None
     request.state.via = "session"
-    return User(str(data.get("name")), str(data.get("role")))
+    return User(name, str(data.get("role")))
 
 
-def api_user(request: Request) -> User:
+_basic_scheme = HTTPBasic(auto_error=False, description="user admin (or viewer)")
+
+
+def api_user(
+    request: Request,
+    _doc: Annotated[HTTPBasicCredentials | None, Depends(_basic_scheme)] = None,
+) -> User:
+    """HTTP Basic (checked by :func:`basic_user`; the scheme above is for the OpenAPI
+    page's Authorize button) or the pages' session."""
     user = basic_user(request) or session_user(request)
     if user is None:
         raise HTTPException(401, "login required", {"WWW-Authenticate": 'Basic realm="cxr"'})
@@ -192,8 +210,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        max_body_size=settings.web_max_upload_bytes + 64 * 1024,  # multipart overhead
+        max_body_size=SMALL_BODY,  # the two upload routes allow CXR_WEB_MAX_UPLOAD_BYTES
     )
+    upload_body = settings.web_max_upload_bytes + 64 * 1024  # multipart overhead
     secret = (
         settings.web_secret_key.get_secret_value()
         if settings.web_secret_key
@@ -205,11 +224,13 @@ def create_app(
         session_cookie="cxr_session",
         max_age=settings.web_session_max_age,
         same_site="strict",
+        https_only=settings.web_tls_cert is not None,
     )
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.state.settings = settings
     app.state.credentials = creds
     app.state.limiter = limiter
+    app.state.revoked = set()  # session ids ended by "Log out" (in this process)
     app.state.classifier = classifier
     app.state.health = health
 
@@ -225,15 +246,34 @@ def create_app(
         # Swagger UI sets inline styles: only its page allows them
         csp = CSP_DOCS if request.url.path == "/docs" else CSP
         response.headers.setdefault("Content-Security-Policy", csp)
-        if request.url.path.startswith(("/api/", "/instances/")):
+        if not request.url.path.startswith("/static/"):
+            # shared ward PCs: nothing behind the login stays in a browser cache
             response.headers.setdefault("Cache-Control", "no-store")
+        if settings.web_tls_cert is not None:
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000")
+        return response
+
+    @app.middleware("http")
+    async def uploads_need_credentials(request: Request, call_next: Any) -> Response:
+        """FastAPI parses an upload's body before the login is checked: refuse a POST to
+        the upload routes that carries no credentials at all before reading it."""
+        if request.method == "POST" and request.url.path in ("/try", "/api/v1/predict"):
+            if "authorization" not in request.headers and "cxr_session" not in request.cookies:
+                if request.url.path == "/try":
+                    return RedirectResponse("/login?next=/try", status_code=303)
+                return JSONResponse(
+                    {"detail": "login required"}, 401, {"WWW-Authenticate": 'Basic realm="cxr"'}
+                )
+        response: Response = await call_next(request)
         return response
 
     def render(
-        request: Request, name: str, user: User | None, code: int = 200, **ctx: Any
+        request: Request, name: str, user: User | None, status_code: int = 200, **ctx: Any
     ) -> Response:
-        ctx.update(user=user, csrf=csrf_token(request), path=request.url.path)
-        return templates.TemplateResponse(request, name, ctx, status_code=code)
+        flash = request.session.pop("flash", None) if "flash" in request.session else None
+        ctx.update(user=user, csrf=csrf_token(request), path=request.url.path, flash=flash)
+        ctx.setdefault("keep_uploads", settings.web_keep_uploads)
+        return templates.TemplateResponse(request, name, ctx, status_code=status_code)
 
     # ------------------------------------------------------------------ errors
     @app.exception_handler(LoginRequired)
@@ -247,13 +287,25 @@ def create_app(
         if request.url.path.startswith("/api/") or request.url.path == "/openapi.json":
             return JSONResponse({"detail": exc.detail}, exc.status_code, headers=headers)
         user = session_user(request)
-        return render(
+        resp = render(
             request,
             "error.html",
             user,
+            status_code=exc.status_code,
             code=exc.status_code,
             message=str(exc.detail),
         )
+        for k, v in (headers or {}).items():
+            resp.headers[k] = v
+        return resp
+
+    @app.exception_handler(OperationalError)
+    async def _db_down(request: Request, exc: OperationalError) -> Response:
+        log.error("web: audit database unavailable: %s", type(exc.orig).__name__)
+        detail = "the audit database is unavailable: try again shortly"
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"detail": detail}, 503, {"Retry-After": "10"})
+        return render(request, "error.html", None, status_code=503, code=503, message=detail)
 
     # ------------------------------------------------------------------ login
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
@@ -276,7 +328,7 @@ def create_app(
                 request,
                 "login.html",
                 None,
-                code=429,
+                status_code=429,
                 next=_safe_next(next),
                 error=f"Too many failed logins. Try again in {math.ceil(wait)} s.",
             )
@@ -287,13 +339,18 @@ def create_app(
                 request,
                 "login.html",
                 None,
-                code=401,
+                status_code=401,
                 next=_safe_next(next),
                 error="Wrong user name or password.",
             )
         limiter.succeeded(client, username)
         request.session.clear()
-        request.session["user"] = {"name": user.name, "role": user.role}
+        request.session["user"] = {
+            "name": user.name,
+            "role": user.role,
+            "fp": creds.fingerprint(user.name),
+            "sid": secrets.token_urlsafe(12),
+        }
         request.session["csrf"] = secrets.token_urlsafe(24)
         log.info("web login: user %s from %s", user.name, client)
         return RedirectResponse(_safe_next(next), status_code=303)
@@ -303,6 +360,12 @@ def create_app(
         request: Request, csrf_token_: Annotated[str, Form(alias="csrf_token")] = ""
     ) -> Response:
         check_csrf(request, csrf_token_)
+        data = request.session.get("user")
+        if isinstance(data, dict) and data.get("sid"):
+            revoked: set[str] = app.state.revoked
+            if len(revoked) > 100_000:
+                revoked.clear()  # bounded; the fingerprint still ends sessions on a change
+            revoked.add(str(data["sid"]))
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
 
@@ -324,7 +387,9 @@ def create_app(
             max_bytes=settings.web_max_upload_bytes,
         )
 
-    @app.post("/try", response_class=HTMLResponse, include_in_schema=False)
+    @app.post(
+        "/try", response_class=HTMLResponse, include_in_schema=False, max_body_size=upload_body
+    )
     async def try_upload(
         request: Request,
         user: PageUser,
@@ -337,17 +402,20 @@ def create_app(
             data = await _read_upload(file, settings.web_max_upload_bytes)
             result = await _predict(classifier, data, file.filename if file else None)
         except UploadError as exc:
-            return render(
+            resp = render(
                 request,
                 "try.html",
                 user,
-                code=exc.status,
+                status_code=exc.status,
                 result=None,
                 error=str(exc),
                 model=classifier.info(),
                 model_state=classifier.state,
                 **ctx,
             )
+            if exc.retry_after:
+                resp.headers["Retry-After"] = str(exc.retry_after)
+            return resp
         return render(
             request,
             "try.html",
@@ -369,7 +437,7 @@ def create_app(
         state: Annotated[list[str] | None, Query()] = None,
         verdict: Annotated[list[str] | None, Query()] = None,
         calling_ae: str | None = None,
-        page: Annotated[int, Query(ge=1)] = 1,
+        page: Annotated[int, Query(ge=1, le=100_000)] = 1,
         partial: bool = False,
     ) -> Response:
         flt = _filter(since, until, state, verdict, calling_ae, PAGE_SIZE, (page - 1) * PAGE_SIZE)
@@ -399,9 +467,7 @@ def create_app(
         return render(request, name, user, **ctx)
 
     @app.get("/instances/{uid}", response_class=HTMLResponse, include_in_schema=False)
-    def instance_page(
-        request: Request, uid: str, user: PageUser, msg: str | None = None
-    ) -> Response:
+    def instance_page(request: Request, uid: str, user: PageUser) -> Response:
         versions = _history(settings, uid)
         return render(
             request,
@@ -410,7 +476,6 @@ def create_app(
             uid=uid,
             versions=versions,
             retriable=RETRIABLE,
-            msg=msg,
         )
 
     @app.get("/instances/{uid}/sc.png", include_in_schema=False)
@@ -427,16 +492,15 @@ def create_app(
         check_csrf(request, csrf_token_)
         require_admin(user)
         out = _retry(settings, uid, user)
-        return RedirectResponse(
-            f"/instances/{uid}?" + urlencode({"msg": out["message"]}), status_code=303
-        )
+        request.session["flash"] = str(out["message"])[:300]
+        return RedirectResponse(f"/instances/{uid}", status_code=303)
 
     @app.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
     def dashboard(
         request: Request, user: PageUser, hours: Annotated[int, Query(ge=1, le=24 * 90)] = 24
     ) -> Response:
         data = _dashboard(settings, hours)
-        status, checks = health.summary()
+        status, checks = health.summary(echo=True)
         return render(
             request, "dashboard.html", user, hours=hours, status=status, checks=checks, **data
         )
@@ -475,12 +539,18 @@ def create_app(
     @app.get("/api/v1/health", tags=["health"], summary="Health of DB, broker, node, workers")
     def api_health() -> Response:
         """No login needed. 200 when the audit DB answers (status ``ok`` or ``degraded``),
-        503 when it does not (``fail``)."""
+        503 when it does not (``fail``). The node is checked by a TCP connection here (the
+        dashboard sends a C-ECHO); the details stay behind the login."""
         status, checks = health.summary()
-        body = {"status": status, "checks": {k: c.as_dict() for k, c in checks.items()}}
+        body = {"status": status, "checks": {k: c.public() for k, c in checks.items()}}
         return JSONResponse(body, 503 if status == "fail" else 200)
 
-    @app.post("/api/v1/predict", tags=["predict"], summary="Classify one radiograph")
+    @app.post(
+        "/api/v1/predict",
+        tags=["predict"],
+        summary="Classify one radiograph",
+        max_body_size=upload_body,
+    )
     async def api_predict(
         request: Request,
         user: ApiUser,
@@ -495,7 +565,8 @@ def create_app(
             data = await _read_upload(file, settings.web_max_upload_bytes)
             result = await _predict(classifier, data, file.filename if file else None, image)
         except UploadError as exc:
-            return JSONResponse({"detail": str(exc)}, exc.status)
+            hdr = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+            return JSONResponse({"detail": str(exc)}, exc.status, hdr)
         return JSONResponse(result.as_json())
 
     @app.get("/api/v1/instances", tags=["audit"], summary="Worklist: recent instances")
@@ -507,13 +578,18 @@ def create_app(
         verdict: Annotated[list[str] | None, Query()] = None,
         calling_ae: str | None = None,
         limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = PAGE_SIZE,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     ) -> Response:
         """Newest first. ``since``/``until``: ``YYYY-MM-DD`` or ISO date-time (UTC)."""
         flt = _filter(since, until, state, verdict, calling_ae, limit, offset)
         rows, total = _list(settings, flt)
         return JSONResponse(
-            {"total": total, "limit": limit, "offset": offset, "items": [r.as_dict() for r in rows]}
+            {
+                "total": total,
+                "limit": limit,
+                "offset": offset,
+                "items": [_public_row(r.as_dict(), settings) for r in rows],
+            }
         )
 
     @app.get(
@@ -521,7 +597,12 @@ def create_app(
     )
     def api_instance(sop_instance_uid: str, user: ApiUser) -> Response:
         versions = _history(settings, sop_instance_uid)
-        return JSONResponse({"versions": [v.as_dict() for v in versions]})
+        out = []
+        for v in versions:
+            d = v.as_dict()
+            d["instance"] = _public_row(d["instance"], settings)
+            out.append(d)
+        return JSONResponse({"versions": out})
 
     @app.post("/api/v1/instances/{sop_instance_uid}/retry", tags=["audit"], summary="Retry (admin)")
     def api_retry(request: Request, sop_instance_uid: str, user: ApiUser) -> Response:
@@ -548,7 +629,11 @@ def create_app(
         from db.lifecycle import queue_depth
 
         body = stats.as_dict()
-        body["queue_depth"] = queue_depth(settings)
+        try:
+            body["queue_depth"] = queue_depth(settings)
+        except Exception as exc:  # the depth is a nicety: report it missing, do not fail
+            log.warning("web: queue depth unavailable: %s", type(exc).__name__)
+            body["queue_depth"] = None
         return JSONResponse(body)
 
     app.openapi_url = "/openapi.json"  # for the docs page; the route above needs a login
@@ -615,11 +700,19 @@ def _list(settings: Settings, flt: Any) -> tuple[list[Any], int]:
         return list_instances(s, flt), count_instances(s, flt)
 
 
+def _public_row(row: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """An instance row as the API shows it: a PatientID stored in clear
+    (CXR_PATIENT_ID_STORAGE=plain) is never shown; a salted hash is."""
+    if settings.patient_id_storage != "hash":
+        row = {k: v for k, v in row.items() if k != "patient_id_hash"}
+    return row
+
+
 def _history(settings: Settings, uid: str) -> list[Any]:
     from db.queries import instance_history
     from db.session import session_scope
 
-    if not _UID_RE.match(uid.strip()):
+    if not _UID_RE.fullmatch(uid):
         raise HTTPException(422, "not a SOP Instance UID")
     with session_scope(settings.database_url) as s:
         versions = instance_history(s, uid)
@@ -649,12 +742,16 @@ def _sc_png(settings: Settings, uid: str, version: int | None) -> bytes:
     path = spool.result_path(str(sc_uid)) if sc_uid else None
     if path is None or not path.is_file():
         raise HTTPException(404, "the Secondary Capture is no longer in the spool (retention)")
-    ds = spool.read_dataset(path)
-    arr = ds.pixel_array
-    if arr.ndim == 3 and arr.shape[-1] == 3:
-        img = cv2.cvtColor(arr.astype("uint8"), cv2.COLOR_RGB2BGR)
-    else:
-        img = dicom_to_display(ds)
+    try:
+        ds = spool.read_dataset(path)
+        arr = ds.pixel_array
+        if arr.ndim == 3 and arr.shape[-1] == 3:
+            img = cv2.cvtColor(arr.astype("uint8"), cv2.COLOR_RGB2BGR)
+        else:
+            img = dicom_to_display(ds)
+    except Exception as exc:  # a damaged stored object: say so, do not answer 500
+        log.warning("web: the stored SC of %s is unreadable: %s", uid, type(exc).__name__)
+        raise HTTPException(422, "the stored Secondary Capture cannot be read") from None
     ok, buf = cv2.imencode(".png", img)
     if not ok:  # pragma: no cover
         raise HTTPException(500, "PNG encoding failed")
@@ -664,9 +761,9 @@ def _sc_png(settings: Settings, uid: str, version: int | None) -> bytes:
 def _retry(settings: Settings, uid: str, user: User) -> dict[str, Any]:
     from db.lifecycle import retry
 
-    if not _UID_RE.match(uid.strip()):
-        raise HTTPException(422, "not a SOP Instance UID")
-    out = retry(settings, uid=uid, who=f"web:{user.name}")
+    # the version shown (the latest): an older, superseded version is never re-sent
+    latest = _history(settings, uid)[-1].instance
+    out = retry(settings, instance_id=latest.id, who=f"web:{user.name}")
     if not out.actions:
         note = "; ".join(out.notes) or "nothing to retry"
         if any("no instance with" in n for n in out.notes):

@@ -97,6 +97,36 @@ def ensure_admin_password(settings: Settings) -> str | None:
     return password
 
 
+MIN_PASSWORD = 8
+
+
+def check_credentials_config(settings: Settings) -> None:
+    """Refuse a configuration whose logins could never work or are too weak: a password
+    under MIN_PASSWORD characters, a hash file that is not an scrypt hash (a plain password
+    written there by mistake), a session key under 32 characters."""
+    if settings.web_admin_password is not None:
+        if len(settings.web_admin_password.get_secret_value()) < MIN_PASSWORD:
+            raise NoPasswordError(
+                f"CXR_WEB_ADMIN_PASSWORD is shorter than {MIN_PASSWORD} characters"
+            )
+    else:
+        path = Path(settings.web_admin_password_file)
+        text = path.read_text().strip() if path.is_file() else ""
+        if not text:
+            raise NoPasswordError(HOW_TO_SET)
+        if not text.startswith("scrypt$") or text.count("$") != 5:
+            raise NoPasswordError(
+                f"{path} (CXR_WEB_ADMIN_PASSWORD_FILE) holds no scrypt hash; write one with "
+                "`cxr web --set-password` (never the password itself)"
+            )
+    vp = settings.web_viewer_password
+    if vp is not None and vp.get_secret_value() and len(vp.get_secret_value()) < MIN_PASSWORD:
+        raise NoPasswordError(f"CXR_WEB_VIEWER_PASSWORD is shorter than {MIN_PASSWORD} characters")
+    sk = settings.web_secret_key
+    if sk is not None and len(sk.get_secret_value()) < 32:
+        raise NoPasswordError("CXR_WEB_SECRET_KEY must have at least 32 characters")
+
+
 HOW_TO_SET = (
     "no admin password is set for the web console. Set CXR_WEB_ADMIN_PASSWORD, or "
     "write a hash with `cxr web --set-password` (stored in "
@@ -135,6 +165,7 @@ class Credentials:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Credentials:
+        check_credentials_config(settings)
         hashes: dict[str, str] = {}
         if settings.web_admin_password is not None:
             pw = settings.web_admin_password.get_secret_value()
@@ -152,6 +183,14 @@ class Credentials:
             if vp:
                 hashes[VIEWER] = hash_password(vp)
         return cls(hashes)
+
+    def fingerprint(self, user: str) -> str | None:
+        """A short digest of the user's current password hash, kept in the session: a
+        changed password or a removed user ends existing sessions. None: no such user."""
+        encoded = self._hashes.get(user)
+        if encoded is None:
+            return None
+        return hmac.new(self._key, encoded.encode(), hashlib.sha256).hexdigest()[:16]
 
     def check(self, user: str, password: str) -> User | None:
         key = self._cache_key(user, password)
@@ -176,13 +215,25 @@ class Credentials:
 
 
 class LoginLimiter:
-    """Failed logins per (client, user name) in a sliding window."""
+    """Failed logins per (client, user name) in a sliding window, and per client over all
+    user names (``CLIENT_FACTOR`` times as many), so rotating names does not get around it.
+    Memory is bounded: expired entries are dropped when the table grows."""
+
+    CLIENT_FACTOR = 4
+    MAX_KEYS = 10_000
 
     def __init__(self, max_failures: int, window_s: float) -> None:
         self.max_failures = max_failures
         self.window_s = window_s
         self._fails: dict[tuple[str, str], deque[float]] = {}
         self._lock = threading.Lock()
+
+    def _prune(self, now: float) -> None:
+        for k in [k for k, q in self._fails.items() if not q or now - q[-1] > self.window_s]:
+            del self._fails[k]
+        while len(self._fails) > self.MAX_KEYS:  # still too many: forget the oldest
+            oldest = min(self._fails, key=lambda k: self._fails[k][-1])
+            del self._fails[oldest]
 
     def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
         q = self._fails.setdefault(key, deque())
@@ -194,18 +245,22 @@ class LoginLimiter:
         """Seconds until another attempt is allowed, or None when it is allowed now."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            waits = []
             q = self._recent((client, user[:64]), now)
-            if len(q) < self.max_failures:
-                return None
-            return max(1.0, self.window_s - (now - q[0]))
+            if len(q) >= self.max_failures:
+                waits.append(self.window_s - (now - q[0]))
+            c = self._recent((client, "\0any"), now)
+            if len(c) >= self.max_failures * self.CLIENT_FACTOR:
+                waits.append(self.window_s - (now - c[0]))
+            return max(1.0, *waits) if waits else None
 
     def failed(self, client: str, user: str, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._recent((client, user[:64]), now).append(now)
-            if len(self._fails) > 10_000:  # bound the memory an attacker can make us use
-                for k in [k for k, q in self._fails.items() if not q][:5000]:
-                    del self._fails[k]
+            self._recent((client, "\0any"), now).append(now)
+            if len(self._fails) > self.MAX_KEYS:  # bound the memory an attacker can make us use
+                self._prune(now)
         log.warning("web login failed for user %r from %s", user[:64], client)
 
     def succeeded(self, client: str, user: str) -> None:

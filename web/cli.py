@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import socket
 import sys
 from typing import Any
@@ -106,7 +107,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"cxr web: refusing to start: {exc}", file=sys.stderr)
         return 2
     try:
-        sock = bind_socket(settings.web_host, settings.web_port)
+        inherited = os.environ.get("CXR_WEB_LISTEN_FD")  # internal: set by `cxr run`
+        if inherited:
+            sock = socket.socket(fileno=int(inherited))
+        else:
+            sock = bind_socket(settings.web_host, settings.web_port)
     except OSError as exc:
         print(
             f"cxr web: cannot listen on {settings.web_host}:{settings.web_port} "
@@ -121,14 +126,25 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(settings, credentials=creds)
     host, port = sock.getsockname()[:2]
     shown = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    print(f"cxr web: serving on http://{shown}:{port}/ ({DISCLAIMER})", flush=True)
+    scheme = "https" if settings.web_tls_cert is not None else "http"
+    print(f"cxr web: serving on {scheme}://{shown}:{port}/ ({DISCLAIMER})", flush=True)
+    tls: dict[str, Any] = {}
+    if settings.web_tls_cert is not None:
+        tls = {"ssl_certfile": str(settings.web_tls_cert), "ssl_keyfile": str(settings.web_tls_key)}
     config = uvicorn.Config(
         app,
         log_config=None,  # our logging (cxr.logconfig), no access log with client URLs
         access_log=False,
-        proxy_headers=False,
+        # client addresses (failed-login limit, logs) from X-Forwarded-For only when the
+        # request comes from the hospital's reverse proxy (CXR_WEB_FORWARDED_ALLOW_IPS)
+        proxy_headers=bool(settings.web_forwarded_allow_ips),
+        forwarded_allow_ips=settings.web_forwarded_allow_ips or None,
         server_header=False,
         timeout_graceful_shutdown=10,
+        timeout_keep_alive=5,
+        limit_concurrency=64,  # beyond it: 503 at once, not a pile-up of threads
+        h11_max_incomplete_event_size=64 * 1024,  # headers
+        **tls,
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -29,8 +29,15 @@ class Check:
     def as_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "detail": self.detail}
 
+    def public(self) -> dict[str, Any]:
+        """For the endpoint without login: the verdict, no hosts, paths or errors."""
+        return {"ok": self.ok}
 
-def _connect_host(host: str) -> str:
+
+def node_host(settings: Settings) -> str:
+    """Where the console reaches the node: CXR_WEB_NODE_HOST, else CXR_DICOM_HOST (a
+    wildcard address meaning this host)."""
+    host = settings.web_node_host or settings.dicom_host
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
@@ -58,26 +65,30 @@ def check_broker(settings: Settings) -> Check:
         return Check(False, f"unreachable ({type(exc).__name__})")
 
 
-def check_node(settings: Settings) -> Check:
-    """A C-ECHO to the node (what a PACS admin would try first)."""
+def check_node(settings: Settings, echo: bool = False) -> Check:
+    """A TCP connection to the node's port; with ``echo`` also a C-ECHO (the dashboard:
+    an association the node records in its audit trail, so not on every health poll)."""
+    host, port = node_host(settings), settings.dicom_port
+    try:
+        with socket.create_connection((host, port), 1.0):
+            pass
+    except OSError:
+        return Check(False, f"not listening on {host}:{port}")
+    if not echo or settings.tls_enabled:
+        return Check(True, f"listening on {host}:{port}")
     from pynetdicom import AE
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    host = _connect_host(settings.dicom_host)
-    try:
-        with socket.create_connection((host, settings.dicom_port), 1.0):
-            pass
-    except OSError:
-        return Check(False, f"not listening on {host}:{settings.dicom_port}")
     ae = AE(ae_title="CXR_WEB")
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 3
     ae.connection_timeout = 2
-    if settings.tls_enabled:
-        return Check(True, f"listening on {host}:{settings.dicom_port} (TLS: echo not tried)")
-    assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
+    assoc = ae.associate(host, port, ae_title=settings.ae_title)
     if not assoc.is_established:
-        return Check(False, f"association refused on {host}:{settings.dicom_port}")
+        return Check(
+            False,
+            f"association refused on {host}:{port} (calling AE CXR_WEB not allowed?)",
+        )
     try:
         status = assoc.send_c_echo()
         ok = bool(status) and status.Status == 0
@@ -101,38 +112,52 @@ def check_workers(settings: Settings) -> Check:
 
 
 class HealthReport:
-    """Cached report of all checks (plus the web process's own model)."""
+    """Cached report of all checks (plus the web process's own model). One refresh runs
+    at a time; callers meanwhile get the previous report (single flight)."""
 
     def __init__(self, settings: Settings, model_state: Any = None) -> None:
         self.settings = settings
         self.model_state = model_state
         self._lock = threading.Lock()
-        self._at = 0.0
-        self._cached: dict[str, Check] = {}
+        self._refresh = threading.Lock()
+        self._at: dict[bool, float] = {}
+        self._cached: dict[bool, dict[str, Check]] = {}
 
-    def checks(self) -> dict[str, Check]:
-        with self._lock:
-            if time.monotonic() - self._at < CACHE_S and self._cached:
-                return dict(self._cached)
-        out = {
-            "database": check_database(self.settings),
-            "broker": check_broker(self.settings),
-            "node": check_node(self.settings),
-            "workers": check_workers(self.settings),
-        }
-        if self.model_state is not None:
-            state, error = self.model_state()
-            out["model"] = Check(
-                {"loaded": True, "loading": None}.get(state, False), error or state
-            )
-        with self._lock:
-            self._cached, self._at = out, time.monotonic()
-        return dict(out)
+    def _model(self) -> Check | None:
+        if self.model_state is None:
+            return None
+        state, error = self.model_state()
+        return Check({"loaded": True, "loading": None}.get(state, False), error or state)
 
-    def summary(self) -> tuple[str, dict[str, Check]]:
+    def checks(self, echo: bool = False) -> dict[str, Check]:
+        with self._lock:
+            fresh = time.monotonic() - self._at.get(echo, 0.0) < CACHE_S
+            cached = self._cached.get(echo)
+        if not (fresh and cached) and self._refresh.acquire(blocking=cached is None):
+            try:
+                out = {
+                    "database": check_database(self.settings),
+                    "broker": check_broker(self.settings),
+                    "node": check_node(self.settings, echo=echo),
+                    "workers": check_workers(self.settings),
+                }
+                with self._lock:
+                    self._cached[echo], self._at[echo] = out, time.monotonic()
+                    cached = out
+            finally:
+                self._refresh.release()
+        with self._lock:
+            cached = self._cached.get(echo, cached or {})
+        result = dict(cached)
+        model = self._model()  # always current: it changes while the model loads
+        if model is not None:
+            result["model"] = model
+        return result
+
+    def summary(self, echo: bool = False) -> tuple[str, dict[str, Check]]:
         """('ok' | 'degraded' | 'fail', checks): fail when the audit DB is down (nothing
         can be recorded), degraded when any other part is."""
-        checks = self.checks()
+        checks = self.checks(echo=echo)
         if checks["database"].ok is False:
             return "fail", checks
         if any(c.ok is False for c in checks.values()):

@@ -37,11 +37,16 @@ VERDICT_TEXT = {"COVID": "COVID-19 suspected", "Normal": "Normal", "Other": "Oth
 
 
 class UploadError(ValueError):
-    """A file we cannot classify; ``status`` is the HTTP status to answer with."""
+    """A file we cannot classify; ``status`` is the HTTP status to answer with (a 503
+    carries ``retry_after`` seconds)."""
 
-    def __init__(self, message: str, status: int = 422) -> None:
+    def __init__(self, message: str, status: int = 422, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
+
+
+BUSY_WAIT_S = 20.0  # an upload waits this long for the one at work, then gets a 503
 
 
 @dataclass
@@ -111,6 +116,10 @@ class WebClassifier:
         self._error: str | None = None
         self._lock = threading.Lock()
         self._ready = threading.Event()
+        # one upload decoded and classified at a time: bounds the memory a large image
+        # takes (times one) and the threads waiting for the CPU
+        self._busy = threading.BoundedSemaphore(1)
+        self._warming = threading.Event()  # set while warm_up() loads the model
 
     def _load(self) -> Any:
         if self._loader is not None:
@@ -120,11 +129,15 @@ class WebClassifier:
         return get_classifier(self.settings)
 
     def warm_up(self) -> None:
-        """Load the model (called in a background thread at start-up)."""
+        """Load the model (called in a background thread at start-up); uploads meanwhile
+        get a 503 with Retry-After instead of a thread waiting on the load."""
+        self._warming.set()
         try:
             self.get()
         except Exception as exc:  # reported by /api/v1/health and the page
             log.error("web: model failed to load: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._warming.clear()
 
     def get(self) -> Any:
         with self._lock:
@@ -158,9 +171,19 @@ class WebClassifier:
     def predict_bytes(
         self, data: bytes, filename: str | None = None, with_image: bool = True
     ) -> WebPrediction:
+        if self._warming.is_set() and self._clf is None:
+            raise UploadError("the model is still loading: try again shortly", 503, 10)
+        if not self._busy.acquire(timeout=BUSY_WAIT_S):
+            raise UploadError("busy with another image: try again shortly", 503, 5)
+        try:
+            return self._predict_bytes(data, filename, with_image)
+        finally:
+            self._busy.release()
+
+    def _predict_bytes(self, data: bytes, filename: str | None, with_image: bool) -> WebPrediction:
         t0 = time.perf_counter()
         try:
-            display = load_display_bytes(data, max_pixels=self.settings.max_pixels)
+            display = load_display_bytes(data, max_pixels=self.settings.web_max_pixels)
         except PreprocessError as exc:
             raise UploadError(str(exc), 415 if "not a PNG" in str(exc) else 422) from None
         except MemoryError:
@@ -172,13 +195,17 @@ class WebClassifier:
             raise UploadError(f"image too small ({display.shape[1]}x{display.shape[0]} pixels)")
         t1 = time.perf_counter()
         clf = self.get()
-        with self._lock:
-            pred = clf.predict_display(display)
-        t2 = time.perf_counter()
-        small, box = _preview(display, pred.frame_box)
-        # the model frame box maps the CAM onto the (scaled) display image
-        rgb = overlay(small, pred.cam, box=box if box is not None else None)
-        image_png, overlay_png = (_png(small) if with_image else None), _png(rgb)
+        try:
+            with self._lock:
+                pred = clf.predict_display(display)
+            t2 = time.perf_counter()
+            small, box = _preview(display, pred.frame_box)
+            # the model frame box maps the CAM onto the (scaled) display image
+            rgb = overlay(small, pred.cam, box=box if box is not None else None)
+            image_png, overlay_png = (_png(small) if with_image else None), _png(rgb)
+        except Exception as exc:  # an image the model cannot take is the file's, not a 500
+            log.exception("web: classification of an upload failed")
+            raise UploadError(f"cannot classify this image ({type(exc).__name__})") from None
         t3 = time.perf_counter()
         if self.settings.web_keep_uploads:
             self._keep(data, filename)
@@ -203,13 +230,20 @@ class WebClassifier:
         )
 
     def _keep(self, data: bytes, filename: str | None) -> None:
-        """Store a copy of an upload (only with CXR_WEB_KEEP_UPLOADS), named by content."""
+        """Store a copy of an upload (only with CXR_WEB_KEEP_UPLOADS), named by content,
+        readable by this user only (a DICOM upload carries PHI)."""
+        import os
+
         d = Path(self.settings.web_upload_dir)
-        d.mkdir(parents=True, exist_ok=True)
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
         suffix = Path(filename or "").suffix.lower()[:8] if filename else ""
+        if not suffix.replace(".", "").isalnum():
+            suffix = ""
         path = d / f"{hashlib.sha256(data).hexdigest()}{suffix}"
         if not path.exists():
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             tmp.replace(path)
         log.info("web: upload kept as %s", path.name)

@@ -36,7 +36,21 @@ def render_card(model_dir: Path) -> tuple[str, list[str]]:
         return "<p>This model artifact has no MODEL_CARD.md.</p>", plots(model_dir)
     text = card.read_text(encoding="utf-8", errors="replace")
     body = markdown.markdown(html.escape(text, quote=False), extensions=["tables", "sane_lists"])
-    return body, plots(model_dir)
+    return _safe_links(body), plots(model_dir)
+
+
+_LINK_RE = re.compile(r'(href|src)="([^"]*)"')
+
+
+def _safe_links(body: str) -> str:
+    """Only http(s), relative and fragment links survive (no javascript: or data:)."""
+
+    def fix(m: re.Match[str]) -> str:
+        url = html.unescape(m.group(2)).strip().lower()
+        ok = url.startswith(("http://", "https://", "/", "#", "./")) or ":" not in url
+        return m.group(0) if ok else f'{m.group(1)}="#"'
+
+    return _LINK_RE.sub(fix, body)
 
 
 def model_file_bytes(model_dir: Path, name: str) -> tuple[bytes, str]:

@@ -261,3 +261,134 @@ def test_cxr_web_serves_and_moves_off_a_taken_port(tmp_path: Path) -> None:
             proc.terminate()
             _, err = proc.communicate(timeout=30)
     assert "is in use" in err and "CXR_WEB_PORT" in err
+
+
+def test_limiter_counts_a_client_over_all_user_names() -> None:
+    lim = LoginLimiter(2, 10.0)
+    for i in range(2 * LoginLimiter.CLIENT_FACTOR):
+        lim.failed("9.9.9.9", f"name{i}", now=0.0)
+    assert lim.retry_after("9.9.9.9", "a-new-name", now=1.0) is not None
+    assert lim.retry_after("8.8.8.8", "a-new-name", now=1.0) is None
+
+
+def test_a_copied_session_cookie_is_dead_after_logout(app_server: Server) -> None:
+    with httpx.Client(base_url=app_server.url) as c:
+        _login(c, "admin", PASSWORD)
+        cookie = c.cookies.get("cxr_session")
+        assert cookie and c.get("/worklist").status_code == 200
+        tok = _csrf(c.get("/worklist").text)
+        c.post("/logout", data={"csrf_token": tok})
+    with httpx.Client(base_url=app_server.url, cookies={"cxr_session": cookie}) as thief:
+        assert thief.get("/worklist").status_code == 303
+        assert thief.get("/api/v1/instances").status_code == 401
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"web_admin_password": "short"}, "shorter than 8"),
+        ({"web_admin_password": None, "plain_file": "my-password"}, "holds no scrypt hash"),
+        ({"web_admin_password": PASSWORD, "web_secret_key": "too-short"}, "at least 32"),
+    ],
+)
+def test_weak_or_broken_credentials_are_refused(
+    tmp_path: Path, overrides: dict[str, object], words: str
+) -> None:
+    from web.auth import NoPasswordError
+
+    pw_file = tmp_path / "web-admin.scrypt"
+    plain = overrides.pop("plain_file", None)
+    if plain:
+        pw_file.write_text(str(plain))
+    s = load_settings(web_admin_password_file=pw_file, **overrides)
+    with pytest.raises(NoPasswordError, match=words):
+        Credentials.from_settings(s)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    c, k = tmp_path / "web.crt", tmp_path / "web.key"
+    c.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    k.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return c, k
+
+
+def test_cxr_web_over_tls_sets_secure_cookies_and_hsts(tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    port = free_port()
+    env = clean_env(
+        CXR_DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}",
+        CXR_WEB_ADMIN_PASSWORD=PASSWORD,
+        CXR_WEB_PORT=str(port),
+        CXR_WEB_TLS_CERT=str(cert),
+        CXR_WEB_TLS_KEY=str(key),
+        CXR_DICOM_PORT=str(free_port()),
+        CXR_EMBEDDED_BROKER_PATH=str(tmp_path / "b.sqlite"),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cxr.cli", "web"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert f"serving on https://127.0.0.1:{port}/" in line, line
+        base = f"https://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, verify=str(cert), timeout=10) as c:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    r = c.get("/login")
+                    break
+                except httpx.HTTPError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.3)
+            assert r.headers["strict-transport-security"].startswith("max-age=")
+            tok = _csrf(r.text)
+            r = c.post(
+                "/login", data={"username": "admin", "password": PASSWORD, "csrf_token": tok}
+            )
+            assert r.status_code == 303
+            assert "secure" in r.headers["set-cookie"].lower()
+            assert c.get("/api/v1/stats", auth=("admin", PASSWORD)).status_code == 200
+        # plain HTTP on that port gets no console
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/login", timeout=5)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

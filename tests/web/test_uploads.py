@@ -33,7 +33,18 @@ def _cases(stack: WebStack) -> list[tuple[str, bytes, int, str]]:
         ("cut.png", png[: len(png) // 3], 422, "truncated or corrupt"),
         ("nopix.dcm", _no_pixels(stack), 422, "no pixel data"),
         ("tiny.png", png[:8] + b"\0" * 10, 422, "corrupt"),
+        ("bomb.png", _bomb(), 422, "image too large"),
     ]
+
+
+def _bomb() -> bytes:
+    """A small file that decodes to 49 M pixels (over CXR_WEB_MAX_PIXELS, 36 M)."""
+    import cv2
+    import numpy as np
+
+    ok, buf = cv2.imencode(".png", np.zeros((7000, 7000), np.uint8))
+    assert ok and len(buf) < MAX_UPLOAD
+    return buf.tobytes()
 
 
 def test_bad_uploads_to_the_api_get_a_4xx_and_a_message(stack: WebStack) -> None:
@@ -43,6 +54,12 @@ def test_bad_uploads_to_the_api_get_a_4xx_and_a_message(stack: WebStack) -> None
             assert r.status_code == status, (name, r.status_code, r.text[:200])
             if words:
                 assert words in r.json()["detail"], (name, r.text)
+        # an anonymous upload is refused before its body is read
+        with stack.client() as anon:
+            r = anon.post("/api/v1/predict", files={"file": ("x.png", b"1" * 1000)})
+            assert r.status_code == 401
+            r = anon.post("/try", files={"file": ("x.png", b"1" * 1000)})
+            assert r.status_code == 303 and r.headers["location"].startswith("/login")
         # no file at all
         r = c.post("/api/v1/predict", files={"other": ("x", b"1")})
         assert r.status_code == 400 and "multipart field 'file'" in r.json()["detail"]

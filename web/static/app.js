@@ -47,6 +47,10 @@ function initWorklistRefresh() {
     if (document.hidden) return;
     try {
       const r = await fetch(url, { credentials: "same-origin", headers: { "X-CSRF-Token": csrfToken() } });
+      if (r.redirected || r.status === 401) {
+        window.location.reload(); // the session ended: the page itself goes to the login
+        return;
+      }
       if (r.ok && r.headers.get("content-type")?.includes("text/html")) {
         holder.innerHTML = await r.text();
         holder.dataset.refreshedAt = new Date().toISOString();
