@@ -237,6 +237,23 @@ def test_ack_codes_and_no_answer(listeners) -> None:  # type: ignore[no-untyped-
     assert out.category == UNREACHABLE_OUTCOME
 
 
+def test_pipeline_oru_priority_follows_cxr_urgent_threshold(listeners) -> None:  # type: ignore[no-untyped-def]
+    """The pipeline's MLLP sender builds the message with the site's CXR_URGENT_THRESHOLD
+    and the model name it is given (the SC's ManufacturerModelName)."""
+    lst = listeners().start()
+    dest = Hl7Destination(host="127.0.0.1", port=lst.port)
+    facts = _facts("COVID", (0.7, 0.2, 0.1))
+    for threshold, priority in ((0.6, "S"), (0.8, "R")):
+        s = load_settings(urgent_threshold=threshold, hl7_ack_timeout=5)
+        out = pipeline._send_oru(dest, facts, "cxr-tiny-test", s)
+        assert (out.category, out.status) == (SUCCESS_OUTCOME, "AA")
+        msg = lst.received[-1]
+        assert _field(msg, "OBR", 5) == priority, threshold
+        assert _obx(msg)["CXR-MODEL"] == ("ST", "cxr-tiny-test")
+        assert _obx(msg)["CXR-VERDICT"][1] == "COVID^COVID-19 suspected^L"
+    assert len(lst.received) == 2
+
+
 # ------------------------------------------------------------------ the pipeline
 def _rows(settings, iid: int) -> dict[tuple[str, str], Delivery]:  # type: ignore[no-untyped-def]
     with session_scope(settings.database_url) as ss:
