@@ -12,10 +12,10 @@ associations:
    broker killed and restarted, the PACS down for ``--pacs-down`` seconds, and (with
    PostgreSQL) the PostgreSQL server restarted.
 
-Reported per phase: sent, Success answers, audit rows per final state, SC/SR objects in
-the PACS, duplicates (results of ours in the PACS beyond one SC and one SR per source),
-lost (acknowledged with Success but not final, or delivered without both results in the
-PACS), wall time, images/min, and the time to recover from each fault (from the end of the
+Reported per phase: sent, Success answers, audit rows per final state, result objects
+(SC, SR, heat map) in the PACS, duplicates (results of ours in the PACS beyond one SC, one
+SR and one heat map per source), lost (acknowledged with Success but not final, or
+delivered without all three results in the PACS), wall time, images/min, and the time to recover from each fault (from the end of the
 fault to the next instance that reaches a final state). The last line is
 ``ratios: faults/no-faults throughput X``. Exit status 1 when anything was lost or
 duplicated.
@@ -53,6 +53,7 @@ from tests.worker.conftest import RedisServer, Stack, wait_for  # noqa: E402
 from tests.worker.orthanc import Orthanc  # noqa: E402
 
 SUCCESS = 0x0000  # PS3.4 B.2.3
+RESULTS_PER_SOURCE = 3  # SC, SR and heat map (CXR_SEND_HEATMAP defaults to true)
 
 
 @dataclass
@@ -255,14 +256,14 @@ def _run_phase(
     in_pacs = Counter(str(t.get("SOPInstanceUID")) for t in ours)
     want = set().union(*expected.values()) if expected else set()
     ph.pacs_sc_sr = sum(1 for u in in_pacs if u in want)
-    # every source has its own study: more than one SC and one SR of ours in a study of
-    # this phase is a duplicate (a result sent twice under another UID)
+    # every source has its own study: more than its SC, SR and heat map of ours in a study
+    # of this phase is a duplicate (a result sent twice under another UID)
     studies = {str(d.StudyInstanceUID) for d in datasets}
     per_study = Counter(
         str(t.get("StudyInstanceUID")) for t in ours if str(t.get("StudyInstanceUID")) in studies
     )
     ph.duplicates = sum(c - 1 for c in in_pacs.values() if c > 1) + sum(
-        max(0, c - 2) for c in per_study.values()
+        max(0, c - RESULTS_PER_SOURCE) for c in per_study.values()
     )
     by_uid = {r.sop_instance_uid: r for r in rows}
     for u in ok_uids:
@@ -368,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         f"PACS Orthanc; {os.cpu_count()} CPUs"
     )
     print(
-        "| phase | sent | Success | final states | SC+SR in PACS | duplicates | lost | "
+        "| phase | sent | Success | final states | SC+SR+HM in PACS | duplicates | lost | "
         "wall s | images/min | recovery s |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -2,8 +2,8 @@
 
 :func:`store_datasets` opens one association to one destination, proposes a
 presentation context for the SOP class of every dataset (Secondary Capture Image Storage,
-Comprehensive SR Storage, Segmentation Storage for the heat map) with Explicit and Implicit VR Little Endian, sends every
-dataset and classifies what came back:
+Comprehensive SR Storage, Segmentation Storage for the heat map) with Explicit and Implicit
+VR Little Endian, sends every dataset and classifies what came back:
 
 ``success``
     status 0x0000 (PS3.4 B.2.3).

@@ -10,9 +10,9 @@ directly). Every step is idempotent:
 * the ``inferences`` row is upserted by ``(instance_id, model_version)``;
 * ``deliveries`` rows are unique by ``(instance, destination, SOP Instance UID)`` and a
   result already acknowledged by a destination is not sent there again; the destinations
-  are C-STORE and STOW-RS ones (``CXR_DESTINATIONS``: the SC and SR) and HL7 receivers
-  (``CXR_HL7_DESTINATIONS``: one ORU^R01 per image, its row under the SC's UID), each sent
-  by the sender of its kind (:mod:`worker.delivery`, :mod:`worker.stow`, :mod:`worker.oru`);
+  are C-STORE and STOW-RS ones (``CXR_DESTINATIONS``: the SC, SR and heat map) and HL7
+  receivers (``CXR_HL7_DESTINATIONS``: one ORU^R01 per image, its row under the SC's UID),
+  each sent by the sender of its kind (:mod:`worker.delivery`, :mod:`worker.stow`, :mod:`worker.oru`);
 * an instance in a final state is skipped; one in ``processing`` is taken over when its
   claim is stale (older than ``CXR_REQUEUE_STALE_AFTER``, i.e. left by a killed worker) or
   was made by the same Celery task (a redelivery or retry of the same message).

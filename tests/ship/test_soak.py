@@ -57,7 +57,7 @@ def test_soak_small_configuration_loses_nothing() -> None:
         cells = [c.strip() for c in row.strip("|").split("|")]
         sent, success, lost, dups = int(cells[1]), int(cells[2]), int(cells[6]), int(cells[5])
         assert sent == success == 50 and lost == 0 and dups == 0, row
-        assert int(cells[4]) == 2 * success  # one SC and one SR per image in the PACS
+        assert int(cells[4]) == 3 * success  # one SC, one SR, one heat map per image
     assert re.fullmatch(
         r"ratios: faults/no-faults throughput \d+\.\d\d", out.strip().splitlines()[-1]
     )

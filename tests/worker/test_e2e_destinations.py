@@ -1,8 +1,8 @@
 """End to end with the other destination kinds (issue 11): Orthanc (with Debian's
 orthanc-dicomweb plugin) pushes a chest X-ray to a `cxr node` subprocess, a `cxr worker`
-subprocess (real Celery, embedded broker) classifies it and delivers the SC + SR back to
-Orthanc by STOW-RS and an ORU^R01 to a real MLLP listener of the test; the retries are the
-deliver task's own (backoff, attempts counted in the audit DB)."""
+subprocess (real Celery, embedded broker) classifies it and delivers the SC, SR and heat
+map back to Orthanc by STOW-RS and an ORU^R01 to a real MLLP listener of the test; the
+retries are the deliver task's own (backoff, attempts counted in the audit DB)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from db.models import Delivery, Inference, State
 from db.session import session_scope
 from tests.conftest import free_port
 from tests.worker.conftest import Stack, wait_for
+from tests.worker.result_refs import RESULT_CLASSES, check_references, wait_results
 from tests.worker.test_hl7 import MllpListener, _field, _obx
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.timeout(300)]
@@ -74,7 +75,10 @@ def test_e2e_stow_rs_and_hl7_delivered(dw_stack, mllp, dicom_samples):  # type: 
     lst = MllpListener().start()
     mllp.append(lst)
     token = "tok-e2e-s3cret"
-    stack = dw_stack(CXR_HL7_DESTINATIONS=lst.dest, CXR_DICOMWEB_TOKEN=token)
+    threshold = 0.4
+    stack = dw_stack(
+        CXR_HL7_DESTINATIONS=lst.dest, CXR_DICOMWEB_TOKEN=token, CXR_URGENT_THRESHOLD=threshold
+    )
     dest = f"dicomweb+{stack.orthanc.dicomweb_root}"
     stack.env["CXR_DESTINATIONS"] = dest  # STOW-RS only: no C-STORE destination
     stack.start_worker()
@@ -83,36 +87,36 @@ def test_e2e_stow_rs_and_hl7_delivered(dw_stack, mllp, dicom_samples):  # type: 
     rows = stack.wait_all_final(1, 150)
     assert rows[0].state == State.DELIVERED.value, (rows[0].state, rows[0].reason)
 
-    # the SC and SR arrived in the source study, by STOW-RS (the only destination)
-    def results_in_study():  # type: ignore[no-untyped-def]
-        found = [
-            t
-            for t in stack.orthanc.all_instance_tags()
-            if t["StudyInstanceUID"] == src["StudyInstanceUID"]
-            and t["SOPInstanceUID"] != src["SOPInstanceUID"]
-        ]
-        return found if len(found) == 2 else None
-
-    found = wait_for(results_in_study, 30, what="SC + SR in the source study")
-    assert "SR" in {t["Modality"] for t in found}
+    # the SC, SR and heat map arrived in the source study, by STOW-RS (the only
+    # destination), and reference the source image (the SR also the heat map)
+    results = wait_results(stack.orthanc, src)
+    check_references(results, src)
     dels = _deliveries(stack)
     hl7_dest = f"hl7://{lst.dest}"
-    assert set(dels) == {(dest, "SC"), (dest, "SR"), (hl7_dest, "ORU")}
-    assert {d.sop_instance_uid for k, d in dels.items() if k[0] == dest} == {
-        t["SOPInstanceUID"] for t in found
+    assert set(dels) == {(dest, kind) for kind in RESULT_CLASSES} | {(hl7_dest, "ORU")}
+    assert {kind: dels[(dest, kind)].sop_instance_uid for kind in RESULT_CLASSES} == {
+        kind: str(ds.SOPInstanceUID) for kind, ds in results.items()
     }
     assert all(d.state == "delivered" and d.attempts == 1 for d in dels.values())
-    assert dels[(dest, "SC")].last_status == "HTTP 200"
+    assert all(dels[(dest, kind)].last_status == "HTTP 200" for kind in RESULT_CLASSES)
     # one ORU^R01 for the image, telling what the audit DB holds
     assert len(lst.received) == 1
     msg = lst.received[0]
     with session_scope(stack.db_url) as s:
         inf = s.execute(select(Inference)).scalar_one()
-        verdict, version, p_covid = inf.verdict, inf.model_version, inf.p_covid
+        verdict, version = inf.verdict, inf.model_version
+        p_covid, p_normal, p_other = inf.p_covid, inf.p_normal, inf.p_other
     obx = _obx(msg)
     assert obx["CXR-VERDICT"][1].split("^")[0] == verdict
     assert float(obx["CXR-P-COVID"][1]) == pytest.approx(p_covid, abs=1e-4)
     assert obx["CXR-MODEL-VERSION"][1] == version
+    # the model name: the SC's ManufacturerModelName
+    assert obx["CXR-MODEL"] == ("ST", str(results["SC"].ManufacturerModelName))
+    assert results["SC"].ManufacturerModelName == "cxr-tiny-test"
+    assert float(obx["CXR-P-NORMAL"][1]) == pytest.approx(p_normal, abs=1e-4)
+    assert float(obx["CXR-P-OTHER"][1]) == pytest.approx(p_other, abs=1e-4)
+    urgent = verdict == "COVID" and p_covid > threshold
+    assert _field(msg, "OBR", 5) == ("S" if urgent else "R")
     assert obx["CXR-STUDY-UID"][1] == src["StudyInstanceUID"]
     assert _field(msg, "OBR", 2) == src["AccessionNumber"]
     # the bearer token was sent (Orthanc ignores it) but never reached a log
@@ -148,7 +152,8 @@ def test_e2e_stow_rs_404_retried_to_delivery_failed_hl7_late_listener_once(
     assert inst.state == State.DELIVERY_FAILED.value
     assert "no-such-dicomweb-root" in (inst.reason or "") and "hl7" not in (inst.reason or "")
     dels = _deliveries(stack)
-    for kind in ("SC", "SR"):
+    assert set(dels) == {(bad, kind) for kind in RESULT_CLASSES} | {(hl7_dest, "ORU")}
+    for kind in RESULT_CLASSES:
         assert dels[(bad, kind)].state == "failed"
         assert dels[(bad, kind)].attempts == 4  # CXR_DELIVERY_MAX_ATTEMPTS, by the task
         assert dels[(bad, kind)].last_status == "HTTP 404"

@@ -21,6 +21,7 @@ from db.models import Delivery, Event, Inference, State
 from db.session import session_scope
 from tests.conftest import free_port
 from tests.worker.conftest import Stack, wait_for
+from tests.worker.result_refs import check_references
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.timeout(300)]
 
@@ -96,6 +97,9 @@ def check_pacs_holds_results(stack: Stack, sources: dict[str, str]) -> None:
                 files[modality] = ds
                 expected.add(uid)
             assert {inf.hm_sop_instance_uid, inf.sc_sop_instance_uid} <= walk_uids(files["SR"])
+            # and each where it belongs (Source Image / Referenced Series Sequence, SR
+            # evidence, the heat map's frame as the verdict's region)
+            check_references({"SC": files["OT"], "SR": files["SR"], "HM": files["SEG"]}, src)
             hm = files["SEG"]
             assert hm.SegmentationType == "FRACTIONAL" and hm.SeriesNumber == 9903
             assert (hm.Rows, hm.Columns) == (int(src["Rows"]), int(src["Columns"]))

@@ -237,6 +237,23 @@ def test_ack_codes_and_no_answer(listeners) -> None:  # type: ignore[no-untyped-
     assert out.category == UNREACHABLE_OUTCOME
 
 
+def test_pipeline_oru_priority_follows_cxr_urgent_threshold(listeners) -> None:  # type: ignore[no-untyped-def]
+    """The pipeline's MLLP sender builds the message with the site's CXR_URGENT_THRESHOLD
+    and the model name it is given (the SC's ManufacturerModelName)."""
+    lst = listeners().start()
+    dest = Hl7Destination(host="127.0.0.1", port=lst.port)
+    facts = _facts("COVID", (0.7, 0.2, 0.1))
+    for threshold, priority in ((0.6, "S"), (0.8, "R")):
+        s = load_settings(urgent_threshold=threshold, hl7_ack_timeout=5)
+        out = pipeline._send_oru(dest, facts, "cxr-tiny-test", s)
+        assert (out.category, out.status) == (SUCCESS_OUTCOME, "AA")
+        msg = lst.received[-1]
+        assert _field(msg, "OBR", 5) == priority, threshold
+        assert _obx(msg)["CXR-MODEL"] == ("ST", "cxr-tiny-test")
+        assert _obx(msg)["CXR-VERDICT"][1] == "COVID^COVID-19 suspected^L"
+    assert len(lst.received) == 2
+
+
 # ------------------------------------------------------------------ the pipeline
 def _rows(settings, iid: int) -> dict[tuple[str, str], Delivery]:  # type: ignore[no-untyped-def]
     with session_scope(settings.database_url) as ss:
@@ -286,7 +303,9 @@ def test_pipeline_sends_one_oru_per_image_beside_the_dicom_results(
     assert rows[(hl7_dest, "ORU")].state == "delivered" and rows[(hl7_dest, "ORU")].attempts == 1
     assert rows[(hl7_dest, "ORU")].last_status == "AA"
     assert rows[(hl7_dest, "ORU")].sop_instance_uid == inf.sc_sop_instance_uid
-    assert {k for _, k in rows} == {"SC", "SR", "ORU"}
+    # the DICOM results (SC, SR, heat map) went by C-STORE, the ORU is one per image
+    assert {k for _, k in rows} == {"SC", "SR", "HM", "ORU"}
+    assert all(r.state == "delivered" for r in rows.values())
     # the message tells what the audit DB holds
     assert _field(msg, "OBR", 2) == str(source.AccessionNumber)
     obx = _obx(msg)
@@ -296,6 +315,10 @@ def test_pipeline_sends_one_oru_per_image_beside_the_dicom_results(
     assert float(obx["CXR-P-NORMAL"][1]) == pytest.approx(inf.p_normal, abs=1e-4)
     assert float(obx["CXR-P-OTHER"][1]) == pytest.approx(inf.p_other, abs=1e-4)
     assert obx["CXR-MODEL-VERSION"][1] == inf.model_version
+    # the model name is the SC's ManufacturerModelName (the audit DB holds the version)
+    sc_tags = {t["SOPInstanceUID"]: t for t in orthanc.all_instance_tags()}
+    assert sc_tags[inf.sc_sop_instance_uid]["ManufacturerModelName"] == "cxr-tiny-test"
+    assert obx["CXR-MODEL"] == ("ST", "cxr-tiny-test")
     urgent = inf.verdict == "COVID" and inf.p_covid > s.urgent_threshold
     assert _field(msg, "OBR", 5) == ("S" if urgent else "R")
     # no PHI: the PatientID only as the stored hash, never the name or the plain ID

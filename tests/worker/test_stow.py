@@ -1,6 +1,7 @@
-"""STOW-RS (DICOMweb) destinations: the pipeline delivers the SC and SR to a real Orthanc
-with Debian's orthanc-dicomweb plugin; a wrong path (HTTP 404) is a failure that is retried
-and ends ``delivery_failed``; a STOW-RS response body that lists a failure
+"""STOW-RS (DICOMweb) destinations: the pipeline delivers the SC, SR and heat map to a real
+Orthanc with Debian's orthanc-dicomweb plugin (the results join the source's study and
+reference it); a wrong path (HTTP 404) is a failure that is retried and ends
+``delivery_failed``; a STOW-RS response body that lists a failure
 (FailedSOPSequence), a warning (WarningReason), a 202 partial answer or a 409, which
 Orthanc cannot be made to answer, come from a tiny HTTP server of the test itself."""
 
@@ -24,6 +25,7 @@ from db.models import Delivery, Instance, State
 from db.session import init_db, session_scope
 from tests.conftest import free_port, make_chest_dataset
 from tests.worker.conftest import insert_instance
+from tests.worker.result_refs import RESULT_CLASSES, check_references, wait_results
 from worker import pipeline
 from worker.delivery import FAILURE_OUTCOME, SUCCESS_OUTCOME, UNREACHABLE_OUTCOME, WARNING_OUTCOME
 from worker.stow import stow_datasets
@@ -85,34 +87,37 @@ def test_dicomweb_destinations_parse_beside_cstore_ones() -> None:
 
 # ------------------------------------------------------------------ real Orthanc
 @pytest.mark.orthanc
-def test_pipeline_delivers_sc_and_sr_by_stow_rs_to_orthanc(
+def test_pipeline_delivers_sc_sr_and_heat_map_by_stow_rs_to_orthanc(
     tmp_path, sqlite_url, tiny_model_dir, orthanc_dicomweb, dicom_samples
 ):  # type: ignore[no-untyped-def]
     o = orthanc_dicomweb
     dest = f"dicomweb+{o.dicomweb_root}"
     s = _settings(tmp_path, sqlite_url, tiny_model_dir, dest)
-    src = dicom_samples / "chest" / SAMPLE
-    iid = insert_instance(s, src)
+    # the source image is in the PACS (as when it pushed it to us); the results join its study
+    src_id = o.upload(dicom_samples / "chest" / SAMPLE)["ID"]
+    source = o.tags(src_id)
+    iid = insert_instance(s, dicom_samples / "chest" / SAMPLE)
     out = pipeline.process_instance(s, iid)
     assert out.action == "delivered", out
     assert _state(s, iid).state == State.DELIVERED.value
 
-    source = pydicom.dcmread(src, stop_before_pixels=True)
     rows = _rows(s, iid)
-    assert set(rows) == {(dest, "SC"), (dest, "SR")}
+    assert set(rows) == {(dest, kind) for kind in RESULT_CLASSES}
     for r in rows.values():
         assert r.state == "delivered" and r.attempts == 1 and r.last_status == "HTTP 200"
-    # Orthanc holds exactly the SC and the SR, in the source's study, stored via STOW-RS
-    tags = {t["SOPInstanceUID"]: t for t in o.all_instance_tags()}
-    assert set(tags) == {rows[(dest, "SC")].sop_instance_uid, rows[(dest, "SR")].sop_instance_uid}
-    for t in tags.values():
-        assert t["StudyInstanceUID"] == source.StudyInstanceUID
-        assert t["SeriesInstanceUID"] != source.SeriesInstanceUID
-    assert tags[rows[(dest, "SR")].sop_instance_uid]["Modality"] == "SR"
+    # Orthanc holds exactly the SC, the SR and the heat map, in the source's study, stored
+    # via STOW-RS, each referencing the source image (and the SR the heat map)
+    results = wait_results(o, source)
+    check_references(results, source)
+    assert {k: str(ds.SOPInstanceUID) for k, ds in results.items()} == {
+        kind: rows[(dest, kind)].sop_instance_uid for kind in RESULT_CLASSES
+    }
+    assert results["HM"].Modality == "SEG" and results["HM"].SeriesNumber == 9903
+    assert results["SC"].ManufacturerModelName == "cxr-tiny-test"
     # exactly once: a later message for the delivered instance sends nothing
     assert pipeline.deliver(s, iid).action == "skipped"
-    assert _rows(s, iid)[(dest, "SC")].attempts == 1
-    assert len(o.instances()) == 2
+    assert all(r.attempts == 1 for r in _rows(s, iid).values())
+    assert len(o.instances()) == 4  # the source + the three results
 
 
 @pytest.mark.orthanc
@@ -135,12 +140,13 @@ def test_stow_rs_404_is_a_failure_retried_then_delivery_failed(
     inst = _state(s, iid)
     assert inst.state == State.DELIVERY_FAILED.value and "no-such-dicomweb-root" in inst.reason
     rows = _rows(s, iid)
-    for kind in ("SC", "SR"):
+    assert set(rows) == {(d, kind) for d in (bad, good) for kind in RESULT_CLASSES}
+    for kind in RESULT_CLASSES:
         assert rows[(bad, kind)].state == "failed" and rows[(bad, kind)].attempts == 3
         assert rows[(bad, kind)].last_status == "HTTP 404"
         # the good destination got each result once, on the first attempt
         assert rows[(good, kind)].state == "delivered" and rows[(good, kind)].attempts == 1
-    assert len(o.instances()) == 2
+    assert len(o.instances()) == 3  # SC, SR and heat map, from the good destination
 
 
 # ------------------------------------------------------------------ STOW-RS answers

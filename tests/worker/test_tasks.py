@@ -129,7 +129,8 @@ def test_rerun_replaces_not_duplicates(
     with session_scope(s.database_url) as ss:
         assert ss.query(Inference).filter_by(instance_id=iid).count() == 1
         dels = ss.query(Delivery).filter_by(instance_id=iid).all()
-        assert len(dels) == 2 and all(d.attempts == 2 for d in dels)
+        assert sorted(d.kind for d in dels) == ["HM", "SC", "SR"]
+        assert all(d.attempts == 2 for d in dels)
 
 
 def test_stale_processing_is_taken_over_fresh_one_is_not(
