@@ -740,7 +740,9 @@ def cleanup_spool(
             ]
             chunk_set = set(chunk)
             paths: list[Path] = [
-                spool.resolve(p) for i, p in old if i in chunk_set and p not in kept_paths
+                spool.resolve(p)
+                for i, p in old
+                if i in chunk_set and p is not None and p not in kept_paths
             ]
             paths += [spool.result_path(uid) for uid in result_uids]
             for path in dict.fromkeys(paths):

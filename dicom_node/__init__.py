@@ -3,6 +3,7 @@
 Research use only, not for diagnostic use. See docs/conformance.md.
 """
 
-from dicom_node.node import StorageNode, hash_patient_id
+from cxr.contracts import hash_patient_id
+from dicom_node.node import StorageNode
 
 __all__ = ["StorageNode", "hash_patient_id"]

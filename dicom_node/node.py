@@ -206,7 +206,7 @@ class StorageNode:
                 "CXR_PATIENT_ID_SALT is the public default: set a secret per site, or stored "
                 "PatientID hashes can be reversed by trying candidate IDs"
             )
-        handlers = [
+        handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ESTABLISHED, self.handle_established),
@@ -230,7 +230,7 @@ class StorageNode:
             self._dispatch_q.put(_STOP)
             raise
         if self.server.ssl_context is not None:
-            self.server.get_request = self._tls_get_request  # type: ignore[method-assign]
+            self.server.get_request = self._tls_get_request
         if self._sweep_enabled:
             self._sweep_thread = threading.Thread(
                 target=self._sweep_loop, name="cxr-requeue-sweep", daemon=True
@@ -541,7 +541,7 @@ class StorageNode:
         sock, address = server.socket.accept()
         try:
             sock.settimeout(self.settings.request_timeout)
-            tls = server.ssl_context.wrap_socket(sock, server_side=True)  # type: ignore[union-attr]
+            tls = server.ssl_context.wrap_socket(sock, server_side=True)
             tls.settimeout(None)
             return tls, address
         except (ssl.SSLError, OSError) as exc:

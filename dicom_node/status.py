@@ -150,7 +150,7 @@ def dimse_status(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
-            return fn(*args, **kwargs)
+            return int(fn(*args, **kwargs))
         except Exception as exc:
             refusal = classify_exception(exc)
             unexpected = refusal is not exc

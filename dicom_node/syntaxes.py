@@ -21,7 +21,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AllStoragePresentationContexts, build_context
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def can_decode(uid: str) -> bool:
     if uid in UNCOMPRESSED_SYNTAXES:
         return True
     try:
-        from pydicom.pixels import get_decoder
+        from pydicom.pixels.decoders.base import get_decoder
 
         return bool(get_decoder(UID(uid)).is_available)
     except Exception:
@@ -76,8 +76,9 @@ def supported_contexts() -> list[PresentationContext]:
     """Verification plus every Storage SOP class pynetdicom knows, each with the accepted
     transfer syntaxes. Non-chest classes are accepted so that routing mistakes are
     acknowledged and recorded as ignored instead of failing in the PACS queue."""
-    syntaxes = accepted_transfer_syntaxes()
+    syntaxes: list[str | UID] = list(accepted_transfer_syntaxes())
     contexts = [build_context(Verification)]
     for cx in AllStoragePresentationContexts:
-        contexts.append(build_context(cx.abstract_syntax, syntaxes))
+        if cx.abstract_syntax is not None:
+            contexts.append(build_context(cx.abstract_syntax, syntaxes))
     return contexts

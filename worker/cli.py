@@ -36,7 +36,10 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from cxr.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction, name: str) -> None:  # type
 SWEEP_HOLDER = f"worker@{socket.gethostname()}:{os.getpid()}"
 
 
-def sweep_once(settings: object, app: object) -> int:
+def sweep_once(settings: Settings, app: Any) -> int:
     """One re-queue sweep (:func:`db.lifecycle.sweep`: stranded/stale instances and
     undelivered results, under the sweep lease), which also sets the ``cxr_queue_depth``
     gauge. Returns how many tasks it sent (0 when another process holds the lease)."""
@@ -88,9 +91,9 @@ def sweep_once(settings: object, app: object) -> int:
 
     try:
         return sweep(
-            settings,  # type: ignore[arg-type]
-            lambda i: send_classify(app, i),  # type: ignore[arg-type]
-            lambda i, attempt: send_deliver(app, i, attempt),  # type: ignore[arg-type]
+            settings,
+            lambda i: send_classify(app, i),
+            lambda i, attempt: send_deliver(app, i, attempt),
             holder=SWEEP_HOLDER,
         ).sent
     except Exception as exc:  # DB down: try again next time
@@ -98,7 +101,7 @@ def sweep_once(settings: object, app: object) -> int:
         return 0
 
 
-def _sweeper(settings: object, app: object, interval: float, stop: threading.Event) -> None:
+def _sweeper(settings: Settings, app: Any, interval: float, stop: threading.Event) -> None:
     while not stop.wait(interval):
         sweep_once(settings, app)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pydicom import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.status import code_to_category
 
@@ -66,7 +66,7 @@ UNREACHABLE_OUTCOME = "unreachable"
 STORAGE_WARNINGS = frozenset(
     {COERCION_OF_DATA_ELEMENTS, DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING, ELEMENTS_DISCARDED}
 )
-_TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+_TRANSFER_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 @dataclass

@@ -423,7 +423,7 @@ def build_secondary_capture(
                 contributing_equipment(model, "AI triage: Grad-CAM overlay and burned-in result")
             ],
         )
-    sc.PatientOrientation = list(orientation) if orientation else ""
+    sc.PatientOrientation = list(orientation) if orientation else ""  # type: ignore[assignment]
     _set_provenance(sc, model, settings)
     sc.SeriesDescription = series_description("SC", prediction.label)
     sc.BurnedInAnnotation = "YES"
@@ -439,7 +439,7 @@ def build_secondary_capture(
     if body_part in _CHEST_TERMS:
         sc.BodyPartExamined = "CHEST"
     else:
-        sc.Laterality = None
+        sc.Laterality = None  # type: ignore[assignment]
     src_item = _source_reference(source)
     src_item.PurposeOfReferenceCodeSequence = [
         hd.sr.CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)
@@ -465,7 +465,7 @@ _TYPE2_PATIENT_STUDY = (
 def _reference_copy(source: Dataset, image: bool = False) -> Dataset:
     """The source's patient/study attributes only (no pixel data), with empty/invalid
     optional values removed so that highdicom copies nothing it would reject."""
-    keep = (
+    keep: tuple[str, ...] = (
         "SpecificCharacterSet",
         "PatientID",
         "PatientName",
