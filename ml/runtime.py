@@ -446,12 +446,24 @@ _CACHE: dict[tuple[str, str, str], Classifier] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_classifier(settings: Any) -> Classifier:
-    """The process-wide classifier for ``settings`` (loaded lazily, once)."""
+def _cache_key(settings: Any) -> tuple[str, str, str]:
     model_dir = Path(settings.model_dir).resolve()
     engine = str(getattr(settings, "inference_engine", "auto"))
     cache_dir = getattr(settings, "model_cache_dir", None)
-    key = (str(model_dir), engine, str(cache_dir))
+    return (str(model_dir), engine, str(cache_dir))
+
+
+def is_loaded(settings: Any) -> bool:
+    """Whether :func:`get_classifier` already holds the model for ``settings``."""
+    with _CACHE_LOCK:
+        return _cache_key(settings) in _CACHE
+
+
+def get_classifier(settings: Any) -> Classifier:
+    """The process-wide classifier for ``settings`` (loaded lazily, once): the one model
+    cache of every process (worker, web console, CLI)."""
+    key = _cache_key(settings)
+    model_dir, engine, cache_dir = Path(key[0]), key[1], getattr(settings, "model_cache_dir", None)
     with _CACHE_LOCK:
         clf = _CACHE.get(key)
         if clf is None:

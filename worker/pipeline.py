@@ -99,7 +99,6 @@ def _test_delay() -> float:
 
 
 # --------------------------------------------------------------------------- classifier
-_classifier: Any = None
 # the prefork parent serves /healthz: it sets this variable to a file path, and the pool
 # processes create that file while the model cannot be loaded (remove it once loaded)
 MODEL_STATUS_ENV = "CXR_MODEL_STATUS_FILE"
@@ -185,37 +184,41 @@ def tasks_healthy(limit_seconds: float, now: float | None = None) -> bool:
 
 
 def get_classifier(settings: Settings) -> Any:
-    """The process-wide classifier, loaded on first use (never in the prefork parent).
+    """The process's classifier: :func:`ml.runtime.get_classifier`, the one model cache
+    (loaded on first use, never in the prefork parent). This adds the health flag and the
+    error a task reports.
 
     Raises :class:`ModelUnavailable` when it cannot be loaded (broken artifact, or the
     task's soft time limit hit while loading)."""
-    global _classifier
-    if _classifier is None:
-        from ml.runtime import get_classifier as _load
+    from ml.runtime import get_classifier as _load
+    from ml.runtime import is_loaded
 
-        t0 = time.perf_counter()
-        try:
-            _classifier = _load(settings)
-        except Exception as exc:  # includes celery's SoftTimeLimitExceeded
-            reason = scrub(f"cannot load the model: {type(exc).__name__}: {exc}")[:1000]
-            _set_model_error(reason)
-            log.error("%s", reason)
-            raise ModelUnavailable(reason) from exc
+    fresh = not is_loaded(settings)
+    t0 = time.perf_counter()
+    try:
+        clf = _load(settings)
+    except Exception as exc:  # includes celery's SoftTimeLimitExceeded
+        reason = scrub(f"cannot load the model: {type(exc).__name__}: {exc}")[:1000]
+        _set_model_error(reason)
+        log.error("%s", reason)
+        raise ModelUnavailable(reason) from exc
+    if fresh:
         _set_model_error(None)
         log.info(
             "model %s %s loaded (%s) in %.1f s",
-            getattr(_classifier, "name", "?"),
-            getattr(_classifier, "version", "?"),
-            getattr(_classifier, "engine", "?"),
+            getattr(clf, "name", "?"),
+            getattr(clf, "version", "?"),
+            getattr(clf, "engine", "?"),
             time.perf_counter() - t0,
         )
-    return _classifier
+    return clf
 
 
 def reset_classifier() -> None:
     """Forget the loaded model (after fork, or in tests)."""
-    global _classifier
-    _classifier = None
+    from ml.runtime import clear_classifier_cache
+
+    clear_classifier_cache()
 
 
 def model_info(classifier: Any) -> Any:
