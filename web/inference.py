@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 
 from ml.gradcam import overlay
+from ml.labels import VERDICT_TEXT
 from ml.preprocess import PreprocessError, load_display_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger(__name__)
 
 PREVIEW_MAX_SIDE = 1024
-VERDICT_TEXT = {"COVID": "COVID-19 suspected", "Normal": "Normal", "Other": "Other lung disease"}
 
 
 class UploadError(ValueError):

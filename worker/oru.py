@@ -54,16 +54,13 @@ from worker.delivery import (
 if TYPE_CHECKING:  # pragma: no cover
     from db.lifecycle import ReportFacts
 
+from ml.labels import VERDICT_TEXT
+
 log = logging.getLogger(__name__)
 
 SENDING_APPLICATION = "CXR-TRIAGE"
 HL7_VERSION = "2.5.1"
 RESEARCH_NOTE = "Research use only, not for diagnostic use"
-VERDICT_TEXT = {
-    "COVID": "COVID-19 suspected",
-    "Normal": "Normal",
-    "Other": "Other lung disease",
-}
 CODING_SYSTEM = "L"  # local codes (HL7 table 0396)
 URGENT, ROUTINE = "S", "R"
 _ACCEPTED = ("AA", "CA")

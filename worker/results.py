@@ -58,7 +58,7 @@ from cxr import DISCLAIMER, __version__
 from cxr.contracts import OWN_MANUFACTURER, OWN_SERIES_PREFIX
 from cxr.logconfig import register_dataset_phi
 from ml import gradcam
-from ml.labels import CLASSES
+from ml.labels import CLASSES, VERDICT_TEXT
 from ml.ood import OOD_MESSAGE
 from worker.uids import uid_from
 
@@ -92,7 +92,6 @@ PROCEDURE_CODE = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 UNIT_ONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 _CHEST_TERMS = frozenset({"", "CHEST", "THORAX", "LUNG"})
 VERDICT_TRACKING_ID = "AI triage verdict"  # the measurement group holding the verdict
-VERDICT_TEXT = {"COVID": "COVID-19 suspected", "Normal": "Normal", "Other": "Other lung disease"}
 # IHE AIR / PS3.16 CID 7005 "Contributing Equipment Purpose of Reference": the equipment
 # that processed the source into this object (109103 is "Modifying Equipment", 109104
 # "De-identifying Equipment": neither fits). See docs/conformance.md.

@@ -76,6 +76,18 @@ def app_server(tmp_path: Path) -> Iterator[Server]:
         yield srv
 
 
+def start_web(cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """``cxr web`` as its own process; its first stdout line says where it serves."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cxr.cli", "web"],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def _csrf(html: str) -> str:
     m = re.search(r'name="csrf_token" value="([^"]+)"', html)
     assert m, html[:500]
@@ -234,14 +246,7 @@ def test_cxr_web_serves_and_moves_off_a_taken_port(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         env["CXR_WEB_PORT"] = str(busy.getsockname()[1])
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr.cli", "web"],
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = start_web(tmp_path, env)
         try:
             line = proc.stdout.readline()  # type: ignore[union-attr]
             m = re.search(r"serving on (http://127\.0\.0\.1:(\d+))/", line)
@@ -356,14 +361,7 @@ def test_cxr_web_over_tls_sets_secure_cookies_and_hsts(tmp_path: Path) -> None:
         CXR_DICOM_PORT=str(free_port()),
         CXR_EMBEDDED_BROKER_PATH=str(tmp_path / "b.sqlite"),
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "web"],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_web(tmp_path, env)
     try:
         line = proc.stdout.readline()  # type: ignore[union-attr]
         assert f"serving on https://127.0.0.1:{port}/" in line, line
