@@ -209,6 +209,7 @@ def test_web_service_serves_the_published_port_and_checks_health(
     """The web container listens on 0.0.0.0:8080 (published), has a password (no default),
     and its health check asks the endpoint that needs no login."""
     web = services["web"]
+    SECRET = "a-secret-from-env-as-openssl-rand-makes-it"  # noqa: N806 (openssl rand -hex 32)
     env = _env(web)
     assert env["CXR_WEB_HOST"] == "0.0.0.0"
     assert f"{env['CXR_WEB_PORT']}:{env['CXR_WEB_PORT']}" in web["ports"]
@@ -219,10 +220,10 @@ def test_web_service_serves_the_published_port_and_checks_health(
             monkeypatch.delenv(k)
     for k, v in env.items():
         v = re.sub(r"\$\{[A-Z_]+:-([^}]*)\}", r"\1", v)
-        monkeypatch.setenv(k, re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", "s3cret-from-env", v))
+        monkeypatch.setenv(k, re.sub(r"\$\{[A-Z_]+:\?[^}]*\}", SECRET, v))
     s = Settings(_env_file=None)  # type: ignore[call-arg]
     from web.auth import Credentials
 
-    assert Credentials.from_settings(s).check("admin", "s3cret-from-env") is not None
+    assert Credentials.from_settings(s).check("admin", SECRET) is not None
     # the previews read the spool the node and workers write
     assert any(v.startswith("spool:/var/lib/cxr/spool") for v in web["volumes"])
