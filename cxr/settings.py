@@ -393,6 +393,11 @@ class Settings(BaseSettings):
         description="Host the console checks the DICOM node on (default: CXR_DICOM_HOST, "
         "0.0.0.0 meaning this host; in compose: node).",
     )
+    web_workers_health_url: str = Field(
+        "",
+        description="A /healthz whose 'workers' check the console shows (`cxr run` sets "
+        "its own); empty = ask the workers through the broker (Redis).",
+    )
     web_tls_cert: Path | None = Field(
         None, description="PEM certificate: the console speaks HTTPS (secure cookies, HSTS)."
     )

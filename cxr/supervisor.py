@@ -305,6 +305,14 @@ class Supervisor:
             self.children.append(Child(f"worker-{i}", child_argv("worker"), env))
         if self.web:
             web_env = dict(env, CXR_WEB_PORT=str(self.web_port or self.settings.web_port))
+            if self.settings.metrics_port:
+                # the console shows the workers' health as this supervisor sees it (the
+                # embedded broker cannot ping them)
+                host = self.settings.metrics_host
+                host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+                web_env["CXR_WEB_WORKERS_HEALTH_URL"] = (
+                    f"http://{host}:{self.settings.metrics_port}/healthz"
+                )
             fds: tuple[int, ...] = ()
             if self.web_socket is not None:
                 # the child serves the socket bound here: the printed URL is always right,

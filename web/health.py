@@ -98,6 +98,8 @@ def check_node(settings: Settings, echo: bool = False) -> Check:
 
 
 def check_workers(settings: Settings) -> Check:
+    if settings.web_workers_health_url:
+        return _workers_from_healthz(settings.web_workers_health_url)
     url = settings.effective_broker_url
     if url.startswith("sqla+"):
         return Check(None, "not visible through the embedded broker (see queue depth)")
@@ -109,6 +111,25 @@ def check_workers(settings: Settings) -> Check:
         return Check(False, f"ping failed ({type(exc).__name__})")
     n = len(replies)
     return Check(n > 0, f"{n} worker(s) answered")
+
+
+def _workers_from_healthz(url: str) -> Check:
+    """The 'workers' check of a supervisor's /healthz (``cxr run``)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:  # noqa: S310 - our own setting
+            body = json.loads(r.read())
+    except urllib.error.HTTPError as exc:  # 503: unhealthy, body still says what
+        body = json.loads(exc.read() or b"{}")
+    except (OSError, ValueError) as exc:
+        return Check(False, f"supervisor health unreachable ({type(exc).__name__})")
+    ok = body.get("checks", {}).get("workers")
+    if ok is None:
+        return Check(None, "the supervisor reports no workers check")
+    return Check(bool(ok), "all worker processes up (cxr run)" if ok else "a worker is down")
 
 
 class HealthReport:

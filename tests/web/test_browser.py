@@ -152,6 +152,7 @@ def test_worklist_instance_dashboard_model_and_docs(page: object, stack: WebStac
     assert pg.locator("svg.chart rect").count() > 2  # type: ignore[attr-defined]
     assert "database" in pg.inner_text("#health")  # type: ignore[attr-defined]
     assert "C-ECHO success" in pg.inner_text("#health")  # type: ignore[attr-defined]
+    assert "all worker processes up" in pg.inner_text("#health")  # type: ignore[attr-defined]
     pg.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)  # type: ignore[attr-defined]
 
     pg.click("nav >> text=Model")  # type: ignore[attr-defined]
