@@ -1022,7 +1022,9 @@ D_PENDING = "pending"
 D_DELIVERED = "delivered"
 D_WARNING = "delivered_with_warning"
 D_FAILED = "failed"
+D_NOT_SUPPORTED = "not_supported"  # an optional result the destination does not take
 DELIVERED_ROW_STATES = (D_DELIVERED, D_WARNING)
+DONE_ROW_STATES = (*DELIVERED_ROW_STATES, D_NOT_SUPPORTED)  # never sent again
 
 
 #: the Delivery.kind of an HL7 ORU^R01 result message (its row's SOP Instance UID is the
@@ -1110,7 +1112,7 @@ def delivery_plan(url: str, instance_id: int) -> DeliveryPlan | None:
             for d in s.execute(
                 select(Delivery).where(Delivery.instance_id == instance_id)
             ).scalars()
-            if d.state in DELIVERED_ROW_STATES
+            if d.state in DONE_ROW_STATES
         }
         return DeliveryPlan(
             inst.state, inf.id if inf else None, results, done, aware(inst.received_at), report
@@ -1168,6 +1170,8 @@ def record_delivery_attempts(
                 row.state, row.delivered_at, row.last_error = D_DELIVERED, now, None
             elif a.category == "warning":
                 row.state, row.delivered_at, row.last_error = D_WARNING, now, a.error
+            elif a.category == "not_supported":
+                row.state, row.last_error = D_NOT_SUPPORTED, (a.error or a.category)[:2000]
             else:
                 row.state = D_FAILED
                 row.last_error = (a.error or a.category)[:2000]

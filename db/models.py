@@ -195,7 +195,8 @@ class Delivery(Base):
     last_status: Mapped[str | None] = mapped_column(String(16))  # e.g. 0x0000, 0xB000
     last_error: Mapped[str | None] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(32), default="pending")
-    # pending / delivered / delivered_with_warning / failed
+    # pending / delivered / delivered_with_warning / failed / not_supported (an optional
+    # result, the heat map, that the destination does not take)
     delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     instance: Mapped[Instance] = relationship(back_populates="deliveries")

@@ -61,6 +61,10 @@ SUCCESS_OUTCOME = "success"
 WARNING_OUTCOME = "warning"
 FAILURE_OUTCOME = "failure"
 UNREACHABLE_OUTCOME = "unreachable"
+# an optional result (the heat-map Segmentation) whose SOP class the PACS does not take:
+# not delivered, not retried, and it does not fail the instance (its SC and SR arrived)
+NOT_SUPPORTED_OUTCOME = "not_supported"
+OPTIONAL_SOP_CLASSES = frozenset({"1.2.840.10008.5.1.4.1.1.66.4"})  # Segmentation Storage
 
 # the PS3.4 B.2.3 storage warnings, named in logs/audit (other warnings are still warnings)
 STORAGE_WARNINGS = frozenset(
@@ -162,6 +166,11 @@ def _outcome(dest: str, ds: Dataset, res: StoreResult) -> StoreOutcome:
             log.info("delivery to %s: stored with warning %s", dest, status_hex(status))
         elif category == FAILURE_OUTCOME:
             log.warning("delivery to %s: refused with %s", dest, status_hex(status))
+    elif res.kind == "not_accepted" and str(ds.SOPClassUID) in OPTIONAL_SOP_CLASSES:
+        # a PACS without Segmentation Storage: the SC still shows the heat map
+        category = NOT_SUPPORTED_OUTCOME
+        error = "the PACS does not take Segmentation Storage: heat map not sent"
+        log.warning("delivery to %s: %s (CXR_SEND_HEATMAP=false stops trying)", dest, error)
     elif res.kind == "not_accepted":
         # the PACS accepted no presentation context for this SOP class: it refuses it
         category = FAILURE_OUTCOME

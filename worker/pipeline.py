@@ -569,7 +569,7 @@ def _record(
         err = getattr(out, "error", None) or getattr(out, "detail", None)
         status = _status_text(out)
         attempts.append(lifecycle.Attempt(kind, uid, cat, status, str(err) if err else None))
-        if cat not in ("success", "warning"):
+        if cat not in ("success", "warning", "not_supported"):
             problems.append(f"{kind} to {dest.label}: {cat} {status or ''}".strip())
     lifecycle.record_delivery_attempts(settings.database_url, instance_id, str(dest), attempts)
     if len(outcomes) < len(pending):

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import select, update
 
 from cxr.settings import load_settings
+from db.lifecycle import delivery_plan
 from db.models import Delivery, Event, Inference, Instance, State, utcnow
 from db.session import init_db, session_scope
 from tests.conftest import free_port, make_chest_dataset
@@ -436,3 +437,49 @@ def test_heatmap_is_built_unless_switched_off(
     else:
         assert inf.hm_sop_instance_uid is None and inf.hm_series_uid is None
         assert len(list(spool.results.iterdir())) == 2  # SC and SR only
+
+
+def test_a_pacs_without_segmentation_storage_still_gets_sc_and_sr(
+    tmp_path, sqlite_url, tiny_model_dir, dicom_samples
+):  # type: ignore[no-untyped-def]
+    """The heat map is optional: a PACS that accepts no presentation context for
+    Segmentation Storage gets the SC and SR, the heat-map row says `not_supported` (not
+    retried), and the instance is delivered, not delivery_failed."""
+    from pydicom.uid import (
+        ComprehensiveSRStorage,
+        ExplicitVRLittleEndian,
+        SecondaryCaptureImageStorage,
+    )
+    from pynetdicom import AE, evt
+
+    received: list[str] = []
+
+    def on_store(event) -> int:  # type: ignore[no-untyped-def]
+        received.append(str(event.request.AffectedSOPClassUID))
+        return 0x0000
+
+    ae = AE(ae_title="OLD_PACS")
+    for uid in (SecondaryCaptureImageStorage, ComprehensiveSRStorage):
+        ae.add_supported_context(uid, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        s = _settings(tmp_path, sqlite_url, tiny_model_dir, f"OLD_PACS@127.0.0.1:{port}")
+        iid = insert_instance(s, _sample(dicom_samples))
+        assert pipeline.process_instance(s, iid).action == "delivered"
+        assert _state(s, iid).state == State.DELIVERED.value
+        with session_scope(s.database_url) as ss:
+            rows = {d.kind: d for d in ss.query(Delivery).filter_by(instance_id=iid).all()}
+            assert rows["SC"].state == "delivered" and rows["SR"].state == "delivered"
+            assert rows["HM"].state == "not_supported"
+            assert "Segmentation Storage" in (rows["HM"].last_error or "")
+        assert sorted(received) == sorted([SecondaryCaptureImageStorage, ComprehensiveSRStorage])
+        # nothing left to send: a re-delivery does not try the heat map again
+        plan = delivery_plan(s.database_url, iid)
+        assert plan is not None and all(
+            (f"OLD_PACS@127.0.0.1:{port}", uid) in plan.done for _, uid in plan.results
+        )
+    finally:
+        server.shutdown()
