@@ -44,7 +44,7 @@ from celery.signals import task_postrun, task_prerun, worker_process_init
 from celery.utils.time import get_exponential_backoff_interval
 
 from cxr import metrics
-from cxr.contracts import QUEUE, TASK_CLASSIFY, TASK_DELIVER, send_deliver
+from cxr.contracts import QUEUE, TASK_CLASSIFY, TASK_DELIVER
 from cxr.logconfig import scrub
 from cxr.settings import Settings, get_settings
 from db import lifecycle
@@ -287,15 +287,3 @@ def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool
         pipeline.mark_failed(settings, instance_id, _reason(exc), state=State.DELIVERY_FAILED)
         return State.DELIVERY_FAILED.value
     return out.action
-
-
-def requeue_undelivered(settings: Settings, app: Any, stale_after: float | None = None) -> int:
-    """The undelivered sweep (:func:`db.lifecycle.requeue_undelivered`): due delivery
-    retries, and instances left ``classified`` longer than ``CXR_REQUEUE_STALE_AFTER``."""
-    if not settings.delivery_destinations:
-        return 0
-    return lifecycle.requeue_undelivered(
-        settings.database_url,
-        lambda instance_id, attempt: send_deliver(app, instance_id, attempt),
-        settings.requeue_stale_after if stale_after is None else stale_after,
-    )

@@ -138,7 +138,7 @@ def test_readme_disclaimer_and_sections() -> None:
     ):
         _section(text, heading)
     flow = _section(text, "Data flow")
-    for word in ("PACS", "node", "queue", "workers", "audit DB", "SC + SR"):
+    for word in ("PACS", "node", "queue", "workers", "audit DB", "SC + SR", "Segmentation"):
         assert word in flow, word
     assert "cxr audit list" in text and "cxr send" in text
 

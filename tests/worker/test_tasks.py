@@ -316,9 +316,16 @@ def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(
     long too); the sweep sends it once it is due, exactly once with two sweepers."""
     import redis
 
+    from cxr.contracts import send_deliver
     from db import lifecycle
     from worker.celery_app import QUEUE, make_celery
-    from worker.tasks import _schedule_delivery, requeue_undelivered
+    from worker.tasks import _schedule_delivery
+
+    def requeue_undelivered(s, app, stale_after):  # type: ignore[no-untyped-def]
+        """The node's undelivered sweep (db.lifecycle), sending through this app."""
+        return lifecycle.requeue_undelivered(
+            s.database_url, lambda i, attempt: send_deliver(app, i, attempt), stale_after
+        )
 
     dead = f"DEAD@127.0.0.1:{free_port()}"
     s = _settings(
