@@ -3,8 +3,8 @@
 Inference runs here, with the model loaded once per process (:func:`ml.runtime.get_classifier`,
 the same cache the worker uses), not through the Celery worker: a user waiting at the page
 would otherwise queue behind the PACS backlog, and the broker round trip adds to every
-request (docs/benchmarks.md, "web upload to verdict"). The forward pass is serialised by
-one lock (two cores: parallel passes only slow each other down).
+request (docs/benchmarks.md, "web upload to verdict"). Uploads are classified one at a
+time (a semaphore; two cores: parallel passes only slow each other down).
 
 Uploads are decoded from memory and are not written anywhere unless
 ``CXR_WEB_KEEP_UPLOADS`` is set.
@@ -115,7 +115,6 @@ class WebClassifier:
         self._clf: Any = None
         self._error: str | None = None
         self._lock = threading.Lock()
-        self._ready = threading.Event()
         # one upload decoded and classified at a time: bounds the memory a large image
         # takes (times one) and the threads waiting for the CPU
         self._busy = threading.BoundedSemaphore(1)
@@ -148,8 +147,6 @@ class WebClassifier:
                 except Exception as exc:
                     self._error = f"{type(exc).__name__}: {exc}"
                     raise
-                finally:
-                    self._ready.set()
             return self._clf
 
     @property
@@ -196,8 +193,7 @@ class WebClassifier:
         t1 = time.perf_counter()
         clf = self.get()
         try:
-            with self._lock:
-                pred = clf.predict_display(display)
+            pred = clf.predict_display(display)  # one at a time: the _busy semaphore
             t2 = time.perf_counter()
             small, box = _preview(display, pred.frame_box)
             # the model frame box maps the CAM onto the (scaled) display image

@@ -44,6 +44,7 @@ import hl7
 from hl7.mllp import open_hl7_connection
 
 from cxr.logconfig import scrub
+from ml.labels import VERDICT_TEXT
 from worker.delivery import (
     FAILURE_OUTCOME,
     SUCCESS_OUTCOME,
@@ -53,8 +54,6 @@ from worker.delivery import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from db.lifecycle import ReportFacts
-
-from ml.labels import VERDICT_TEXT
 
 log = logging.getLogger(__name__)
 

@@ -508,13 +508,15 @@ def _send(dest: AnyDestination, datasets: list[Dataset], settings: Settings) -> 
 
 def _model_name(datasets: dict[str, Dataset], sc_uid: str, spool: Spool) -> str | None:
     """The model name of a result (the SC's ManufacturerModelName; the inference row
-    holds the version only). Reads the SC from the spool when not at hand."""
-    if sc_uid not in datasets:
+    holds the version only): from the SC at hand, else from the spool copy's header (its
+    pixel data is not read, and the header is not kept for sending)."""
+    ds = datasets.get(sc_uid)
+    if ds is None:
         path = spool.result_path(sc_uid)
         if not path.exists():
             return None
-        datasets[sc_uid] = spool.read_dataset(path)
-    return str(datasets[sc_uid].get("ManufacturerModelName", "") or "cxr-model")
+        ds = spool.read_dataset(path, stop_before_pixels=True)
+    return str(ds.get("ManufacturerModelName", "") or "cxr-model")
 
 
 def _send_oru(
