@@ -218,6 +218,32 @@ def check_alive(orthanc, procs) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError(f"Orthanc died (exit {rc}): {orthanc.tail(500)}")
 
 
+STAGES = ("decode", "preprocess", "forward", "cam", "build", "send", "total")
+
+
+def stage_means(db_url: str, uids: list[str]) -> dict[str, float]:
+    """Mean per-stage times (ms) the worker recorded for these instances (``t_*_ms``);
+    ``total`` is the classify task's own time (with the delivery lane, sending is not in
+    it)."""
+    from sqlalchemy import select
+
+    from db.models import Inference, Instance
+    from db.session import session_scope
+
+    cols = [getattr(Inference, f"t_{k}_ms") for k in STAGES]
+    with session_scope(db_url) as s:
+        rows = s.execute(
+            select(*cols)
+            .join(Instance, Instance.id == Inference.instance_id)
+            .where(Instance.sop_instance_uid.in_(uids))
+        ).all()
+    out = {}
+    for i, k in enumerate(STAGES):
+        vals = [r[i] for r in rows if r[i] is not None]
+        out[k] = statistics.fmean(vals) if vals else float("nan")
+    return out
+
+
 def pct(values: list[float], q: float) -> float:
     v = sorted(values)
     if len(v) == 1:
@@ -362,6 +388,7 @@ def main() -> int:
         first_rec = min(v[0] for v in times.values())
         overall = len(done) / (done[-1] - first_rec).total_seconds() * 60
         n_pacs = len(orthanc.instances())
+        stages = stage_means(db_url, b_uids)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -406,6 +433,12 @@ def main() -> int:
     print(f"| model alone: single-image time (median) | {model_ms:.0f} ms |")
     print(f"| model alone: throughput | {model_ipm:.1f} images/min |")
     print()
+    print(
+        "mean per image in the backlog (ms): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
+    )
+    print(f"pipeline time per image at steady state: {60000 / steady:.0f} ms")
+    print()
     ok1, ok2 = ratio >= 0.85, lat_ratio <= 2.0
     print(
         f"pipeline / model throughput = {ratio:.2f} (target >= 0.85): {'PASS' if ok1 else 'MISS'}"
@@ -419,6 +452,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     else:
         print(f"scratch kept in {work}")
+    print(f"ratios: pipeline/model {ratio:.2f} p95/model {lat_ratio:.2f}")
     return 0
 
 

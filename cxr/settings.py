@@ -342,6 +342,19 @@ class Settings(BaseSettings):
         description="Deliver results over DICOM TLS (client cert CXR_TLS_CERT/KEY if set; "
         "the PACS certificate is verified against CXR_TLS_CA if set).",
     )
+    delivery_threads: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Delivery threads per worker process: an image's results are sent while "
+        "the next image is classified (0: sent inside the classify task).",
+    )
+    delivery_association_idle: float = Field(
+        10.0,
+        ge=0.0,
+        description="Seconds an association to a C-STORE destination stays open for the "
+        "next results (0: one association per instance); kept below CXR_NETWORK_TIMEOUT.",
+    )
     institution_name: str = Field("", description="Optional InstitutionName on outputs.")
 
     # --- web console and HTTP API (cxr web) ---------------------------------------------

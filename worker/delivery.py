@@ -49,7 +49,7 @@ from cxr.dimse import (
     status_hex,
     status_name,
 )
-from cxr.scu import StoreResult, store_each
+from cxr.scu import AssociationPool, StoreResult, store_each
 
 if TYPE_CHECKING:  # pragma: no cover
     from cxr.settings import Destination, Settings
@@ -71,6 +71,14 @@ STORAGE_WARNINGS = frozenset(
     {COERCION_OF_DATA_ELEMENTS, DATASET_DOES_NOT_MATCH_SOP_CLASS_WARNING, ELEMENTS_DISCARDED}
 )
 _TRANSFER_SYNTAXES: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+#: proposed on every delivery association, so that one association (kept open for the
+#: next instance) carries whatever results an instance has: SC, Comprehensive SR and the
+#: heat-map Segmentation
+RESULT_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.88.33",
+    "1.2.840.10008.5.1.4.1.1.66.4",
+)
 
 
 @dataclass
@@ -188,28 +196,76 @@ def _outcome(dest: str, ds: Dataset, res: StoreResult) -> StoreOutcome:
     )
 
 
+_pool: AssociationPool | None = None
+
+
+def delivery_pool(settings: Settings) -> AssociationPool | None:
+    """This process's pool of open delivery associations (``CXR_DELIVERY_ASSOCIATION_IDLE``
+    seconds each; None when 0). The idle time is kept below half the network timeout, after
+    which pynetdicom would abort an idle association itself."""
+    global _pool
+    idle = min(settings.delivery_association_idle, settings.network_timeout / 2)
+    if idle <= 0:
+        return None
+    if _pool is None or _pool.idle_seconds != idle:
+        if _pool is not None:
+            _pool.close_all()
+        _pool = AssociationPool(idle)
+    return _pool
+
+
+def close_delivery_pool() -> None:
+    """Release the pooled associations (a clean stop)."""
+    if _pool is not None:
+        _pool.close_all()
+
+
 def store_datasets(
     destination: Destination, datasets: Sequence[Dataset], settings: Settings
 ) -> list[StoreOutcome]:
     """C-STORE every dataset to one destination; one :class:`StoreOutcome` per dataset, in
-    order. Never raises for network or peer problems (they are outcomes)."""
+    order. Never raises for network or peer problems (they are outcomes). The association
+    comes from :func:`delivery_pool` (kept open for the next instance) unless reuse is off."""
     dest = str(destination)
     datasets = list(datasets)
     if not datasets:
         return []
-    sop_classes = list(dict.fromkeys(str(ds.SOPClassUID) for ds in datasets))
+    sop_classes = list(
+        dict.fromkeys([*RESULT_SOP_CLASSES, *(str(ds.SOPClassUID) for ds in datasets)])
+    )
     ae = _make_ae(settings, sop_classes)
     tls_args = (tls_context(settings), destination.host) if settings.delivery_tls else None
     t0 = time.perf_counter()
-    results = store_each(
-        ae,
-        destination.host,
-        destination.port,
-        destination.ae_title,
-        datasets,
-        load=lambda ds: ds,
-        tls_args=tls_args,
-    )
+    pool = delivery_pool(settings)
+    if pool is None:
+        results = store_each(
+            ae,
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            datasets,
+            load=lambda ds: ds,
+            tls_args=tls_args,
+        )
+    else:
+        key = (
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            settings.ae_title,
+            tuple(sop_classes),
+            settings.delivery_tls,
+        )
+        results = pool.store_each(
+            key,
+            ae,
+            destination.host,
+            destination.port,
+            destination.ae_title,
+            datasets,
+            load=lambda ds: ds,
+            tls_args=tls_args,
+        )
     log.debug(
         "delivery to %s: %d dataset(s) in %.0f ms",
         dest,

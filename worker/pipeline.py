@@ -38,6 +38,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,9 @@ from cxr.storage import Spool
 from db import lifecycle
 from db.lifecycle import NO_DESTINATIONS, is_final
 from db.models import State
+
+#: the classify task's outcome when the first delivery went to the delivery lane
+DELIVERY_QUEUED = "delivery_queued"
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
@@ -587,11 +591,17 @@ def process_instance(
     classifier: Any | None = None,
     force: bool = False,
     final_delivery_attempt: bool = False,
+    handoff: Callable[[int, dict[str, Dataset]], None] | None = None,
 ) -> Outcome:
     """Claim, classify and deliver one instance (raises :class:`DeliveryIncomplete` when a
     destination did not take the results and ``final_delivery_attempt`` is False; transient
     infrastructure errors propagate for the caller to retry; :class:`PermanentError`
-    closes the instance as ``failed``)."""
+    closes the instance as ``failed``).
+
+    ``handoff``: where a freshly classified instance's first delivery goes instead of
+    running here (the delivery lane, :mod:`worker.lane`): called with the instance id and
+    the result datasets once the instance is ``classified``; the outcome is then
+    ``delivery_queued``."""
     # load the model BEFORE claiming: a first task in a fresh process may spend seconds
     # here, and must not look like a stale claim meanwhile
     clf = classifier if classifier is not None else get_classifier(settings)
@@ -617,6 +627,12 @@ def process_instance(
             timings["total"] = (time.perf_counter() - t_start) * 1000
             return Outcome(
                 instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS, verdict, timings
+            )
+        if handoff is not None:
+            timings["total"] = (time.perf_counter() - t_start) * 1000
+            handoff(instance_id, fresh)
+            return Outcome(
+                instance_id, DELIVERY_QUEUED, State.CLASSIFIED.value, None, verdict, timings
             )
     out = deliver(
         settings,

@@ -4,9 +4,11 @@ Thin wrappers around :mod:`worker.pipeline`, which holds the idempotent logic. W
 tasks add is the retry policy:
 
 * transient infrastructure errors (database ``OperationalError``/``InterfaceError``,
-  broker/network errors, timeouts) are retried with exponential backoff (``equal`` jitter
-  from ``CXR_RETRY_BACKOFF_BASE``, each wait capped at ``CXR_RETRY_ETA_MAX``) up to
-  ``CXR_TASK_MAX_RETRIES`` times, after which the instance ends ``failed`` with the reason;
+  broker/network errors, timeouts) are retried by Celery itself (``autoretry_for``,
+  ``retry_backoff`` from ``CXR_RETRY_BACKOFF_BASE``, each wait capped at
+  ``CXR_RETRY_ETA_MAX``, ``retry_jitter``) up to ``CXR_TASK_MAX_RETRIES`` times, after
+  which :meth:`CxrTask.on_failure` closes the instance ``failed`` (classification) or
+  ``delivery_failed`` (delivery) with the reason;
 * a destination that refuses or cannot be reached is retried by ``cxr.deliver_instance``
   with the full backoff (up to ``CXR_RETRY_BACKOFF_MAX``), up to
   ``CXR_DELIVERY_MAX_ATTEMPTS`` attempts in all, after which the instance ends
@@ -27,6 +29,9 @@ Both tasks accept an optional keyword ``force`` (default False): ``classify_inst
 force=True)`` re-classifies an instance even in a final state (an admin re-run; output
 UIDs are the same, so the PACS replaces the results).
 
+The first delivery attempt of a classified instance runs in the process's delivery lane
+(:mod:`worker.lane`), so the task takes the next image while the results travel.
+
 The model is loaded lazily, once per worker process (:func:`worker.pipeline.get_classifier`);
 each forked pool process drops the database connections it inherited
 (``worker_process_init``).
@@ -38,9 +43,9 @@ import logging
 import random
 from typing import Any
 
-from celery import Task, shared_task
+from celery import Celery, Task, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import task_postrun, task_prerun, worker_process_init
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_process_shutdown
 from celery.utils.time import get_exponential_backoff_interval
 
 from cxr import metrics
@@ -50,6 +55,8 @@ from cxr.settings import Settings, get_settings
 from db import lifecycle
 from db.models import State
 from worker import pipeline
+from worker.delivery import close_delivery_pool
+from worker.lane import Job, current_lane, get_lane
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +129,7 @@ def broker_countdown(countdown: int, settings: Settings) -> int:
     return max(0, min(countdown, settings.retry_eta_max))
 
 
-def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt: int) -> None:
+def _schedule_delivery(app: Celery, instance_id: int, settings: Settings, attempt: int) -> None:
     """Queue ``cxr.deliver_instance`` after a backoff (``attempt`` = attempts made so far).
 
     A backoff the broker may hold (``CXR_RETRY_ETA_MAX``) is a task countdown; a longer
@@ -139,7 +146,7 @@ def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt
             countdown,
         )
         return
-    task.app.send_task(
+    app.send_task(
         TASK_DELIVER,
         args=[instance_id],
         kwargs={"attempt": attempt + 1},
@@ -149,34 +156,104 @@ def _schedule_delivery(task: Task, instance_id: int, settings: Settings, attempt
     log.info("instance %d: delivery attempt %d in %d s", instance_id, attempt + 1, countdown)
 
 
-@shared_task(
-    bind=True,
-    name=TASK_CLASSIFY,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
-)
+def _retry_options() -> dict[str, Any]:
+    """Celery's own retry for transient errors (``autoretry_for``): exponential backoff
+    from ``CXR_RETRY_BACKOFF_BASE``, each wait capped at ``CXR_RETRY_ETA_MAX`` (a wait the
+    broker holds), full jitter; the count is :attr:`CxrTask.max_retries`. Read once, when
+    the worker imports its tasks."""
+    s = get_settings()
+    return {
+        "autoretry_for": TRANSIENT_ERRORS,
+        "retry_backoff": s.retry_backoff_base,
+        "retry_backoff_max": s.retry_eta_max,
+        "retry_jitter": True,
+    }
+
+
+class CxrTask(Task):  # type: ignore[misc]
+    """Base of the two tasks: late acks, redelivery when a worker is lost, no results,
+    Celery's autoretry for :data:`TRANSIENT_ERRORS`; when the retries are used up
+    :meth:`on_failure` closes the instance with the reason (``failed`` for
+    classification, ``delivery_failed`` for delivery)."""
+
+    acks_late = True
+    reject_on_worker_lost = True
+    ignore_result = True
+    #: the state an instance ends in when this task gives up on a transient error
+    gave_up_state = State.FAILED
+
+    @property
+    def max_retries(self) -> int:
+        return get_settings().task_max_retries
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        if not isinstance(exc, TRANSIENT_ERRORS) or not args:
+            return  # every other error was mapped to a state inside the task
+        instance_id = int(args[0])
+        retries = self.request.retries
+        try:
+            pipeline.mark_failed(
+                get_settings(),
+                instance_id,
+                f"gave up after {retries + 1} attempts: {_reason(exc)}",
+                state=self.gave_up_state,
+            )
+        except Exception as exc2:  # DB still down: the re-queue sweep will find it later
+            log.error("instance %d: cannot record failure (%s)", instance_id, type(exc2).__name__)
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
+        metrics.TASK_OUTCOMES.labels("retry").inc()
+        log.warning(
+            "instance %s: transient %s, retry %d/%d",
+            args[0] if args else "?",
+            type(exc).__name__,
+            self.request.retries + 1,
+            self.max_retries,
+        )
+
+
+class DeliverTask(CxrTask):
+    gave_up_state = State.DELIVERY_FAILED
+
+
+@shared_task(bind=True, base=CxrTask, name=TASK_CLASSIFY, **_retry_options())
 def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
-    """Classify one received instance and deliver its results (first delivery attempt)."""
+    """Classify one received instance; its first delivery attempt runs in this process's
+    delivery lane (:mod:`worker.lane`, ``CXR_DELIVERY_THREADS``) or, with 0 threads,
+    inside this task."""
     settings = get_settings()
-    final = settings.delivery_max_attempts <= 1
+    handoff = None
+    if settings.delivery_threads > 0:
+        lane = get_lane(lambda job: _run_lane_job(self.app, job), settings.delivery_threads)
+
+        def handoff(iid: int, datasets: dict[str, Any]) -> None:
+            lane.submit(Job(iid, datasets))
+
     try:
         out = pipeline.process_instance(
             settings,
             instance_id,
             task_id=self.request.id,
             force=force,
-            final_delivery_attempt=final,
+            final_delivery_attempt=settings.delivery_max_attempts <= 1,
+            handoff=handoff,
         )
     except pipeline.DeliveryIncomplete as exc:
         log.info("instance %d: delivery incomplete (%s)", instance_id, exc.detail)
         metrics.TASK_OUTCOMES.labels("delivery_retry").inc()
-        _schedule_delivery(self, instance_id, settings, attempt=1)
+        _schedule_delivery(self.app, instance_id, settings, attempt=1)
         return "delivery_pending"
     except pipeline.ModelUnavailable as exc:
         return _retry_model(self, settings, instance_id, exc)
     except TRANSIENT_ERRORS as exc:
-        return _retry_or_fail(self, settings, instance_id, exc)
+        # Celery retries it (autoretry_for); the claim is given up first so that the
+        # retry (or the sweep, if the retry message is lost) may claim it again
+        _release_quietly(settings, instance_id, exc)
+        raise
     except SoftTimeLimitExceeded:
         pipeline.mark_failed(
             settings, instance_id, f"time limit of {settings.task_soft_time_limit} s exceeded"
@@ -190,6 +267,13 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
     return out.action
 
 
+def _release_quietly(settings: Settings, instance_id: int, exc: BaseException) -> None:
+    try:
+        pipeline.release_claim(settings, instance_id, f"transient: {_reason(exc)}")
+    except Exception as exc2:  # the DB itself is what is down
+        log.warning("instance %d: claim not released (%s)", instance_id, type(exc2).__name__)
+
+
 MODEL_UNAVAILABLE = "model_unavailable"
 
 
@@ -197,7 +281,9 @@ def _retry_model(
     task: Task, settings: Settings, instance_id: int, exc: pipeline.ModelUnavailable
 ) -> str:
     """Retry a task whose worker could not load the model; the instance was not claimed,
-    so it stays ``queued`` (after the last retry the re-queue sweep sends it again)."""
+    so it stays ``queued`` (after the last retry the re-queue sweep sends it again). Not
+    Celery's autoretry: giving up here drops the message without failing the instance
+    (the model, not the instance, is broken)."""
     metrics.TASK_OUTCOMES.labels(MODEL_UNAVAILABLE).inc()
     retries = task.request.retries
     if retries >= settings.task_max_retries:
@@ -218,72 +304,85 @@ def _retry_model(
     raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
 
 
-def _retry_or_fail(task: Task, settings: Settings, instance_id: int, exc: BaseException) -> str:
-    retries = task.request.retries
-    if retries >= settings.task_max_retries:
-        try:
-            pipeline.mark_failed(
-                settings, instance_id, f"gave up after {retries + 1} attempts: {_reason(exc)}"
-            )
-        except Exception as exc2:  # DB still down: the re-queue sweep will find it later
-            log.error("instance %d: cannot record failure (%s)", instance_id, type(exc2).__name__)
-        return State.FAILED.value
-    pipeline.release_claim(settings, instance_id, f"transient: {_reason(exc)}")
-    metrics.TASK_OUTCOMES.labels("retry").inc()
-    countdown = broker_countdown(backoff_seconds(retries, settings), settings)
-    log.warning(
-        "instance %d: transient %s, retry %d/%d in %d s",
-        instance_id,
-        type(exc).__name__,
-        retries + 1,
-        settings.task_max_retries,
-        countdown,
-    )
-    raise task.retry(exc=exc, countdown=countdown, max_retries=settings.task_max_retries)
-
-
-@shared_task(
-    bind=True,
-    name=TASK_DELIVER,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    ignore_result=True,
-)
-def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool = False) -> str:
-    """(Re-)send the stored results of a classified (or ``delivery_failed``) instance.
-
-    ``attempt`` counts delivery attempts; the one reaching ``CXR_DELIVERY_MAX_ATTEMPTS``
-    is the last, ending ``delivery_failed`` when it fails. An admin re-send (``cxr audit
-    retry``) starts again at attempt 1."""
-    del force  # accepted for symmetry; a delivered instance is never re-sent
-    settings = get_settings()
+def deliver_attempt(
+    app: Celery,
+    settings: Settings,
+    instance_id: int,
+    attempt: int,
+    built: dict[str, Any] | None = None,
+) -> str:
+    """One delivery attempt and what its outcome means, in one place (the deliver task
+    and the lane): delivered / retry scheduled / ``delivery_failed``. Transient
+    infrastructure errors propagate (the caller retries them)."""
     final = attempt >= settings.delivery_max_attempts
     try:
-        out = pipeline.deliver(settings, instance_id, final_attempt=final)
+        out = pipeline.deliver(settings, instance_id, final_attempt=final, built=built)
     except pipeline.DeliveryIncomplete as exc:
         log.info(
             "instance %d: delivery attempt %d incomplete (%s)", instance_id, attempt, exc.detail
         )
         metrics.TASK_OUTCOMES.labels("delivery_retry").inc()
-        _schedule_delivery(self, instance_id, settings, attempt=attempt)
+        _schedule_delivery(app, instance_id, settings, attempt=attempt)
         return "delivery_pending"
-    except TRANSIENT_ERRORS as exc:
-        if self.request.retries >= settings.task_max_retries:
-            log.error("instance %d: delivery bookkeeping failed for good", instance_id)
-            try:
-                pipeline.mark_failed(
-                    settings, instance_id, _reason(exc), state=State.DELIVERY_FAILED
-                )
-            except Exception:
-                log.error("instance %d: cannot record delivery failure", instance_id)
-            return State.DELIVERY_FAILED.value
-        raise self.retry(
-            exc=exc,
-            countdown=broker_countdown(backoff_seconds(self.request.retries, settings), settings),
-            max_retries=settings.task_max_retries,
-        ) from exc
+    except TRANSIENT_ERRORS:
+        raise
     except Exception as exc:
         log.exception("instance %d: unexpected delivery error", instance_id)
         pipeline.mark_failed(settings, instance_id, _reason(exc), state=State.DELIVERY_FAILED)
         return State.DELIVERY_FAILED.value
     return out.action
+
+
+def _run_lane_job(app: Celery, job: Job) -> None:
+    """A first delivery attempt in the lane. A transient error (DB or broker down) goes to
+    the broker as ``cxr.deliver_instance`` for the same attempt, where Celery retries it;
+    if the broker is down too, the instance stays ``classified`` and the sweep re-sends
+    it."""
+    settings = get_settings()
+    try:
+        action = deliver_attempt(app, settings, job.instance_id, 1, built=job.datasets)
+    except TRANSIENT_ERRORS as exc:
+        log.warning(
+            "instance %d: delivery hit %s; handed to the deliver task",
+            job.instance_id,
+            type(exc).__name__,
+        )
+        try:
+            app.send_task(
+                TASK_DELIVER,
+                args=[job.instance_id],
+                kwargs={"attempt": 1},
+                queue=QUEUE,
+                countdown=broker_countdown(backoff_seconds(0, settings), settings),
+            )
+        except Exception as exc2:
+            log.error(
+                "instance %d: left classified for the sweep (%s)",
+                job.instance_id,
+                type(exc2).__name__,
+            )
+        return
+    log.info("instance %d: %s", job.instance_id, action)
+
+
+@shared_task(bind=True, base=DeliverTask, name=TASK_DELIVER, **_retry_options())
+def deliver_instance(self: Task, instance_id: int, attempt: int = 1, force: bool = False) -> str:
+    """(Re-)send the stored results of a classified (or ``delivery_failed``) instance.
+
+    ``attempt`` counts delivery attempts; the one reaching ``CXR_DELIVERY_MAX_ATTEMPTS``
+    is the last, ending ``delivery_failed`` when it fails. An admin re-send (``cxr audit
+    retry``) starts again at attempt 1. Transient errors: Celery's autoretry."""
+    del force  # accepted for symmetry; a delivered instance is never re-sent
+    return deliver_attempt(self.app, get_settings(), instance_id, attempt)
+
+
+@worker_process_shutdown.connect
+def _drain_on_shutdown(**_kwargs: Any) -> None:
+    """A clean stop sends what the lane holds before the process ends (what a hard kill
+    loses, the sweep re-sends), then releases the pooled associations."""
+    lane = current_lane()
+    if lane is not None and lane.pending:
+        log.info("delivery lane: draining %d delivery(ies) before exit", lane.pending)
+        if not lane.stop(timeout=get_settings().dimse_timeout):
+            log.warning("delivery lane: not drained; the sweep re-sends what is left")
+    close_delivery_pool()

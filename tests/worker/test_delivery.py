@@ -36,6 +36,7 @@ from worker.delivery import (
     UNREACHABLE_OUTCOME,
     WARNING_OUTCOME,
     classify_status,
+    delivery_pool,
     store_datasets,
 )
 from worker.results import (
@@ -62,22 +63,39 @@ class StorageSCP:
         syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
         delay: float = 0.0,
         ssl_context=None,  # type: ignore[no-untyped-def]
+        network_timeout: float | None = None,
     ) -> None:
         self.status = status
         self.delay = delay
         self.port = free_port()
         self.received: list[tuple[str, Dataset]] = []
+        self.associations = 0  # accepted
+        self.releases = 0  # ended by the requestor's A-RELEASE
         self._lock = threading.Lock()
         ae = AE(ae_title=SCP_AET)
         ae.require_called_aet = True
+        if network_timeout is not None:
+            ae.network_timeout = network_timeout  # aborts an association idle that long
         for uid in sop_classes:
             ae.add_supported_context(uid, list(syntaxes))
         self.server = ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_ACCEPTED, self._on_accepted),
+                (evt.EVT_RELEASED, self._on_released),
+            ],
             ssl_context=ssl_context,
         )
+
+    def _on_accepted(self, _event) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.associations += 1
+
+    def _on_released(self, _event) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            self.releases += 1
 
     def _on_store(self, event) -> Dataset:  # type: ignore[no-untyped-def]
         ds = event.dataset
@@ -231,6 +249,62 @@ def test_implicit_vr_only_peer(workdir: Path, scp_factory, results) -> None:  # 
 def test_empty_list_opens_nothing(workdir: Path) -> None:
     dest = Destination(ae_title=SCP_AET, host="127.0.0.1", port=free_port())
     assert store_datasets(dest, [], _settings(workdir)) == []
+
+
+# ------------------------------------------------------------- association reuse
+def _wait_for(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())
+
+
+def test_association_is_reused_then_released_when_idle(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    """Two instances' results over one association; it is released (A-RELEASE, not an
+    abort) once it has been idle for CXR_DELIVERY_ASSOCIATION_IDLE."""
+    scp = scp_factory()
+    s = _settings(workdir, delivery_association_idle=1.0)
+    pool = delivery_pool(s)
+    assert pool is not None
+    opened = pool.opened
+    for _ in range(2):
+        out = store_datasets(scp.destination(), results, s)
+        assert [o.category for o in out] == [SUCCESS_OUTCOME] * 2
+    assert len(scp.received) == 4
+    assert scp.associations == 1 and pool.opened == opened + 1
+    assert scp.releases == 0  # still open, for the next instance
+    assert _wait_for(lambda: scp.releases == 1, 10)
+    assert scp.associations == 1
+    # the next instance opens a new one
+    store_datasets(scp.destination(), results[:1], s)
+    assert scp.associations == 2 and len(scp.received) == 5
+
+
+def test_association_closed_by_the_peer_while_idle_is_reopened(
+    workdir: Path, scp_factory, results
+) -> None:  # type: ignore[no-untyped-def]
+    """A PACS that drops idle associations sooner than we keep them costs no failure."""
+    scp = scp_factory(network_timeout=0.3)
+    s = _settings(workdir, delivery_association_idle=2.0)
+    assert [o.category for o in store_datasets(scp.destination(), results, s)] == [
+        SUCCESS_OUTCOME
+    ] * 2
+    time.sleep(1.0)  # the SCP has aborted it by now
+    out = store_datasets(scp.destination(), results, s)
+    assert [o.category for o in out] == [SUCCESS_OUTCOME] * 2
+    assert scp.associations == 2 and len(scp.received) == 4
+
+
+def test_no_reuse_when_the_idle_time_is_zero(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory()
+    s = _settings(workdir, delivery_association_idle=0)
+    assert delivery_pool(s) is None
+    for _ in range(2):
+        store_datasets(scp.destination(), results[:1], s)
+    assert scp.associations == 2
+    assert _wait_for(lambda: scp.releases == 2, 5)
 
 
 # ------------------------------------------------------------------------------ TLS

@@ -241,6 +241,7 @@ def test_celery_task_eager_runs_pipeline(
     monkeypatch.setenv("CXR_METRICS_PORT", "0")
     from cxr.settings import get_settings
     from worker.celery_app import TASK_CLASSIFY, TASK_DELIVER, make_celery
+    from worker.lane import current_lane
 
     get_settings.cache_clear()
     s = get_settings()
@@ -252,7 +253,10 @@ def test_celery_task_eager_runs_pipeline(
     assert {TASK_CLASSIFY, TASK_DELIVER} <= set(app.tasks)
     iid = insert_instance(s, _sample(dicom_samples))
     res = app.tasks[TASK_CLASSIFY].apply(args=[iid])
-    assert res.get() == "delivered"
+    # the first delivery runs in the process's delivery lane (CXR_DELIVERY_THREADS=1)
+    assert res.get() == "delivery_queued"
+    lane = current_lane()
+    assert lane is not None and lane.drain(60)
     assert _state(s, iid).state == State.DELIVERED.value
     assert app.tasks[TASK_DELIVER].apply(args=[iid]).get() == "skipped"
 
@@ -341,13 +345,8 @@ def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(
     r = redis.Redis.from_url(private_redis.url)
     iid = insert_instance(s, dataset_bytes(make_chest_dataset()), state=State.CLASSIFIED.value)
 
-    class _Task:  # what _schedule_delivery uses of the bound task: its (real) app
-        pass
-
-    task = _Task()
-    task.app = app  # type: ignore[attr-defined]
     before = utcnow()
-    _schedule_delivery(task, iid, s, attempt=1)  # type: ignore[arg-type]
+    _schedule_delivery(app, iid, s, attempt=1)
     assert r.llen(QUEUE) == 0  # nothing parked in the broker
     inst = _state(s, iid)
     assert inst.retry_attempt == 2
@@ -401,7 +400,7 @@ def test_long_delivery_backoff_waits_in_the_db_not_in_the_broker(
     iid2 = insert_instance(
         s2, dataset_bytes(make_chest_dataset(seed=2)), state=State.CLASSIFIED.value
     )
-    _schedule_delivery(task, iid2, s2, attempt=1)  # type: ignore[arg-type]
+    _schedule_delivery(app, iid2, s2, attempt=1)
     assert r.llen(QUEUE) == 1
     assert json.loads(r.lindex(QUEUE, 0))["headers"]["eta"]
     assert _state(s2, iid2).retry_due_at is None
