@@ -19,9 +19,10 @@ COPY dicom_node ./dicom_node
 COPY worker ./worker
 COPY ml ./ml
 COPY web ./web
+COPY apps ./apps
 RUN pip install --upgrade pip setuptools wheel \
  && pip install . \
- && python -c "import cxr, dicom_node, worker, ml, db, web; print('cxr-triage installed')"
+ && python -c "import cxr, dicom_node, worker, ml, db, web, apps; print('cxr-triage installed')"
 
 # ---------------------------------------------------------------- runtime: no compilers, non-root
 FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime

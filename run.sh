@@ -14,4 +14,4 @@ if ! "$PY" -m pip --version >/dev/null 2>&1; then
   $SUDO apt-get update && $SUDO apt-get install -y python3-pip
 fi
 "$PY" -m pip install --quiet -e .
-exec "$PY" -m cxr.cli run "$@"
+exec "$PY" -m apps.cli run "$@"

@@ -52,7 +52,7 @@ def run_arm(args: argparse.Namespace, policy: str, arm: str) -> dict[str, object
         cmd = [
             sys.executable,
             "-m",
-            "cxr.cli",
+            "apps.cli",
             "train",
             "--data",
             str(args.data),

@@ -213,7 +213,7 @@ def _start(target: str, port: int, work: Path) -> subprocess.Popen:
             CXR_MAX_ASSOCIATIONS="16",
             PYTHONPATH=str(REPO),
         )
-        cmd = [sys.executable, "-m", "cxr.cli", "node"]
+        cmd = [sys.executable, "-m", "apps.cli", "node"]
     else:
         env = dict(os.environ)
         cmd = [

@@ -83,7 +83,7 @@ def main() -> int:
     )
     log = open(work / "node.log", "wb")
     node = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "node"],
+        [sys.executable, "-m", "apps.cli", "node"],
         env=env,
         cwd=REPO,
         stdout=log,

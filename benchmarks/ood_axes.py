@@ -41,7 +41,7 @@ OUT_OF_SCOPE = [
 def out_of_scope_pooled(clf: object) -> tuple[list[str], np.ndarray]:
     from sklearn.datasets import load_sample_image
 
-    from cxr.demo import demo_dataset
+    from apps.demo import demo_dataset
     from ml.preprocess import dicom_to_display, grey_to_input, load_display
 
     cases: dict[str, np.ndarray] = {}

@@ -126,7 +126,7 @@ def send(folder: Path, port: int) -> None:
         [
             sys.executable,
             "-m",
-            "cxr.cli",
+            "apps.cli",
             "send",
             str(folder),
             "--no-progress",
@@ -139,7 +139,7 @@ def send(folder: Path, port: int) -> None:
 
 
 def measure(workers: int, count: int, size: int, model: Path, base: Path) -> dict[str, float]:
-    from cxr.demo import write_demo
+    from apps.demo import write_demo
 
     work = Path(tempfile.mkdtemp(prefix=f"w{workers}-", dir=base))
     warm, batch = work / "warm", work / "batch"
@@ -162,7 +162,7 @@ def measure(workers: int, count: int, size: int, model: Path, base: Path) -> dic
         CXR_DESTINATIONS=f"BENCH_PACS@127.0.0.1:{pacs_port}",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "run", "--workers", str(workers), "--quiet"],
+        [sys.executable, "-m", "apps.cli", "run", "--workers", str(workers), "--quiet"],
         cwd=work,
         env=env,
         stdout=subprocess.PIPE,

@@ -349,7 +349,7 @@ def main() -> int:
         for args in (["worker"], ["node"]):
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "cxr.cli", *args],
+                    [sys.executable, "-m", "apps.cli", *args],
                     env=env,
                     cwd=REPO,
                     stdout=open(work / f"{args[0]}.log", "wb"),

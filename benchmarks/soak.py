@@ -74,7 +74,7 @@ class Phase:
 
 
 def _datasets(n: int, offset: int) -> list[Any]:
-    from cxr.demo import demo_dataset
+    from apps.demo import demo_dataset
 
     return [demo_dataset(offset + i, size=128) for i in range(n)]
 

@@ -92,7 +92,7 @@ def web_times(files: list[Path], reps: int, cache: Path, work: Path) -> tuple[li
         CXR_LOG_LEVEL="WARNING",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "web"],
+        [sys.executable, "-m", "apps.cli", "web"],
         cwd=work,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr.cli import main
+from apps.cli import main
 from ml.artifact import CARD_MD, load_card, verify_sha
 from ml.labels import CLASSES
 from ml.runtime import Classifier

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr.cli import main
+from apps.cli import main
 from ml.artifact import load_card, make_tiny_artifact
 from ml.frozen import LeaveOut, apply_leave_out, source_balanced_indices
 from ml.ood import OOD_FILE

@@ -71,7 +71,7 @@ def _flagged(clf: Classifier, displays: list[np.ndarray]) -> list[bool]:
 def test_out_of_scope_images_are_flagged(clf: Classifier, dicom_samples) -> None:  # type: ignore[no-untyped-def]
     from sklearn.datasets import load_sample_image
 
-    from cxr.demo import demo_dataset
+    from apps.demo import demo_dataset
     from ml.preprocess import dicom_to_display
 
     cases: dict[str, np.ndarray] = {}
@@ -97,8 +97,8 @@ def test_test_split_radiographs_pass(clf: Classifier, cxr_data) -> None:  # type
 def test_predict_json_carries_the_ood_flag(tmp_path, dicom_samples, capsys, workdir) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from cxr.cli import main
-    from cxr.demo import demo_dataset
+    from apps.cli import main
+    from apps.demo import demo_dataset
 
     phantom = tmp_path / "phantom.dcm"
     demo_dataset(0).save_as(phantom, enforce_file_format=True)

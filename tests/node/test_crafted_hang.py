@@ -60,7 +60,7 @@ def test_crafted_patient_name_does_not_hang(tmp_path: Path, node_redis: str, lev
     port, mport = free_port(), free_port()
     env = _cli_env(tmp_path, port, node_redis, CXR_METRICS_PORT=str(mport), CXR_LOG_LEVEL=level)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "node"],
+        [sys.executable, "-m", "apps.cli", "node"],
         env=env,
         cwd=tmp_path,
         stdout=subprocess.PIPE,

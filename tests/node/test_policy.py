@@ -193,7 +193,7 @@ def test_tls_association(node_factory, sqlite_url, tmp_path):
 
 def _run_cli(env: dict[str, str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "node"],
+        [sys.executable, "-m", "apps.cli", "node"],
         env=env,
         cwd=cwd,
         stdout=subprocess.PIPE,
@@ -250,7 +250,7 @@ def test_cli_sigterm_lets_association_finish(tmp_path, node_redis):
 def test_cli_invalid_setting_one_line(tmp_path, node_redis):
     env = _cli_env(tmp_path, free_port(), node_redis, CXR_DICOM_PORT="99999")
     r = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "node"],
+        [sys.executable, "-m", "apps.cli", "node"],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -171,7 +171,7 @@ def test_second_node_does_not_sweep_until_the_first_stops(
 def test_workers_do_not_sweep_by_default() -> None:
     import argparse
 
-    from worker import cli
+    from apps import worker_cli as cli
 
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
@@ -203,7 +203,7 @@ def test_0005_leases_upgrade_downgrade(db_url: str) -> None:
 def test_node_sweeps_by_default_and_can_hand_it_off() -> None:
     import argparse
 
-    from dicom_node import cli
+    from apps import node_cli as cli
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(), "node")

@@ -149,7 +149,7 @@ def run_pipeline(tmp_path: Path, tiny_model: Path) -> Iterator[object]:
                 [
                     sys.executable,
                     "-m",
-                    "cxr.cli",
+                    "apps.cli",
                     "run",
                     *(args or []),
                     *([] if web else ["--no-web"]),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from cxr.cli import SUBCOMMANDS, build_parser
+from apps.cli import SUBCOMMANDS, build_parser
 from cxr.settings import ENV_PREFIX, Settings
 from tests.conftest import REPO
 
@@ -112,7 +112,8 @@ def test_dockerfile_multistage_non_root() -> None:
         for part in src.split():
             assert (REPO / part).exists(), part
     ignored = (REPO / ".dockerignore").read_text().split()
-    for needed in ("cxr", "db", "dicom_node", "worker", "ml", "web", "pyproject.toml", "README.md"):
+    packages = ("apps", "cxr", "db", "dicom_node", "worker", "ml", "web")
+    for needed in (*packages, "pyproject.toml", "README.md"):
         assert needed not in ignored
 
 

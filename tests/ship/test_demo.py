@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from cxr.demo import chest_phantom, write_demo
+from apps.demo import chest_phantom, write_demo
 
 
 def test_cli_writes_valid_chest_images(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_cli_writes_valid_chest_images(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "cxr.cli",
+            "apps.cli",
             "demo",
             str(out),
             "--count",

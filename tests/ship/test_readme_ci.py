@@ -86,13 +86,13 @@ def test_test_script_runs_the_static_checks() -> None:
         assert f"`{name}`" in readme, name
     mypy = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["mypy"]
     assert mypy["strict"] is True
-    assert sorted(mypy["files"]) == ["cxr", "db", "dicom_node", "ml", "web", "worker"]
+    assert sorted(mypy["files"]) == ["apps", "cxr", "db", "dicom_node", "ml", "web", "worker"]
 
 
 def test_run_script_installs_and_starts_cxr_run() -> None:
     text = (REPO / "run.sh").read_text()
     assert "pip install --quiet -e ." in text
-    assert text.rstrip().splitlines()[-1] == 'exec "$PY" -m cxr.cli run "$@"'
+    assert text.rstrip().splitlines()[-1] == 'exec "$PY" -m apps.cli run "$@"'
 
 
 @pytest.mark.parametrize(("body", "rc"), [("assert 1 + 1 == 2", 0), ("assert 1 + 1 == 3", 1)])

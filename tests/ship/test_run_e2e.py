@@ -195,7 +195,7 @@ def test_sigterm_finishes_work_in_flight(run_pipeline, tmp_path: Path) -> None:
     """Two workers; demo images pushed with `cxr send`; SIGTERM right after the push:
     nothing is left half-done ('processing'), the exit is 0, and a restart on the same
     audit DB, spool and broker completes every instance."""
-    from cxr.demo import write_demo
+    from apps.demo import write_demo
 
     folder = tmp_path / "batch"
     write_demo(folder, count=4, size=256)
@@ -207,7 +207,7 @@ def test_sigterm_finishes_work_in_flight(run_pipeline, tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "cxr.cli",
+            "apps.cli",
             "send",
             str(folder),
             "--no-progress",

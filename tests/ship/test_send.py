@@ -18,7 +18,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 
-from cxr import send
+from apps import send
 from tests.conftest import REPO, free_port, make_chest_dataset
 
 OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3 Refused: Out of Resources
@@ -87,7 +87,7 @@ def has_line(out: str, name: str, status: str) -> bool:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "send", "--no-progress", *args],
+        [sys.executable, "-m", "apps.cli", "send", "--no-progress", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -109,7 +109,7 @@ def test_cli_cleanup_spool(tmp_path: Path) -> None:
     env.update(
         CXR_DATABASE_URL=url, CXR_SPOOL_DIR=str(tmp_path / "spool"), CXR_SPOOL_RETENTION_DAYS="7"
     )
-    cmd = [sys.executable, "-m", "cxr.cli", "run", "--cleanup-spool"]
+    cmd = [sys.executable, "-m", "apps.cli", "run", "--cleanup-spool"]
     res = subprocess.run(
         [*cmd, "--dry-run"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
     )

@@ -1,4 +1,4 @@
-"""cxr.supervisor pieces: restart with back-off, SIGTERM forwarding and grace, status lines
+"""apps.supervisor pieces: restart with back-off, SIGTERM forwarding and grace, status lines
 from the audit DB (SQLite and PostgreSQL)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cxr import supervisor as sup
+from apps import supervisor as sup
 from cxr.settings import load_settings
 
 
@@ -36,7 +36,7 @@ def _sup(tmp_path: Path, argv_list: list[list[str]], grace: float = 10.0) -> sup
 def test_crashed_child_is_restarted_with_backoff(tmp_path: Path, caplog) -> None:
     s = _sup(tmp_path, [[sys.executable, "-c", "import sys; sys.exit(3)"]])
     c = s.children[0]
-    caplog.set_level(logging.INFO, logger="cxr.supervisor")
+    caplog.set_level(logging.INFO, logger="apps.supervisor")
     s.supervise_once(0.0)  # first start
     first_pid = c.proc.pid
     c.proc.wait(10)
@@ -125,7 +125,7 @@ def test_children_are_python_m_cxr_cli(tmp_path: Path) -> None:
     s.build_children()
     names = [c.name for c in s.children]
     assert names == ["node", "worker-1", "worker-2", "worker-3", "web"]
-    assert s.children[0].argv == [sys.executable, "-m", "cxr.cli", "node"]
+    assert s.children[0].argv == [sys.executable, "-m", "apps.cli", "node"]
     assert s.children[1].argv[-1] == "worker"
     # the node owns the re-queue sweep: no worker runs it (db.lifecycle.sweep)
     assert [c.argv[-1] for c in s.children[1:4]] == ["worker"] * 3
@@ -226,7 +226,7 @@ def test_busy_ports_give_a_one_line_error(tmp_path: Path) -> None:
             ("CXR_METRICS_PORT", "CXR_DICOM_PORT"),
         ):
             res = subprocess.run(
-                [sys.executable, "-m", "cxr.cli", "run"],
+                [sys.executable, "-m", "apps.cli", "run"],
                 env={**env, var: str(port), other: str(free_port())},
                 cwd=tmp_path,
                 capture_output=True,

@@ -51,7 +51,7 @@ def test_node_and_worker_processes_on_redis_and_postgres(
     mp_dir = tmp_path / "prom"
     mp_dir.mkdir()
     subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "db", "upgrade"],
+        [sys.executable, "-m", "apps.cli", "db", "upgrade"],
         cwd=tmp_path,
         env=clean_env(**common),
         check=True,
@@ -72,7 +72,7 @@ def test_node_and_worker_processes_on_redis_and_postgres(
             logs.append(log)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "cxr.cli", name],
+                    [sys.executable, "-m", "apps.cli", name],
                     cwd=tmp_path,
                     env=clean_env(**common, **extra),
                     stdout=log,
@@ -105,7 +105,7 @@ def test_node_and_worker_processes_on_redis_and_postgres(
             [
                 sys.executable,
                 "-m",
-                "cxr.cli",
+                "apps.cli",
                 "send",
                 str(folder),
                 "--no-progress",

@@ -39,7 +39,7 @@ def shipped_model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     png = need_shared(CXR_DATA / NORMAL_PNG)
     env = clean_env(CXR_MODEL_CACHE_DIR=str(cache))
     res = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "predict", "--json", str(png)],
+        [sys.executable, "-m", "apps.cli", "predict", "--json", str(png)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -186,7 +186,7 @@ def stack(
     out, err = work / "stdout.txt", work / "stderr.txt"
     with open(out, "wb") as fo, open(err, "wb") as fe:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cxr.cli", "run", "--workers", "1"],
+            [sys.executable, "-m", "apps.cli", "run", "--workers", "1"],
             cwd=work,
             env=env,
             stdout=fo,

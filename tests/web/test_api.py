@@ -120,7 +120,7 @@ def test_stats_are_those_of_cxr_audit_stats(stack: WebStack) -> None:
         [
             sys.executable,
             "-m",
-            "cxr.cli",
+            "apps.cli",
             "audit",
             "stats",
             "--database-url",

@@ -79,7 +79,7 @@ def app_server(tmp_path: Path) -> Iterator[Server]:
 def start_web(cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     """``cxr web`` as its own process; its first stdout line says where it serves."""
     return subprocess.Popen(
-        [sys.executable, "-m", "cxr.cli", "web"],
+        [sys.executable, "-m", "apps.cli", "web"],
         cwd=cwd,
         env=env,
         stdout=subprocess.PIPE,
@@ -209,7 +209,7 @@ def test_security_headers(app_server: Server) -> None:
 def test_cxr_web_refuses_to_start_without_a_password(tmp_path: Path) -> None:
     env = clean_env(CXR_DATABASE_URL=f"sqlite:///{tmp_path / 'a.db'}", CXR_WEB_PORT="0")
     res = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "web"],
+        [sys.executable, "-m", "apps.cli", "web"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -92,7 +92,7 @@ def dataset_bytes(ds) -> bytes:  # type: ignore[no-untyped-def]
     return buf.getvalue()
 
 
-# --- results / delivery / audit fixtures (worker.results, worker.delivery, db.audit_cli) ---
+# --- results / delivery / audit fixtures (worker.results, worker.delivery, apps.audit_cli) ---
 DCIODVFY = Path("/usr/bin/dciodvfy")
 
 
@@ -196,7 +196,7 @@ class Proc:
         self.log_path = log_path
         logf = open(log_path, "ab")  # noqa: SIM115
         self.p = subprocess.Popen(
-            [sys.executable, "-m", "cxr.cli", *args],
+            [sys.executable, "-m", "apps.cli", *args],
             env=env,
             cwd=REPO,
             stdout=logf,

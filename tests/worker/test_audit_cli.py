@@ -18,7 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cxr.cli import main
+from apps.cli import main
 from db.models import Association, Delivery, Event, Inference, Instance, State
 from db.queries import percentile
 from db.session import init_db, session_scope
@@ -512,7 +512,7 @@ def test_console_script_uses_database_url_from_env(tmp_path: Path) -> None:
     populate(url)
     env = {"PATH": "/usr/bin:/bin", "CXR_DATABASE_URL": url, "HOME": str(tmp_path)}
     out = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "audit", "list", "--verdict", "Normal"],
+        [sys.executable, "-m", "apps.cli", "audit", "list", "--verdict", "Normal"],
         capture_output=True,
         text=True,
         env=env,

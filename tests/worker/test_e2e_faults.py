@@ -179,7 +179,7 @@ def test_delivery_gives_up_then_admin_resend(make_stack, tmp_path, dicom_samples
 
     # the admin's re-send: delivery_failed -> classified + cxr.deliver_instance
     res = subprocess.run(
-        [sys.executable, "-m", "cxr.cli", "audit", "retry", "--state", "delivery_failed"],
+        [sys.executable, "-m", "apps.cli", "audit", "retry", "--state", "delivery_failed"],
         env=stack.env,
         cwd=REPO,
         capture_output=True,

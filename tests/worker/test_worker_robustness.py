@@ -152,7 +152,7 @@ def test_audit_retry_revives_instance_out_of_attempts(
 
     import redis
 
-    from cxr.cli import main
+    from apps.cli import main
     from worker.celery_app import TASK_CLASSIFY
 
     s = _env_settings(monkeypatch, tmp_path, sqlite_url, tiny_model_dir, CXR_BROKER_URL=redis_db)
@@ -184,8 +184,8 @@ def test_audit_retry_revives_instance_out_of_attempts(
 def test_worker_sweep_sets_queue_depth_gauge(
     tmp_path, sqlite_url, tiny_model_dir, workdir, monkeypatch
 ):  # type: ignore[no-untyped-def]
+    from apps.worker_cli import sweep_once
     from db.lifecycle import queue_depth
-    from worker.cli import sweep_once
 
     s = _env_settings(monkeypatch, tmp_path, sqlite_url, tiny_model_dir)
     app = _eager_app(s)

@@ -108,8 +108,8 @@ class Child:
 
 
 def child_argv(command: str, extra: list[str] | None = None) -> list[str]:
-    """``python -m cxr.cli <command>``: the same interpreter and code as ``cxr run``."""
-    return [sys.executable, "-m", "cxr.cli", command, *(extra or [])]
+    """``python -m apps.cli <command>``: the same interpreter and code as ``cxr run``."""
+    return [sys.executable, "-m", "apps.cli", command, *(extra or [])]
 
 
 # ----------------------------------------------------------------------------- metrics

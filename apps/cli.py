@@ -14,17 +14,17 @@ from cxr import DISCLAIMER, __version__
 
 # subcommand -> module exposing register(subparsers) and the handler it sets as ``func``
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "node": ("dicom_node.cli", "run the DICOM Storage SCP (C-STORE/C-ECHO)"),
-    "worker": ("worker.cli", "run a Celery worker that classifies queued instances"),
-    "run": ("cxr.supervisor", "run node + worker(s) together, supervised"),
-    "send": ("cxr.send", "send DICOM files to an AE (C-STORE SCU)"),
-    "train": ("ml.cli", "train a model"),
-    "evaluate": ("ml.cli", "evaluate a model on a labelled folder"),
-    "predict": ("ml.cli", "classify DICOM/PNG/JPEG files"),
-    "export-onnx": ("ml.cli", "export a model artifact to ONNX"),
-    "audit": ("db.audit_cli", "query the audit trail"),
-    "db": ("db.admin_cli", "database administration (upgrade)"),
-    "demo": ("cxr.demo", "write generated demo DICOM images"),
+    "node": ("apps.node_cli", "run the DICOM Storage SCP (C-STORE/C-ECHO)"),
+    "worker": ("apps.worker_cli", "run a Celery worker that classifies queued instances"),
+    "run": ("apps.supervisor", "run node + worker(s) together, supervised"),
+    "send": ("apps.send", "send DICOM files to an AE (C-STORE SCU)"),
+    "train": ("apps.ml_cli", "train a model"),
+    "evaluate": ("apps.ml_cli", "evaluate a model on a labelled folder"),
+    "predict": ("apps.ml_cli", "classify DICOM/PNG/JPEG files"),
+    "export-onnx": ("apps.ml_cli", "export a model artifact to ONNX"),
+    "audit": ("apps.audit_cli", "query the audit trail"),
+    "db": ("apps.admin_cli", "database administration (upgrade)"),
+    "demo": ("apps.demo", "write generated demo DICOM images"),
     "web": ("web.cli", "serve the web console and HTTP API"),
 }
 

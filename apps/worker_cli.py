@@ -131,7 +131,7 @@ def warm_model() -> bool:
     default -15 with the warm-up process orphaned)."""
     import signal
 
-    from cxr.supervisor import pdeathsig_preexec
+    from apps.supervisor import pdeathsig_preexec
 
     t0 = time.monotonic()
     stop: list[int] = []
