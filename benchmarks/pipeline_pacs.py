@@ -218,6 +218,39 @@ def check_alive(orthanc, procs) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError(f"Orthanc died (exit {rc}): {orthanc.tail(500)}")
 
 
+def _tree(pids: list[int]) -> set[int]:
+    """``pids`` and all their descendants (from /proc)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parent[int(d.name)] = int(fields[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    out, todo = set(), list(pids)
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.add(pid)
+        todo += [c for c, pp in parent.items() if pp == pid]
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU time (user + system) used so far by ``pids`` and their descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in _tree(pids):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / tick
+
+
 STAGES = ("decode", "preprocess", "forward", "cam", "build", "send", "total")
 
 
@@ -268,13 +301,18 @@ def model_throughput(
     for d in displays:  # warm-up
         clf.predict_display(d)
     per = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
         t = time.perf_counter()
         clf.predict_display(displays[i % len(displays)])
         per.append((time.perf_counter() - t) * 1000)
     total = time.perf_counter() - t0
+    global MODEL_CPU_MS
+    MODEL_CPU_MS = (time.process_time() - c0) / n * 1000
     return statistics.median(per), n / total * 60
+
+
+MODEL_CPU_MS = float("nan")  # CPU time per image of the model alone (all its threads)
 
 
 def main() -> int:
@@ -288,6 +326,12 @@ def main() -> int:
         "--model",
         default=None,
         help="model dir, or 'densenet169-random' for an untrained stand-in of the shipped one",
+    )
+    ap.add_argument(
+        "--delivery-threads", type=int, default=1, help="CXR_DELIVERY_THREADS (0: inline)"
+    )
+    ap.add_argument(
+        "--association-idle", type=float, default=10.0, help="CXR_DELIVERY_ASSOCIATION_IDLE"
     )
     ap.add_argument("--engine", default="auto", choices=["auto", "onnx", "keras"])
     ap.add_argument("--broker", default="redis", choices=["redis", "embedded"])
@@ -341,6 +385,8 @@ def main() -> int:
         CXR_METRICS_PORT="0",
         CXR_LOG_LEVEL="WARNING",
         CXR_WORKER_CONCURRENCY=str(a.concurrency),
+        CXR_DELIVERY_THREADS=str(a.delivery_threads),
+        CXR_DELIVERY_ASSOCIATION_IDLE=str(a.association_idle),
         CXR_REQUEUE_STALE_AFTER="600",
         TF_CPP_MIN_LOG_LEVEL="2",
     )
@@ -377,10 +423,13 @@ def main() -> int:
 
         # 2. backlog
         b_uids = uids(backlog)
+        watched = [p.pid for p in procs] + ([orthanc.proc.pid] if orthanc.proc else [])
+        cpu0 = cpu_seconds(watched)
         t_send = time.perf_counter()
         sender.send(backlog)
         t_sent = time.perf_counter() - t_send
         times = wait_done(db_url, b_uids, procs, 60 + 30 * len(backlog), orthanc)
+        cpu_per_image = (cpu_seconds(watched) - cpu0) / len(backlog) * 1000
         done = sorted(v[1] for v in times.values())  # type: ignore[type-var]
         k = max(1, len(done) // 10)
         span = (done[-1] - done[k - 1]).total_seconds()
@@ -438,6 +487,12 @@ def main() -> int:
         + ", ".join(f"{k} {v:.0f}" for k, v in stages.items())
     )
     print(f"pipeline time per image at steady state: {60000 / steady:.0f} ms")
+    ncpu = os.cpu_count() or 1
+    print(
+        f"CPU used per image in the backlog (node + worker + Orthanc): {cpu_per_image:.0f} ms; "
+        f"the model alone {MODEL_CPU_MS:.0f} ms of CPU in {model_ms:.0f} ms; "
+        f"bound on {ncpu} cores: pipeline/model <= {ncpu * model_ms / cpu_per_image:.2f}"
+    )
     print()
     ok1, ok2 = ratio >= 0.85, lat_ratio <= 2.0
     print(
