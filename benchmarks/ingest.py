@@ -9,9 +9,15 @@ lossless) of 2-20 MB each, then pushes the SAME files, in one run, to
 
 over 1 and over N concurrent associations (one sender process per association). Each target
 runs in its own process, started fresh for each measurement. Prints instances/s, MB/s and the
-node/baseline ratio (target >= 0.8x).
+node/baseline ratio (target >= 0.8x); the last line is ``ratios: c1=... c4=...``.
+
+``--small`` sends small images instead (64-512 KB: 256x256 and 512x512, uncompressed and
+RLE), where the per-instance cost (audit commit, fsync) dominates. ``--node-env`` passes
+settings to the node (e.g. ``--node-env CXR_RECEIVE_CHUNKED=false`` for the buffered
+receive).
 
     python benchmarks/ingest.py --count 200 --concurrency 1 4
+    python benchmarks/ingest.py --count 200 --concurrency 1 4 --small
 """
 
 from __future__ import annotations
@@ -98,15 +104,24 @@ BASES = [
     (3000, 3000, 16, "JPEG2000Lossless"),
     (2048, 2500, 16, "JPEGLSLossless"),
 ]
+#: --small: 64-512 KB each
+SMALL_BASES = [
+    (256, 256, 12, None),  # 128 KB
+    (512, 512, 12, None),  # 512 KB
+    (512, 512, 16, "RLELossless"),
+    (256, 256, 16, None),
+]
 
 
-def generate(out: Path, count: int, min_mb: float, max_mb: float) -> list[Path]:
+def generate(
+    out: Path, count: int, min_mb: float, max_mb: float, bases_spec: list | None = None
+) -> list[Path]:
     import pydicom.uid as u
     from pydicom.uid import generate_uid
 
     out.mkdir(parents=True, exist_ok=True)
     bases = []
-    for i, (rows, cols, bits, ts) in enumerate(BASES):
+    for i, (rows, cols, bits, ts) in enumerate(bases_spec or BASES):
         ds = _base_dataset(rows, cols, bits, seed=i)
         if ts is not None:
             kw = {"encoding_plugin": "pylibjpeg"} if ts == "RLELossless" else {}
@@ -197,6 +212,9 @@ class Result:
         return self.nbytes / 1e6 / self.seconds
 
 
+NODE_ENV: dict[str, str] = {}  # --node-env
+
+
 def _start(target: str, port: int, work: Path) -> subprocess.Popen:
     logf = open(work / f"{target}-{port}.log", "w")  # noqa: SIM115 - closed with the process
     if target == "node":
@@ -213,6 +231,7 @@ def _start(target: str, port: int, work: Path) -> subprocess.Popen:
             CXR_MAX_ASSOCIATIONS="16",
             PYTHONPATH=str(REPO),
         )
+        env.update(NODE_ENV)
         cmd = [sys.executable, "-m", "apps.cli", "node"]
     else:
         env = dict(os.environ)
@@ -290,27 +309,47 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--count", type=int, default=200, help="images per run (>= 200 for the record)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--min-mb", type=float, default=2.0)
-    ap.add_argument("--max-mb", type=float, default=20.0)
+    ap.add_argument("--min-mb", type=float, default=None, help="default 2 (--small: 0.05)")
+    ap.add_argument("--max-mb", type=float, default=None, help="default 20 (--small: 1)")
+    ap.add_argument("--small", action="store_true", help="small images (64-512 KB)")
+    ap.add_argument(
+        "--node-env",
+        action="append",
+        default=[],
+        metavar="CXR_NAME=VALUE",
+        help="a setting for the node process (repeatable)",
+    )
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    for item in args.node_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("CXR_"):
+            ap.error(f"--node-env takes CXR_NAME=VALUE, not {item!r}")
+        NODE_ENV[name] = value
+    min_mb = args.min_mb if args.min_mb is not None else (0.05 if args.small else 2.0)
+    max_mb = args.max_mb if args.max_mb is not None else (1.0 if args.small else 20.0)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="cxr-ingest-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t = time.perf_counter()
-        files = generate(work / "images", args.count, args.min_mb, args.max_mb)
+        files = generate(
+            work / "images", args.count, min_mb, max_mb, SMALL_BASES if args.small else None
+        )
         sizes = np.array([p.stat().st_size for p in files]) / 1e6
         print(
             f"generated {len(files)} images in {time.perf_counter() - t:.1f}s: "
             f"{sizes.sum():.0f} MB, {sizes.min():.1f}-{sizes.max():.1f} MB each "
             f"(mean {sizes.mean():.1f} MB); CPUs: {os.cpu_count()}"
         )
+        if NODE_ENV:
+            print("node settings: " + " ".join(f"{k}={v}" for k, v in NODE_ENV.items()))
         print(
             f"{'target':<10}{'assocs':>7}{'ok':>6}{'fail':>6}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
             f"{'ratio':>8}"
         )
+        ratios = []
         for conc in args.concurrency:
             base = run_target("storescp", files, conc, work)
             node = run_target("node", files, conc, work)
@@ -318,8 +357,11 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = f"{r.mbps / base.mbps:.2f}x" if r is node else "1.00x"
                 print(
                     f"{r.target:<10}{r.concurrency:>7}{r.ok:>6}{r.failed:>6}{r.seconds:>9.2f}"
-                    f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}"
+                    f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}",
+                    flush=True,
                 )
+            ratios.append(f"c{conc}={node.mbps / base.mbps:.2f}")
+        print(f"ratios: {' '.join(ratios)}")
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)

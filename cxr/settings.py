@@ -203,6 +203,11 @@ class Settings(BaseSettings):
     max_instance_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Largest accepted encoded instance (bytes)."
     )
+    receive_chunked: bool = Field(
+        True,
+        description="Write each C-STORE data set to the spool's tmp/ while it arrives "
+        "(pynetdicom chunked receive), not into memory first.",
+    )
     max_pixels: int = Field(
         100_000_000, ge=1, description="Largest Rows x Columns x Frames accepted (bomb guard)."
     )

@@ -5,7 +5,8 @@ Layout under ``CXR_SPOOL_DIR``::
 
     incoming/<first 2 of sha>/<sha256>.dcm    received instances, named by content hash
     results/<output SOP Instance UID>.dcm      SC/SR results built by the workers
-    tmp/                                       partial writes (same filesystem, then renamed)
+    tmp/                                       partial writes (same filesystem, then renamed),
+                                               C-STORE data sets while they arrive
 
 Writes are durable: data goes to a temporary file in ``tmp/``, is fsync'ed, renamed
 atomically into place, and the directory is fsync'ed. A crash leaves either the whole
@@ -105,6 +106,40 @@ class Spool:
         if path.exists() and path.stat().st_size == size:
             return path, sha256  # identical content already durable
         return self.write_atomic(self.relative(path), chunks), sha256
+
+    def open_tmp(self, prefix: str = "w-") -> tuple[int, str]:
+        """A new file in ``tmp/`` (same filesystem as ``incoming/``): ``(fd, path)``, opened
+        read-write. It is removed by :meth:`clean_tmp` if left behind."""
+        return tempfile.mkstemp(dir=self.tmp, prefix=prefix, suffix=".part")
+
+    def adopt_incoming(
+        self, tmp_path: str | Path, sha256: str, size: int, fd: int | None = None
+    ) -> tuple[Path, bool]:
+        """Make a complete file in ``tmp/`` (e.g. a C-STORE data set written there while it
+        arrived) the incoming instance with content hash ``sha256``: fsync it (``fd`` if
+        given, else the path), rename it atomically into place, fsync the directory.
+
+        Returns ``(path, adopted)``. When identical content is durable already the file is
+        not moved (``adopted`` False) and stays the caller's to delete. On an error the file
+        stays where it was (the caller deletes it) and the exception propagates."""
+        tmp = Path(tmp_path)
+        if tmp.parent.resolve() != self.tmp.resolve():
+            raise ValueError("adopt_incoming takes files in the spool's tmp/ only")
+        path = self.incoming_path(sha256)
+        if path.exists() and path.stat().st_size == size:
+            return path, False  # identical content already durable
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if fd is not None:
+            os.fsync(fd)
+        else:
+            sync_fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(sync_fd)
+            finally:
+                os.close(sync_fd)
+        os.replace(tmp, path)  # same filesystem: a rename, never a copy
+        _fsync_dir(path.parent)
+        return path, True
 
     def store_result(self, sop_instance_uid: str, ds: Dataset) -> Path:
         buf = io.BytesIO()

@@ -10,7 +10,9 @@ Public API::
     node.stop(timeout=None)             # stop accepting, let associations finish, stop threads
 
 A C-STORE answers Success only after the encoded data set is durable in the spool
-(tmp + fsync + atomic rename) and its audit row is committed. The instance is handed to the
+(tmp + fsync + atomic rename) and its audit row is committed. With CXR_RECEIVE_CHUNKED (the
+default) the data set is written to the spool's tmp/ while it arrives
+(:mod:`dicom_node.chunked`) and the handler fsyncs and renames that file. The instance is handed to the
 broker afterwards by a dispatcher thread; if the broker is down it stays ``received`` and the
 periodic re-queue sweep sends it later. No inference runs in the node.
 
@@ -22,6 +24,7 @@ Every audit row is written by :mod:`db.lifecycle`; the node holds no SQL.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -33,6 +36,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +49,7 @@ from cxr.logconfig import PEER_NOISE, register_dataset_phi, scrub
 from cxr.settings import DEFAULT_PATIENT_ID_SALT, Settings
 from cxr.storage import Spool, content_sha256
 from db import lifecycle
-from dicom_node import filters
+from dicom_node import chunked, filters
 from dicom_node.status import (
     SUCCESS,
     CannotUnderstand,
@@ -74,6 +78,9 @@ RJ_LOCAL_LIMIT_EXCEEDED = 0x02
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _PRINTABLE_UID = re.compile(r"[\x21-\x7e]+")  # lenient: real UIDs with e.g. leading zeros pass
 JUNK_CONNECTION_HEADROOM = 500
+#: the largest P-DATA PDU we accept with the chunked receive: a PDU is read whole into
+#: memory before its fragment is written, so an unlimited one would leave nothing to stream
+CHUNKED_MAX_PDU = 1 << 20
 DISPATCH_BATCH = 64
 _STOP = object()
 
@@ -90,6 +97,60 @@ def encoded_parts(event: Any) -> tuple[bytes, memoryview]:
         return b"", memoryview(data)
     head = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(event.file_meta)))
     return head, stream.getbuffer()
+
+
+@dataclass
+class Received:
+    """One C-STORE data set as received. ``head + body`` is the Part 10 stream the spool
+    stores: preamble, 'DICM', file meta, the data set exactly as received. In memory (the
+    data set was buffered by pynetdicom): ``head`` is the preamble + file meta and ``body`` a
+    view of the data set. Chunked: ``rx`` is the file it arrived in, ``head`` is empty and
+    ``body`` a read-only map of the whole file (empty when over CXR_MAX_INSTANCE_BYTES)."""
+
+    head: bytes
+    body: memoryview
+    size: int
+    rx: chunked.RxFile | None = None
+
+    def sha256(self) -> str:
+        if self.rx is not None:
+            return self.rx.sha256  # hashed while it arrived
+        return content_sha256((self.head, self.body))
+
+
+@contextlib.contextmanager
+def received(event: Any) -> Iterator[Received]:
+    """The data set of a C-STORE event, for the time of the handler. A chunked file that
+    was not adopted into the spool is deleted at the end, whatever happened."""
+    rx = chunked.rx_file(event.request)
+    if rx is None:
+        head, body = encoded_parts(event)
+        try:
+            yield Received(head, body, len(head) + len(body))
+        finally:
+            body.release()
+        return
+    mm = None
+    try:
+        rx.finish()
+        if rx.overflow:
+            body = memoryview(b"")
+        else:
+            mm = rx.map()
+            body = memoryview(mm)
+        try:
+            yield Received(b"", body, rx.size, rx)
+        finally:
+            body.release()
+    finally:
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # a view is still held (a traceback): the GC unmaps it
+                pass
+        rx.close()
+        if rx.owned:  # not adopted into the spool
+            rx.discard()
 
 
 @dataclass
@@ -197,6 +258,11 @@ class StorageNode:
         if self._init_database:
             lifecycle.prepare_database(s.database_url)
         self.spool.clean_tmp()
+        if s.receive_chunked and chunked.enable(self.ae, self.spool, s.max_instance_bytes):
+            self.ae.maximum_pdu_size = CHUNKED_MAX_PDU
+        else:
+            chunked.disable(self.ae)
+            self.ae.maximum_pdu_size = 0
         if not s.allowed_calling_aets:
             log.warning(
                 "CXR_ALLOWED_CALLING_AETS is empty: associations from ANY calling AE are accepted"
@@ -485,6 +551,10 @@ class StorageNode:
     def handle_closed(self, event: Any) -> None:
         PEER_NOISE.connection_closed(threading.get_ident())
         assoc = event.assoc
+        try:  # data set files no handler will take (cut off by an abort, never served)
+            chunked.discard_unclaimed(assoc)
+        except Exception as exc:  # pragma: no cover - clean_tmp at start-up is the backstop
+            log.warning("could not remove a partial data set file (%s)", type(exc).__name__)
         st = getattr(assoc, "_cxr_state", None)
         if st is None or st.rejected:
             return
@@ -599,11 +669,8 @@ class StorageNode:
         with self._handlers_lock:
             self._handlers[key] = t0
         try:
-            head, body = encoded_parts(event)
-            try:
-                return self._store(event, st, cur, head, body, t0)
-            finally:
-                body.release()
+            with received(event) as data:
+                return self._store(event, st, cur, data, t0)
         finally:
             with self._handlers_lock:
                 self._handlers.pop(key, None)
@@ -613,18 +680,17 @@ class StorageNode:
         event: Any,
         st: _AssocState,
         cur: dict[str, Any],
-        head: bytes,
-        body: memoryview,
+        data: Received,
         t0: float,
     ) -> int:
-        size = len(head) + len(body)
+        head, body, size = data.head, data.body, data.size
         cur["size_bytes"] = size
         if size > self.settings.max_instance_bytes:
             raise OutOfResources(
                 f"{size} bytes exceeds CXR_MAX_INSTANCE_BYTES={self.settings.max_instance_bytes}",
                 "size_limit",
             )
-        cur["sha256"] = content_sha256((head, body))
+        cur["sha256"] = data.sha256()
         with reading_data_set():
             header = filters.parse_header(head, body)
             ds = header.ds
@@ -661,10 +727,18 @@ class StorageNode:
                 return SUCCESS
 
         # durable first: the encoded bytes as received (event.encoded_dataset()), no
-        # decode/re-encode, written as chunks without joining them
+        # decode/re-encode: the chunked file fsync'ed and renamed, or the buffered data set
+        # written as chunks without joining them
         target = self.spool.incoming_path(cur["sha256"])
         existed = target.exists()
-        path, _ = self.spool.store_incoming([head, body], cur["sha256"])
+        if data.rx is not None:
+            path, moved = self.spool.adopt_incoming(
+                data.rx.name, cur["sha256"], size, fd=data.rx.fileno()
+            )
+            if moved:
+                data.rx.adopted()
+        else:
+            path, _ = self.spool.store_incoming([head, body], cur["sha256"])
         cur["spool_path"] = self.spool.relative(path)
         try:
             done = lifecycle.record_receipt(self.settings.database_url, self._receipt(st, cur))

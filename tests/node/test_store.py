@@ -294,7 +294,8 @@ def _dataset_part(data: bytes) -> bytes:
 
 
 def test_encoded_parts_equal_encoded_dataset(node_factory, sqlite_url, dicom_samples):
-    """What the node writes is byte-for-byte event.encoded_dataset()."""
+    """What the node writes is byte-for-byte event.encoded_dataset() (the buffered receive;
+    tests/node/test_chunked.py shows the chunked one stores the same bytes)."""
     import dicom_node.node as node_mod
 
     seen: list[bool] = []
@@ -305,7 +306,7 @@ def test_encoded_parts_equal_encoded_dataset(node_factory, sqlite_url, dicom_sam
         seen.append(head + bytes(body) == event.encoded_dataset())
         return head, body
 
-    node = node_factory(sqlite_url)
+    node = node_factory(sqlite_url, receive_chunked=False)
     orig = node_mod.encoded_parts
     node_mod.encoded_parts = checking
     try:
