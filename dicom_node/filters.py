@@ -141,6 +141,32 @@ def _parse(data: bytes) -> tuple[Dataset, int]:
     return ds, fp.tell()
 
 
+def _is_deflated(head: bytes) -> bool:
+    """The File Meta Information at the start of ``head`` names Deflated Explicit VR
+    Little Endian (a stream without a readable file meta is not)."""
+    # (0002,0010) Transfer Syntax UID, UI: the file meta is always Explicit VR Little Endian
+    at = head.find(b"\x02\x00\x10\x00UI", 0, 8192)
+    if at < 0 or len(head) < at + 8:
+        return False
+    (length,) = struct.unpack_from("<H", head, at + 6)
+    value = head[at + 8 : at + 8 + length].rstrip(b"\x00 ").decode("ascii", "replace")
+    return value == DeflatedExplicitVRLittleEndian
+
+
+def _parse_deflated(data: bytes) -> Header:
+    """A deflated data set is inflated and read once, pixel data included (its pixel
+    element cannot be located in the compressed stream; such objects are small)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        for kw in ("SOPInstanceUID", "SOPClassUID", "Rows", "Columns", "Modality"):
+            ds.get(kw)
+        pd = ds.get("PixelData")
+    except Exception as exc:
+        raise CannotUnderstand(f"unparseable data set ({type(exc).__name__})") from None
+    pixels = PixelInfo(present=pd is not None, length=len(pd) if pd is not None else 0)
+    return Header(ds=ds, pixels=pixels)
+
+
 def parse_header(head: bytes, body: bytes | memoryview | None = None) -> Header:
     """Parse the header of a received instance without copying its pixel data.
 
@@ -148,6 +174,9 @@ def parse_header(head: bytes, body: bytes | memoryview | None = None) -> Header:
     ``head`` alone holds the whole Part 10 stream). Only the first :data:`HEADER_WINDOW`
     bytes of the data set are parsed unless the header is longer. Raises
     :class:`CannotUnderstand` when it is not a parseable DICOM data set."""
+    probe = head[:8192] if head or body is None else bytes(memoryview(body)[:8192])
+    if _is_deflated(probe):
+        return _parse_deflated(head if body is None else head + bytes(body))
     if body is None:
         head, body = b"", head
     body = memoryview(body)
@@ -168,17 +197,6 @@ def parse_header(head: bytes, body: bytes | memoryview | None = None) -> Header:
             ds, pos = _parse(full)
     except Exception as exc:
         raise CannotUnderstand(f"unparseable data set ({type(exc).__name__})") from None
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    if ts == DeflatedExplicitVRLittleEndian:
-        # the data set is deflated: inflate and read it fully (small objects in practice)
-        try:
-            pd = pydicom.dcmread(io.BytesIO(full or head + bytes(body)), force=True).get(
-                "PixelData"
-            )
-        except Exception as exc:
-            raise CannotUnderstand(f"unparseable data set ({type(exc).__name__})") from None
-        pixels = PixelInfo(present=pd is not None, length=len(pd) if pd is not None else 0)
-        return Header(ds=ds, pixels=pixels)
     implicit = bool(ds.original_encoding[0]) if ds.original_encoding else False
     pixels = _read_pixel_header(body, pos - len(head), implicit)
     return Header(ds=ds, pixels=pixels)

@@ -134,3 +134,36 @@ def test_unsupported_syntax_context_rejected_and_recorded(node_factory, sqlite_u
     assoc.release()
     (row,) = associations(sqlite_url)
     assert uid.ComputedRadiographyImageStorage in row.reason
+
+
+def test_deflated_header_is_parsed_once(tmp_path, monkeypatch):
+    """A deflated data set is inflated and read once (not a header pass, then a second
+    full read for its pixel element)."""
+    import io
+
+    import dicom_node.filters as filters
+
+    ds = make_chest_dataset(seed=61)
+    ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+    reads = []
+    real = pydicom.dcmread
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        reads.append(kw.get("stop_before_pixels", False))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(filters.pydicom, "dcmread", counting)
+    h = filters.parse_header(data)
+    assert len(reads) == 1
+    assert h.pixels.present and h.pixels.length == len(ds.PixelData)
+    assert str(h.ds.SOPInstanceUID) == str(ds.SOPInstanceUID)
+    # a plain (not deflated) one still stops before its pixels
+    reads.clear()
+    ds.file_meta.TransferSyntaxUID = uid.ExplicitVRLittleEndian
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    h2 = filters.parse_header(buf.getvalue())
+    assert reads == [True] and h2.pixels.present
