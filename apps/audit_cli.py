@@ -385,21 +385,11 @@ def cmd_retry(args: argparse.Namespace, out: IO[str] | None = None) -> int:
     out = out or sys.stdout
     url = _url(args)
     if args.dry_run:
-        from sqlalchemy import select
-
-        from db.models import Instance
+        from db.queries import retry_candidates
 
         with session_scope(url) as s:
-            q = select(Instance)
-            q = (
-                q.where(Instance.sop_instance_uid == args.uid)
-                if args.uid
-                else q.where(Instance.state == args.state)
-            )
-            for inst in s.execute(q.order_by(Instance.id)).scalars():
-                out.write(
-                    f"would retry instance {inst.id} {inst.sop_instance_uid} ({inst.state})\n"
-                )
+            for iid, uid, state in retry_candidates(s, uid=args.uid, state=args.state):
+                out.write(f"would retry instance {iid} {uid} ({state})\n")
         return 0
     try:
         with session_scope(url) as s:

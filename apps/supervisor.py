@@ -280,13 +280,9 @@ class Supervisor:
         return count_by_state(self.settings.database_url)
 
     def db_ok(self) -> bool:
-        from sqlalchemy import text
+        from db.session import ping
 
-        from db.session import get_engine
-
-        with get_engine(self.settings.database_url).connect() as c:
-            c.execute(text("SELECT 1"))
-        return True
+        return ping(self.settings.database_url)
 
     # -- set-up
     def _child_env(self) -> dict[str, str]:

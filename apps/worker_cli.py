@@ -224,13 +224,9 @@ def _run_worker(args: argparse.Namespace, settings: Any) -> int:
     from cxr.health import register_health_check
 
     def _db_ok() -> bool:
-        from sqlalchemy import text
+        from db.session import ping
 
-        from db.session import get_engine
-
-        with get_engine(settings.database_url).connect() as c:
-            c.execute(text("SELECT 1"))
-        return True
+        return ping(settings.database_url)
 
     register_health_check("database", _db_ok)
 

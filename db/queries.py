@@ -454,6 +454,16 @@ class RetryAction:
     task: str
 
 
+def retry_candidates(
+    s: Session, *, uid: str | None = None, state: str | None = None
+) -> list[tuple[int, str, str]]:
+    """(id, SOP Instance UID, state) of the instances ``cxr audit retry --dry-run`` would
+    reset: the one with ``uid``, else those in ``state``; oldest first."""
+    q = select(Instance.id, Instance.sop_instance_uid, Instance.state)
+    q = q.where(Instance.sop_instance_uid == uid) if uid else q.where(Instance.state == state)
+    return [(int(i), str(u), str(st)) for i, u, st in s.execute(q.order_by(Instance.id))]
+
+
 def prepare_retry(
     session: Session,
     uid: str | None = None,
