@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
@@ -210,14 +210,19 @@ class AssociationPool:
 
     def _borrow(self, key: Hashable) -> Association | None:
         now = time.monotonic()
+        stale: list[Association] = []
+        found = None
         with self._lock:
             stack = self._idle.get(key, [])
             while stack:
                 entry = stack.pop()
                 if entry.assoc.is_established and now - entry.since < self.idle_seconds:
-                    return entry.assoc
-                _close_quietly(entry.assoc)
-        return None
+                    found = entry.assoc
+                    break
+                stale.append(entry.assoc)
+        for assoc in stale:  # outside the lock: a release may wait for the peer
+            _close_quietly(assoc)
+        return found
 
     def _give_back(self, key: Hashable, assoc: Association) -> None:
         if not assoc.is_established:
@@ -288,11 +293,13 @@ class AssociationPool:
         assoc = self._borrow(key)
         if assoc is not None:
             results = _send_over(assoc, items, load)
-            if not all(r.kind == "unreachable" for _, r in results):
-                self.reused += 1
-                self._give_back(key, assoc)
+            if not _lost_before_sending(results[0][1]):
+                with self._lock:
+                    self.reused += 1
+                self._settle(key, assoc, results)
                 return results
-            # the peer closed it while it was idle (or it broke now): try once afresh
+            # the peer closed it while it was idle, before our side noticed: the first
+            # item never went out, so the call is repeated once on a new association
             log.info(
                 "C-STORE to %s@%s:%d: pooled association unusable, reopening", called_ae, host, port
             )
@@ -300,13 +307,30 @@ class AssociationPool:
         assoc, why = _open(ae, host, port, called_ae, tls_args)
         if assoc is None:
             return [(it, StoreResult("unreachable", comment=why)) for it in items]
-        self.opened += 1
+        with self._lock:
+            self.opened += 1
         results = _send_over(assoc, items, load)
+        self._settle(key, assoc, results)
+        return results
+
+    def _settle(
+        self, key: Hashable, assoc: Association, results: Sequence[tuple[Any, StoreResult]]
+    ) -> None:
+        """Back to the pool, unless an item went unanswered: a late response could
+        otherwise be read as the next instance's status."""
         if any(r.kind == "unreachable" for _, r in results):
-            _close_quietly(assoc)  # a link that lost an item is not reused
+            _close_quietly(assoc)
         else:
             self._give_back(key, assoc)
-        return results
+
+
+_NOT_SENT = ("association lost", "send error:")
+
+
+def _lost_before_sending(res: StoreResult) -> bool:
+    """The item never reached the peer: the association was gone, or the socket failed
+    as the request was written. Not a DIMSE timeout (the peer may hold the object)."""
+    return res.kind == "unreachable" and res.comment.startswith(_NOT_SENT)
 
 
 def _close_quietly(assoc: Association) -> None:

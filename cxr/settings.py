@@ -358,7 +358,7 @@ class Settings(BaseSettings):
         10.0,
         ge=0.0,
         description="Seconds an association to a C-STORE destination stays open for the "
-        "next results (0: one association per instance); kept below CXR_NETWORK_TIMEOUT.",
+        "next results (0: one association per instance); at most half of CXR_NETWORK_TIMEOUT.",
     )
     institution_name: str = Field("", description="Optional InstitutionName on outputs.")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -197,6 +198,7 @@ def _outcome(dest: str, ds: Dataset, res: StoreResult) -> StoreOutcome:
 
 
 _pool: AssociationPool | None = None
+_pool_lock = threading.Lock()
 
 
 def delivery_pool(settings: Settings) -> AssociationPool | None:
@@ -207,11 +209,12 @@ def delivery_pool(settings: Settings) -> AssociationPool | None:
     idle = min(settings.delivery_association_idle, settings.network_timeout / 2)
     if idle <= 0:
         return None
-    if _pool is None or _pool.idle_seconds != idle:
-        if _pool is not None:
-            _pool.close_all()
-        _pool = AssociationPool(idle)
-    return _pool
+    with _pool_lock:
+        if _pool is None or _pool.idle_seconds != idle:
+            if _pool is not None:
+                _pool.close_all()
+            _pool = AssociationPool(idle)
+        return _pool
 
 
 def close_delivery_pool() -> None:

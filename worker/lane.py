@@ -28,8 +28,10 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom import Dataset
 
@@ -38,10 +40,12 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Job:
-    """One first delivery attempt: the instance and the datasets just built for it."""
+    """One first delivery attempt: the instance and the datasets just built for it
+    (``app``: the Celery app that queues a retry)."""
 
     instance_id: int
     datasets: dict[str, Dataset] = field(default_factory=dict)
+    app: Any = None
 
 
 Runner = Callable[[Job], None]
@@ -67,14 +71,27 @@ class DeliveryLane:
             t.start()
             self._workers.append(t)
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``; blocks while the lane is full."""
+    def submit(self, job: Job, timeout: float | None = None) -> bool:
+        """Queue ``job``; blocks while the lane is full, at most ``timeout`` seconds. False
+        when it was not queued (the caller delivers another way)."""
         with self._lock:
             self._workers = [t for t in self._workers if t.is_alive()]
             if len(self._workers) < self._threads:
                 self._start()
             self._pending += 1
-        self._queue.put(job)
+        queued = False
+        try:
+            self._queue.put(job, timeout=timeout)
+            queued = True
+        except queue.Full:
+            return False
+        finally:
+            if not queued:  # timed out, or interrupted (a soft time limit)
+                with self._lock:
+                    self._pending -= 1
+                    if self._pending == 0:
+                        self._idle.notify_all()
+        return True
 
     def _loop(self) -> None:
         while True:
@@ -103,15 +120,21 @@ class DeliveryLane:
         with self._lock:
             return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    def stop(self, timeout: float | None = None) -> bool:
-        """Drain, then end the threads (a clean stop). True when all work was done."""
+    def stop(self, timeout: float = 60.0) -> bool:
+        """Drain, then end the threads (a clean stop), all within ``timeout`` seconds.
+        True when all work was done; what is left is the sweep's (the threads are
+        daemons and end with the process)."""
+        deadline = time.monotonic() + timeout
         drained = self.drain(timeout)
         with self._lock:
             workers, self._workers = self._workers, []
         for _ in workers:
-            self._queue.put(None)
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                break
         for t in workers:
-            t.join(timeout)
+            t.join(max(0.0, deadline - time.monotonic()))
         return drained
 
 
@@ -120,7 +143,8 @@ _lane_lock = threading.Lock()
 
 
 def get_lane(run: Runner, threads: int) -> DeliveryLane:
-    """This process's lane (made on first use)."""
+    """This process's lane (made on first use; ``run`` should not close over per-call
+    state: the first caller's is kept)."""
     global _lane
     with _lane_lock:
         if _lane is None:

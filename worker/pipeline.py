@@ -629,8 +629,8 @@ def process_instance(
                 instance_id, "classified", State.CLASSIFIED.value, NO_DESTINATIONS, verdict, timings
             )
         if handoff is not None:
+            handoff(instance_id, fresh)  # blocks while the lane is full: counted in total
             timings["total"] = (time.perf_counter() - t_start) * 1000
-            handoff(instance_id, fresh)
             return Outcome(
                 instance_id, DELIVERY_QUEUED, State.CLASSIFIED.value, None, verdict, timings
             )

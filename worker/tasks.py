@@ -159,14 +159,16 @@ def _schedule_delivery(app: Celery, instance_id: int, settings: Settings, attemp
 def _retry_options() -> dict[str, Any]:
     """Celery's own retry for transient errors (``autoretry_for``): exponential backoff
     from ``CXR_RETRY_BACKOFF_BASE``, each wait capped at ``CXR_RETRY_ETA_MAX`` (a wait the
-    broker holds), full jitter; the count is :attr:`CxrTask.max_retries`. Read once, when
-    the worker imports its tasks."""
+    broker holds); the count is :attr:`CxrTask.max_retries`. Read once, when the worker
+    imports its tasks."""
     s = get_settings()
     return {
         "autoretry_for": TRANSIENT_ERRORS,
         "retry_backoff": s.retry_backoff_base,
         "retry_backoff_max": s.retry_eta_max,
-        "retry_jitter": True,
+        # no jitter: Celery's is full jitter (0 .. cap), with which the retries could all
+        # pass within seconds of a database restart; 5, 10, 20, 30, 30 s ride it out
+        "retry_jitter": False,
     }
 
 
@@ -206,6 +208,8 @@ class CxrTask(Task):  # type: ignore[misc]
     def on_retry(
         self, exc: BaseException, task_id: str, args: Any, kwargs: Any, einfo: Any
     ) -> None:
+        if not isinstance(exc, TRANSIENT_ERRORS):
+            return  # the model-unavailable retry counts and logs itself
         metrics.TASK_OUTCOMES.labels("retry").inc()
         log.warning(
             "instance %s: transient %s, retry %d/%d",
@@ -227,11 +231,24 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
     inside this task."""
     settings = get_settings()
     handoff = None
+    handed_off: list[int] = []  # set once the instance is classified and handed over
     if settings.delivery_threads > 0:
-        lane = get_lane(lambda job: _run_lane_job(self.app, job), settings.delivery_threads)
+        lane = get_lane(_run_lane_job, settings.delivery_threads)
+        app = self.app
 
         def handoff(iid: int, datasets: dict[str, Any]) -> None:
-            lane.submit(Job(iid, datasets))
+            # the instance is classified and its results are in the spool: whatever
+            # happens here (a lane full for longer than half the soft time limit, or
+            # the limit itself), its delivery is never lost and it is never failed
+            queued = False
+            try:
+                queued = lane.submit(
+                    Job(iid, datasets, app), timeout=settings.task_soft_time_limit / 2
+                )
+            finally:
+                handed_off.append(iid)
+                if not queued:
+                    _deliver_via_broker(app, settings, iid, "the delivery lane is full")
 
     try:
         out = pipeline.process_instance(
@@ -255,6 +272,9 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
         _release_quietly(settings, instance_id, exc)
         raise
     except SoftTimeLimitExceeded:
+        if handed_off:  # classified, results in the spool, delivery on its way
+            log.warning("instance %d: time limit while handing over its delivery", instance_id)
+            return pipeline.DELIVERY_QUEUED
         pipeline.mark_failed(
             settings, instance_id, f"time limit of {settings.task_soft_time_limit} s exceeded"
         )
@@ -333,34 +353,33 @@ def deliver_attempt(
     return out.action
 
 
-def _run_lane_job(app: Celery, job: Job) -> None:
+def _deliver_via_broker(app: Celery, settings: Settings, instance_id: int, why: str) -> None:
+    """Send the first delivery attempt as ``cxr.deliver_instance`` (it reads the spool
+    copies); if the broker is down too, the instance stays ``classified`` and the sweep
+    re-sends it."""
+    log.warning("instance %d: %s; delivery handed to the deliver task", instance_id, why)
+    try:
+        app.send_task(
+            TASK_DELIVER,
+            args=[instance_id],
+            kwargs={"attempt": 1},
+            queue=QUEUE,
+            countdown=broker_countdown(backoff_seconds(0, settings), settings),
+        )
+    except Exception as exc:
+        log.error(
+            "instance %d: left classified for the sweep (%s)", instance_id, type(exc).__name__
+        )
+
+
+def _run_lane_job(job: Job) -> None:
     """A first delivery attempt in the lane. A transient error (DB or broker down) goes to
-    the broker as ``cxr.deliver_instance`` for the same attempt, where Celery retries it;
-    if the broker is down too, the instance stays ``classified`` and the sweep re-sends
-    it."""
+    the broker as ``cxr.deliver_instance`` for the same attempt, where Celery retries it."""
     settings = get_settings()
     try:
-        action = deliver_attempt(app, settings, job.instance_id, 1, built=job.datasets)
+        action = deliver_attempt(job.app, settings, job.instance_id, 1, built=job.datasets)
     except TRANSIENT_ERRORS as exc:
-        log.warning(
-            "instance %d: delivery hit %s; handed to the deliver task",
-            job.instance_id,
-            type(exc).__name__,
-        )
-        try:
-            app.send_task(
-                TASK_DELIVER,
-                args=[job.instance_id],
-                kwargs={"attempt": 1},
-                queue=QUEUE,
-                countdown=broker_countdown(backoff_seconds(0, settings), settings),
-            )
-        except Exception as exc2:
-            log.error(
-                "instance %d: left classified for the sweep (%s)",
-                job.instance_id,
-                type(exc2).__name__,
-            )
+        _deliver_via_broker(job.app, settings, job.instance_id, type(exc).__name__)
         return
     log.info("instance %d: %s", job.instance_id, action)
 

@@ -17,6 +17,7 @@ from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
+from cxr.scu import AssociationPool
 from cxr.settings import Destination, Settings, load_settings
 from dicom_node.status import (
     CANNOT_UNDERSTAND,
@@ -292,9 +293,74 @@ def test_association_closed_by_the_peer_while_idle_is_reopened(
         SUCCESS_OUTCOME
     ] * 2
     time.sleep(1.0)  # the SCP has aborted it by now
+    pool = delivery_pool(s)
+    assert pool is not None
+    opened, reused = pool.opened, pool.reused
     out = store_datasets(scp.destination(), results, s)
     assert [o.category for o in out] == [SUCCESS_OUTCOME] * 2
     assert scp.associations == 2 and len(scp.received) == 4
+    # our side had seen the abort: the dead one was dropped, not tried
+    assert (pool.opened, pool.reused) == (opened + 1, reused)
+
+
+class _DroppedUnnoticed:
+    """A pooled association whose peer went away before our side noticed: it still
+    looks established, and the first write fails."""
+
+    is_established = True
+
+    def send_c_store(self, ds):  # type: ignore[no-untyped-def]
+        raise ConnectionResetError("peer gone")
+
+    def release(self) -> None:
+        self.is_established = False
+
+    def abort(self) -> None:
+        self.is_established = False
+
+
+def _scu_ae() -> AE:
+    ae = AE(ae_title=OUR_AET)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
+    for uid in (SC_SOP_CLASS_UID, SR_SOP_CLASS_UID):
+        ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    return ae
+
+
+def test_a_dropped_pooled_association_is_replaced_within_the_call(scp_factory, results) -> None:  # type: ignore[no-untyped-def]
+    scp = scp_factory()
+    pool = AssociationPool(5.0)
+    stale = _DroppedUnnoticed()
+    pool._give_back("k", stale)  # type: ignore[arg-type]
+    out = pool.store_each(
+        "k", _scu_ae(), "127.0.0.1", scp.port, SCP_AET, results, load=lambda ds: ds
+    )
+    assert [r.kind for _, r in out] == ["status", "status"]
+    assert [r.status for _, r in out] == [SUCCESS, SUCCESS]
+    assert stale.is_established is False  # closed, not kept
+    assert (pool.opened, pool.reused, scp.associations) == (1, 0, 1)
+    assert pool.idle_count("k") == 1  # the new one is kept
+    pool.close_all()
+    assert _wait_for(lambda: scp.releases == 1, 5)
+
+
+def test_an_unanswered_item_is_not_repeated_and_its_association_not_kept(
+    scp_factory, results
+) -> None:  # type: ignore[no-untyped-def]
+    """No C-STORE response (DIMSE timeout): the PACS may hold the object, so the call is
+    not repeated, and the association is not reused (a late response could be read as
+    the next instance's status)."""
+    scp = scp_factory(delay=4)
+    pool = AssociationPool(5.0)
+    ae = _scu_ae()
+    ae.dimse_timeout = 1
+    out = pool.store_each("k", ae, "127.0.0.1", scp.port, SCP_AET, results[:1], load=lambda d: d)
+    assert [r.kind for _, r in out] == ["unreachable"]
+    assert "no C-STORE response" in out[0][1].comment
+    assert pool.idle_count() == 0 and pool.opened == 1
+    assert _wait_for(lambda: len(scp.received) == 1, 5)
+    time.sleep(0.5)
+    assert len(scp.received) == 1  # sent once
 
 
 def test_no_reuse_when_the_idle_time_is_zero(workdir: Path, scp_factory, results) -> None:  # type: ignore[no-untyped-def]

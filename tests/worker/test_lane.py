@@ -55,6 +55,41 @@ def test_a_full_lane_holds_the_producer_back() -> None:
     fourth.join(10)
     assert not fourth.is_alive()
     assert lane.drain(10) and lane.pending == 0
+    assert lane.stop(5)
+
+
+def test_a_submit_that_times_out_is_not_counted() -> None:
+    """A full lane answers False after the timeout (the task then sends the delivery
+    through the broker) and leaves no phantom pending job behind."""
+    gate = threading.Event()
+    started = threading.Event()
+
+    def run(job: Job) -> None:
+        started.set()
+        gate.wait(30)
+
+    lane = DeliveryLane(run, threads=1, depth=1)
+    assert lane.submit(Job(1))
+    assert started.wait(5)
+    assert lane.submit(Job(2))  # fills the queue
+    t0 = time.monotonic()
+    assert lane.submit(Job(3), timeout=0.3) is False
+    assert 0.25 <= time.monotonic() - t0 < 5
+    assert lane.pending == 2
+    gate.set()
+    assert lane.drain(10) and lane.pending == 0
+    assert lane.stop(5)
+
+
+def test_stop_keeps_to_its_timeout_with_a_stuck_job() -> None:
+    gate = threading.Event()
+    lane = DeliveryLane(lambda job: gate.wait(30), threads=1, depth=1)
+    lane.submit(Job(1))
+    lane.submit(Job(2))
+    t0 = time.monotonic()
+    assert lane.stop(0.5) is False  # not drained: the sweep re-sends what is left
+    assert time.monotonic() - t0 < 3
+    gate.set()
 
 
 def test_a_job_that_raises_does_not_stop_the_lane() -> None:
@@ -70,6 +105,7 @@ def test_a_job_that_raises_does_not_stop_the_lane() -> None:
         lane.submit(Job(i))
     assert lane.drain(10)
     assert seen == [1, 2, 3]
+    assert lane.stop(5)
 
 
 def test_drain_times_out_while_a_job_runs() -> None:
@@ -81,6 +117,7 @@ def test_drain_times_out_while_a_job_runs() -> None:
     assert time.monotonic() - t0 < 5
     gate.set()
     assert lane.drain(10)
+    assert lane.stop(5)
 
 
 def test_datasets_are_released_after_the_job() -> None:
@@ -89,6 +126,7 @@ def test_datasets_are_released_after_the_job() -> None:
     lane.submit(Job(7, {"1.2.3": make_chest_dataset(rows=8, cols=8)}))
     assert lane.drain(10)
     assert jobs[0].datasets == {}  # the lane does not keep pixel data alive
+    assert lane.stop(5)
 
 
 # ------------------------------------------------ Celery's autoretry for transient errors
@@ -123,6 +161,14 @@ def test_transient_error_is_retried_by_celery_then_fails_with_the_reason(
             e.kind for e in ss.execute(select(Event).where(Event.instance_id == iid)).scalars()
         ]
     assert kinds.count(State.PROCESSING.value) == 3 and kinds[-1] == State.FAILED.value
+    # the claim was given up before every retry (and before giving up), with the reason
+    with session_scope(s.database_url) as ss:
+        retries = [
+            e.detail
+            for e in ss.execute(select(Event).where(Event.instance_id == iid)).scalars()
+            if e.kind == "retry"
+        ]
+    assert len(retries) == 3 and all(d.startswith("transient: OperationalError") for d in retries)
 
     # the same instance, the database back: a re-run classifies it
     monkeypatch.setattr(pipeline, "classify", real_classify)
