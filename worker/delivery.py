@@ -240,17 +240,11 @@ def store_datasets(
     tls_args = (tls_context(settings), destination.host) if settings.delivery_tls else None
     t0 = time.perf_counter()
     pool = delivery_pool(settings)
+    peer = (ae, destination.host, destination.port, destination.ae_title, datasets)
     if pool is None:
-        results = store_each(
-            ae,
-            destination.host,
-            destination.port,
-            destination.ae_title,
-            datasets,
-            load=lambda ds: ds,
-            tls_args=tls_args,
-        )
+        results = store_each(*peer, load=lambda ds: ds, tls_args=tls_args)
     else:
+        # everything the association was negotiated with: reused only for the same key
         key = (
             destination.host,
             destination.port,
@@ -259,16 +253,7 @@ def store_datasets(
             tuple(sop_classes),
             settings.delivery_tls,
         )
-        results = pool.store_each(
-            key,
-            ae,
-            destination.host,
-            destination.port,
-            destination.ae_title,
-            datasets,
-            load=lambda ds: ds,
-            tls_args=tls_args,
-        )
+        results = pool.store_each(key, *peer, load=lambda ds: ds, tls_args=tls_args)
     log.debug(
         "delivery to %s: %d dataset(s) in %.0f ms",
         dest,
