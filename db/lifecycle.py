@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, NoResultFound, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -501,11 +501,27 @@ def take_due_delivery_retries(url: str, now: datetime | None = None) -> list[tup
 SendDeliver = Callable[[int, int | None], None]  # (instance id, attempt or None)
 
 
-def requeue_undelivered(url: str, send: SendDeliver, stale_after: float) -> int:
+#: ``instances.claimed_by`` of a classified instance whose first delivery attempt sits in
+#: a worker process's delivery lane; the rest is that lane's lease name (``leases.name``),
+#: renewed by the lane while its process lives (:mod:`worker.lane`)
+LANE_OWNER_PREFIX = "lane:"
+
+
+def requeue_undelivered(
+    url: str, send: SendDeliver, stale_after: float, orphan_grace: float = 5.0
+) -> int:
     """Send the due delivery retries (:func:`take_due_delivery_retries`), then re-send the
-    delivery of instances left ``classified`` (not finished, no retry waiting) for longer
-    than ``stale_after`` seconds (a worker died between classification and delivery, or a
-    retry countdown was lost with it). Returns the count."""
+    delivery of instances left ``classified`` (not finished, no retry waiting):
+
+    * **orphans of a delivery lane**, at once: ``claimed_by`` names a lane
+      (:data:`LANE_OWNER_PREFIX`) whose lease has lapsed or is gone (its process was
+      killed with the delivery in the lane; the classify task had already been acked, so
+      the broker will not redeliver it), ``orphan_grace`` seconds after classification;
+    * any other, once older than ``stale_after`` seconds (a worker died between
+      classification and delivery, or a retry countdown was lost with it).
+
+    A re-sent instance loses its lane owner (the ``cxr.deliver_instance`` task now has it)
+    and gets a ``delivery_requeued`` event. Returns the count."""
     n = 0
     for instance_id, attempt in take_due_delivery_retries(url):
         try:
@@ -517,37 +533,57 @@ def requeue_undelivered(url: str, send: SendDeliver, stale_after: float) -> int:
             return n
         log.info("instance %d: delivery attempt %d sent (was waiting)", instance_id, attempt)
         n += 1
-    cutoff = utcnow() - timedelta(seconds=stale_after)
+    now = utcnow()
+    cutoff = now - timedelta(seconds=stale_after)
+    live_lane = exists().where(Lease.name == Instance.claimed_by, Lease.expires_at > now)
+    orphan = (
+        Instance.claimed_by.like(f"{LANE_OWNER_PREFIX}%")
+        & ~live_lane
+        & (Instance.updated_at <= now - timedelta(seconds=orphan_grace))
+    )
     with session_scope(url) as s:
-        ids = list(
-            s.execute(
-                select(Instance.id).where(
-                    Instance.state == State.CLASSIFIED.value,
-                    Instance.finished_at.is_(None),
-                    Instance.retry_due_at.is_(None),
-                    Instance.updated_at <= cutoff,
-                )
+        rows = s.execute(
+            select(Instance.id, orphan).where(
+                Instance.state == State.CLASSIFIED.value,
+                Instance.finished_at.is_(None),
+                Instance.retry_due_at.is_(None),
+                (Instance.updated_at <= cutoff) | orphan,
             )
-            .scalars()
-            .all()
-        )
+        ).all()
     stale = 0
-    for instance_id in ids:
+    for instance_id, orphaned in rows:
         try:
             send(instance_id, None)
         except Exception as exc:
             log.warning("undelivered sweep: broker unavailable (%s)", type(exc).__name__)
             break
+        why = "its worker's delivery lane is gone" if orphaned else "left classified"
         with session_scope(url) as s:  # re-sent now: not stale again until stale_after
             s.execute(
                 update(Instance)
                 .where(Instance.id == instance_id, Instance.state == State.CLASSIFIED.value)
-                .values(updated_at=utcnow())
+                .values(updated_at=utcnow(), claimed_by=None)
             )
+            _event(s, instance_id, "delivery_requeued", f"delivery re-sent: {why}")
+        log.info("instance %d: delivery re-sent (%s)", instance_id, why)
         stale += 1
     if stale:
         log.info("undelivered sweep re-sent %d instance(s)", stale)
     return n + stale
+
+
+def prune_lane_leases(url: str, older_than: float = 86400.0) -> int:
+    """Delete the leases of delivery lanes that lapsed more than ``older_than`` seconds ago
+    (one row per worker process that ever had a lane). An instance still naming such a
+    lane is an orphan either way (:func:`requeue_undelivered`). Returns the count."""
+    cutoff = utcnow() - timedelta(seconds=older_than)
+    with session_scope(url) as s:
+        res = s.execute(
+            delete(Lease).where(
+                Lease.name.like(f"{LANE_OWNER_PREFIX}%"), Lease.expires_at <= cutoff
+            )
+        )
+        return int(res.rowcount or 0)  # type: ignore[attr-defined]
 
 
 # ------------------------------------------------------------- one sweeper per interval
@@ -664,6 +700,7 @@ def sweep(
         # the rows say what awaits delivery: a classified, unfinished instance exists only
         # where some worker had destinations, whatever the sweeper's own CXR_DESTINATIONS
         res.undelivered = requeue_undelivered(url, send_deliver, settings.requeue_stale_after)
+    prune_lane_leases(url)
     res.queue_depth = queue_depth(settings)
     return res
 
@@ -967,10 +1004,18 @@ NO_DESTINATIONS = "no destinations configured"
 
 
 def record_classification(
-    url: str, instance_id: int, rec: InferenceRecord, detail: str, no_destinations: bool
+    url: str,
+    instance_id: int,
+    rec: InferenceRecord,
+    detail: str,
+    no_destinations: bool,
+    delivery_owner: str | None = None,
 ) -> None:
     """Upsert the inference and move the instance to ``classified`` (final at once when
-    there are no destinations)."""
+    there are no destinations). ``delivery_owner``: the delivery lane that will make the
+    first delivery attempt (its lease name, :data:`LANE_OWNER_PREFIX`), kept in
+    ``claimed_by`` so that the sweep re-sends the delivery as soon as that lane's lease
+    lapses (:func:`requeue_undelivered`)."""
     now = utcnow()
     t = rec.timings_ms
     with session_scope(url) as s:
@@ -1009,6 +1054,8 @@ def record_classification(
         inst.state = State.CLASSIFIED.value
         inst.reason = NO_DESTINATIONS if no_destinations else None
         inst.finished_at = now if no_destinations else None
+        if delivery_owner is not None and not no_destinations:
+            inst.claimed_by = delivery_owner[:64]
         _event(
             s,
             instance_id,

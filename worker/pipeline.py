@@ -283,10 +283,14 @@ class _Built:
 
 
 def classify(
-    settings: Settings, instance_id: int, classifier: Any | None = None
+    settings: Settings,
+    instance_id: int,
+    classifier: Any | None = None,
+    delivery_owner: str | None = None,
 ) -> tuple[_Built, dict[str, float]]:
     """Decode, classify, build SC (+SR), store them in the spool, upsert the inference and
-    move the instance to ``classified``. The caller holds the ``processing`` claim."""
+    move the instance to ``classified`` (with ``delivery_owner``, the delivery lane that
+    will send them). The caller holds the ``processing`` claim."""
     from ml.ood import OOD_MESSAGE
     from ml.preprocess import PreprocessError, dicom_to_display
     from worker.results import build_heatmap, build_secondary_capture, build_structured_report
@@ -380,6 +384,7 @@ def classify(
             else ""
         ),
         no_destinations=no_dest,
+        delivery_owner=delivery_owner,
     )
     metrics.INFERENCES.labels(pred.label).inc()
     for k, v in timings.items():
@@ -592,6 +597,7 @@ def process_instance(
     force: bool = False,
     final_delivery_attempt: bool = False,
     handoff: Callable[[int, dict[str, Dataset]], None] | None = None,
+    delivery_owner: str | None = None,
 ) -> Outcome:
     """Claim, classify and deliver one instance (raises :class:`DeliveryIncomplete` when a
     destination did not take the results and ``final_delivery_attempt`` is False; transient
@@ -601,7 +607,8 @@ def process_instance(
     ``handoff``: where a freshly classified instance's first delivery goes instead of
     running here (the delivery lane, :mod:`worker.lane`): called with the instance id and
     the result datasets once the instance is ``classified``; the outcome is then
-    ``delivery_queued``."""
+    ``delivery_queued``. ``delivery_owner``: that lane's owner id, recorded with the
+    classification (:func:`db.lifecycle.record_classification`)."""
     # load the model BEFORE claiming: a first task in a fresh process may spend seconds
     # here, and must not look like a stale claim meanwhile
     clf = classifier if classifier is not None else get_classifier(settings)
@@ -615,7 +622,12 @@ def process_instance(
     fresh: dict[str, Dataset] | None = None
     if decision == "classify":
         try:
-            built, timings = classify(settings, instance_id, clf)
+            built, timings = classify(
+                settings,
+                instance_id,
+                clf,
+                delivery_owner=delivery_owner if handoff is not None else None,
+            )
         except PermanentError as exc:
             reason = scrub(str(exc))
             mark_failed(settings, instance_id, reason)

@@ -56,7 +56,7 @@ from db import lifecycle
 from db.models import State
 from worker import pipeline
 from worker.delivery import close_delivery_pool
-from worker.lane import Job, current_lane, get_lane
+from worker.lane import Job, close_lane, current_lane, get_lane
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,16 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
     inside this task."""
     settings = get_settings()
     handoff = None
+    owner = None
     handed_off: list[int] = []  # set once the instance is classified and handed over
-    if settings.delivery_threads > 0:
-        lane = get_lane(_run_lane_job, settings.delivery_threads)
+    if settings.delivery_threads > 0 and settings.delivery_destinations:
+        lane = get_lane(
+            _run_lane_job,
+            settings.delivery_threads,
+            heartbeat=_lane_heartbeat,
+            heartbeat_every=settings.requeue_interval,
+        )
+        owner = lane.start()  # recorded with the classification: the sweep's cue
         app = self.app
 
         def handoff(iid: int, datasets: dict[str, Any]) -> None:
@@ -258,6 +265,7 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
             force=force,
             final_delivery_attempt=settings.delivery_max_attempts <= 1,
             handoff=handoff,
+            delivery_owner=owner,
         )
     except pipeline.DeliveryIncomplete as exc:
         log.info("instance %d: delivery incomplete (%s)", instance_id, exc.detail)
@@ -372,6 +380,21 @@ def _deliver_via_broker(app: Celery, settings: Settings, instance_id: int, why: 
         )
 
 
+#: a delivery lane's lease lasts this many sweep intervals past each renewal
+LANE_LEASE_INTERVALS = 3
+
+
+def _lane_heartbeat(owner: str, renew: bool) -> None:
+    """Renew (or give up) the lease that says this process's delivery lane is alive; the
+    sweep re-sends the deliveries of a lane whose lease lapsed (:mod:`worker.lane`)."""
+    settings = get_settings()
+    if renew:
+        seconds = LANE_LEASE_INTERVALS * settings.requeue_interval
+        lifecycle.take_lease(settings.database_url, owner, owner, seconds)
+    else:
+        lifecycle.release_lease(settings.database_url, owner, owner)
+
+
 def _run_lane_job(job: Job) -> None:
     """A first delivery attempt in the lane. A transient error (DB or broker down) goes to
     the broker as ``cxr.deliver_instance`` for the same attempt, where Celery retries it."""
@@ -402,6 +425,6 @@ def _drain_on_shutdown(**_kwargs: Any) -> None:
     lane = current_lane()
     if lane is not None and lane.pending:
         log.info("delivery lane: draining %d delivery(ies) before exit", lane.pending)
-        if not lane.stop(timeout=get_settings().dimse_timeout):
-            log.warning("delivery lane: not drained; the sweep re-sends what is left")
+    if not close_lane(timeout=get_settings().dimse_timeout):  # also gives the lease up
+        log.warning("delivery lane: not drained; the sweep re-sends what is left")
     close_delivery_pool()

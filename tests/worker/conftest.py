@@ -414,3 +414,13 @@ def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
         yield r
     finally:
         r.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_lane_outlives_its_test() -> Iterator[None]:
+    """A test that classified through the tasks leaves this process's delivery lane
+    running (its heartbeat renews a lease in that test's DB): stop it after each test."""
+    yield
+    from worker.lane import close_lane
+
+    close_lane(10)

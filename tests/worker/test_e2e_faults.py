@@ -236,3 +236,51 @@ def test_sigterm_is_a_warm_shutdown(make_stack, tmp_path, dicom_samples):  # typ
     (row,) = stack.instances()
     assert row.state == State.DELIVERED.value, (row.state, w.log()[-3000:])
     check_pacs_holds_results(stack, sources)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_worker_sigkilled_with_a_delivery_in_its_lane(
+    pg_url, private_redis, make_stack, dicom_samples
+):  # type: ignore[no-untyped-def]
+    """Issue 10: the classify task has returned (acked: the broker will never redeliver
+    it) and the instance's first delivery sits in the worker's delivery lane, waiting for
+    a PACS that does not answer (Orthanc SIGSTOPped), when the worker is SIGKILLed. The
+    lane's lease lapses (3 sweep intervals), the node's sweep re-sends the delivery at
+    once - not after CXR_REQUEUE_STALE_AFTER, here an hour - and the next worker delivers
+    it, exactly once."""
+    import os
+
+    stack = make_stack(pg_url, private_redis.url, CXR_REQUEUE_STALE_AFTER=3600)
+    # the stage delay keeps the instance away from delivery until Orthanc is stopped
+    w1 = stack.start_worker(CXR_TEST_STAGE_DELAY=2)
+    stack.start_node()
+    sources = _push(stack, dicom_samples, names=SMALL[:1])
+    orthanc_pid = stack.orthanc.proc.pid
+    os.kill(orthanc_pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: "delivery_queued" in w1.log(), 60, what="the task handed over")
+        (row,) = stack.instances()
+        assert row.state == State.CLASSIFIED.value and row.finished_at is None
+        assert row.claimed_by and row.claimed_by.startswith("lane:"), row.claimed_by
+        time.sleep(0.5)  # the lane thread is now waiting for the association
+        w1.kill(signal.SIGKILL)
+        killed = time.monotonic()
+        (row,) = stack.instances()
+        assert row.state == State.CLASSIFIED.value  # nothing went out
+    finally:
+        os.kill(orthanc_pid, signal.SIGCONT)
+    wait_for(
+        lambda: _events(stack, "delivery_requeued"), 30, what="the sweep re-sending the delivery"
+    )
+    resent = time.monotonic() - killed
+    stack.start_worker()
+    rows = stack.wait_all_final(1, 90)
+    print(f"delivery re-sent {resent:.1f} s after the kill")
+    assert resent < 20, resent  # 3 sweep intervals of 1 s, plus the orphan grace of 5 s
+    assert rows[0].state == State.DELIVERED.value
+    assert rows[0].attempts == 1  # classified once: only the delivery was re-sent
+    (ev,) = _events(stack, "delivery_requeued")
+    assert ev.detail == "delivery re-sent: its worker's delivery lane is gone"
+    check_audit_story(stack, set(sources))
+    check_pacs_holds_results(stack, sources)

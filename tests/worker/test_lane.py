@@ -144,7 +144,7 @@ def test_transient_error_is_retried_by_celery_then_fails_with_the_reason(
     calls: list[str] = []
     real_classify = pipeline.classify
 
-    def failing_classify(settings, instance_id, classifier=None):  # type: ignore[no-untyped-def]
+    def failing_classify(settings, instance_id, classifier=None, **kw):  # type: ignore[no-untyped-def]
         calls.append(_state(s.database_url, instance_id).state)
         raise sqlalchemy.exc.OperationalError("UPDATE instances", {}, Exception("db gone"))
 
@@ -207,3 +207,135 @@ def test_transient_error_in_delivery_ends_delivery_failed(
     inst = _state(s.database_url, iid)
     assert inst.state == State.DELIVERY_FAILED.value
     assert inst.reason and "gave up after 2 attempts" in inst.reason
+
+
+# ---------------------------------------- the lane's lease: a killed lane's work is re-sent
+def test_lane_owner_ids_are_unique_and_fit_the_column() -> None:
+    import os
+
+    from worker.lane import new_owner_id
+
+    a, b = new_owner_id(), new_owner_id()
+    assert a != b and a.startswith("lane:") and f":{os.getpid()}:" in a
+    assert len(a) <= 64  # instances.claimed_by and leases.name are String(64)
+
+
+def test_heartbeat_takes_the_lease_before_start_returns_renews_it_and_gives_it_up() -> None:
+    beats: list[tuple[str, bool, float]] = []
+    lane = DeliveryLane(
+        lambda job: None,
+        heartbeat=lambda owner, renew: beats.append((owner, renew, time.monotonic())),
+        heartbeat_every=0.05,
+    )
+    owner = lane.start()
+    assert owner == lane.owner
+    assert beats and beats[0][:2] == (owner, True)  # before any work can name the owner
+    assert lane.start() == owner and len([b for b in beats if b[1]]) < 3  # idempotent
+    time.sleep(0.5)
+    renewals = [b for b in beats if b[1]]
+    assert len(renewals) >= 4, renewals
+    assert lane.stop(5)
+    assert beats[-1][:2] == (owner, False)  # a clean stop gives the lease up
+    n = len(beats)
+    time.sleep(0.2)
+    assert len(beats) == n  # and renews it no more
+
+
+def test_a_lane_without_a_lease_hands_out_no_owner() -> None:
+    """The DB is down when the lane starts: start() says no owner (the sweep's age rule
+    covers that work), the heartbeat keeps trying, and owns up once it gets through."""
+    down = threading.Event()
+    down.set()
+
+    def beat(owner: str, renew: bool) -> None:
+        if down.is_set():
+            raise sqlalchemy.exc.OperationalError("UPDATE leases", {}, Exception("db gone"))
+
+    lane = DeliveryLane(lambda job: None, heartbeat=beat, heartbeat_every=0.05)
+    assert lane.start() is None
+    down.clear()
+    time.sleep(0.3)
+    assert lane.start() == lane.owner
+    assert lane.stop(5)
+
+
+_SEEDS: list[int] = []
+
+
+def _classified(settings, owner: str | None, age_s: float) -> int:  # type: ignore[no-untyped-def]
+    """A classified, undelivered instance whose first delivery was handed to ``owner``,
+    classified ``age_s`` seconds ago."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from db.models import utcnow
+
+    _SEEDS.append(len(_SEEDS) + 100)
+    iid = insert_instance(
+        settings, dataset_bytes(make_chest_dataset(seed=_SEEDS[-1])), state=State.CLASSIFIED.value
+    )
+    with session_scope(settings.database_url) as s:
+        s.execute(
+            update(Instance)
+            .where(Instance.id == iid)
+            .values(claimed_by=owner, updated_at=utcnow() - timedelta(seconds=age_s))
+        )
+    return iid
+
+
+def test_the_sweep_resends_a_dead_lanes_deliveries_at_once(db_url: str, tmp_path: Path) -> None:
+    """An instance handed to a lane whose lease lapsed (or never existed) is an orphan: the
+    sweep re-sends its delivery after the grace, not after CXR_REQUEUE_STALE_AFTER; one
+    whose lane is alive, or that is younger than the grace, is left alone (SQLite and
+    PostgreSQL)."""
+    from datetime import timedelta
+
+    from cxr.settings import load_settings
+    from db import lifecycle
+    from db.models import Lease, utcnow
+    from db.session import init_db
+
+    s = load_settings(database_url=db_url, spool_dir=tmp_path / "spool", metrics_port=0)
+    init_db(db_url)
+    alive, lapsed, gone = "lane:h:1:aaaa", "lane:h:2:bbbb", "lane:h:3:cccc"
+    assert lifecycle.take_lease(db_url, alive, alive, 60)
+    assert lifecycle.take_lease(db_url, lapsed, lapsed, 60, now=utcnow() - timedelta(seconds=120))
+    ids = {
+        "alive": _classified(s, alive, 30),
+        "lapsed": _classified(s, lapsed, 30),
+        "gone": _classified(s, gone, 30),
+        "young": _classified(s, gone, 0),
+        "no lane": _classified(s, None, 30),
+    }
+    sent: list[tuple[int, int | None]] = []
+
+    def resend(i: int, attempt: int | None) -> None:
+        sent.append((i, attempt))
+
+    assert lifecycle.requeue_undelivered(db_url, resend, stale_after=3600, orphan_grace=5) == 2
+    assert sorted(sent) == sorted([(ids["lapsed"], None), (ids["gone"], None)])
+    with session_scope(db_url) as ss:
+        for key in ("lapsed", "gone"):
+            inst = ss.get(Instance, ids[key])
+            assert inst is not None and inst.claimed_by is None  # the deliver task has it now
+            ev = ss.execute(
+                select(Event).where(
+                    Event.instance_id == ids[key], Event.kind == "delivery_requeued"
+                )
+            ).scalar_one()
+            assert ev.detail == "delivery re-sent: its worker's delivery lane is gone"
+    # nothing twice; the live lane's work waits for its lane, the young one for the grace
+    sent.clear()
+    assert lifecycle.requeue_undelivered(db_url, resend, stale_after=3600, orphan_grace=5) == 0
+    # the live lane dies (its lease given up): its work is re-sent on the next sweep
+    assert lifecycle.release_lease(db_url, alive, alive)
+    assert lifecycle.requeue_undelivered(db_url, resend, stale_after=3600, orphan_grace=5) == 1
+    assert sent == [(ids["alive"], None)]
+    # the age rule still covers work with no lane, and lapsed lane leases are pruned
+    sent.clear()
+    assert lifecycle.requeue_undelivered(db_url, resend, stale_after=10, orphan_grace=5) == 1
+    assert sent == [(ids["no lane"], None)]
+    assert lifecycle.prune_lane_leases(db_url, older_than=30) == 1  # the lapsed one
+    with session_scope(db_url) as ss:
+        assert {r.name for r in ss.execute(select(Lease)).scalars()} == {alive}
