@@ -424,12 +424,19 @@ def main() -> int:
         # 2. backlog
         b_uids = uids(backlog)
         watched = [p.pid for p in procs] + ([orthanc.proc.pid] if orthanc.proc else [])
+        groups = {"worker": [procs[0].pid], "node": [procs[1].pid]}
+        if orthanc.proc:
+            groups["Orthanc"] = [orthanc.proc.pid]
         cpu0 = cpu_seconds(watched)
+        group0 = {k: cpu_seconds(v) for k, v in groups.items()}
         t_send = time.perf_counter()
         sender.send(backlog)
         t_sent = time.perf_counter() - t_send
         times = wait_done(db_url, b_uids, procs, 60 + 30 * len(backlog), orthanc)
         cpu_per_image = (cpu_seconds(watched) - cpu0) / len(backlog) * 1000
+        cpu_by_process = {
+            k: (cpu_seconds(v) - group0[k]) / len(backlog) * 1000 for k, v in groups.items()
+        }
         done = sorted(v[1] for v in times.values())  # type: ignore[type-var]
         k = max(1, len(done) // 10)
         span = (done[-1] - done[k - 1]).total_seconds()
@@ -492,6 +499,17 @@ def main() -> int:
         f"CPU used per image in the backlog (node + worker + Orthanc): {cpu_per_image:.0f} ms; "
         f"the model alone {MODEL_CPU_MS:.0f} ms of CPU in {model_ms:.0f} ms; "
         f"bound on {ncpu} cores: pipeline/model <= {ncpu * model_ms / cpu_per_image:.2f}"
+    )
+    print(
+        "CPU per image by process (ms): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in cpu_by_process.items())
+        + f"; the worker's CPU beside the model's: "
+        f"{cpu_by_process['worker'] - MODEL_CPU_MS:.0f} ms"
+    )
+    outside = cpu_per_image - cpu_by_process["worker"]
+    print(
+        f"even with a worker that did nothing but the model, node + PACS would cap "
+        f"pipeline/model at {ncpu * model_ms / (MODEL_CPU_MS + outside):.2f} on {ncpu} cores"
     )
     print()
     ok1, ok2 = ratio >= 0.85, lat_ratio <= 2.0
