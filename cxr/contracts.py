@@ -27,6 +27,9 @@ QUEUE = "cxr"
 
 OWN_MANUFACTURER = "cxr-triage"
 OWN_SERIES_PREFIX = "AI TRIAGE"
+#: ``instances.claimed_by`` of a classified instance whose first delivery sits in a worker
+#: process's delivery lane (``worker.lane``); the whole value is that lane's lease name
+LANE_OWNER_PREFIX = "lane:"
 
 # do not wait for a dead broker: fail fast, the sweep retries
 _SEND_RETRY = {"max_retries": 0, "interval_start": 0, "interval_step": 0, "interval_max": 0}

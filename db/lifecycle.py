@@ -32,6 +32,7 @@ from sqlalchemy.exc import IntegrityError, NoResultFound, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from cxr import metrics
+from cxr.contracts import LANE_OWNER_PREFIX
 from cxr.storage import Spool
 from db.models import (
     FINAL_STATES,
@@ -501,12 +502,6 @@ def take_due_delivery_retries(url: str, now: datetime | None = None) -> list[tup
 SendDeliver = Callable[[int, int | None], None]  # (instance id, attempt or None)
 
 
-#: ``instances.claimed_by`` of a classified instance whose first delivery attempt sits in
-#: a worker process's delivery lane; the rest is that lane's lease name (``leases.name``),
-#: renewed by the lane while its process lives (:mod:`worker.lane`)
-LANE_OWNER_PREFIX = "lane:"
-
-
 def requeue_undelivered(
     url: str, send: SendDeliver, stale_after: float, orphan_grace: float = 5.0
 ) -> int:
@@ -570,6 +565,20 @@ def requeue_undelivered(
     if stale:
         log.info("undelivered sweep re-sent %d instance(s)", stale)
     return n + stale
+
+
+def release_delivery_owner(url: str, instance_id: int, owner: str) -> bool:
+    """The lane ``owner``'s first delivery attempt of the instance is over (delivered,
+    failed, or a retry scheduled): from now on the retry machinery has it, so a later death
+    of that lane's process must not make it an orphan. Clears ``claimed_by`` if it still
+    names ``owner``; True when it did."""
+    with session_scope(url) as s:
+        res = s.execute(
+            update(Instance)
+            .where(Instance.id == instance_id, Instance.claimed_by == owner)
+            .values(claimed_by=None)
+        )
+        return bool(res.rowcount)  # type: ignore[attr-defined]
 
 
 def prune_lane_leases(url: str, older_than: float = 86400.0) -> int:

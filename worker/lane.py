@@ -40,32 +40,33 @@ from typing import Any
 
 from pydicom import Dataset
 
+from cxr.contracts import LANE_OWNER_PREFIX
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Job:
     """One first delivery attempt: the instance and the datasets just built for it
-    (``app``: the Celery app that queues a retry)."""
+    (``app``: the Celery app that queues a retry; ``owner``: the lane owner id recorded
+    with the instance, released when the attempt is over)."""
 
     instance_id: int
     datasets: dict[str, Dataset] = field(default_factory=dict)
     app: Any = None
+    owner: str | None = None
 
 
 Runner = Callable[[Job], None]
 #: renews (or, with ``False``, gives up) the lane's lease named by its owner id
 Heartbeat = Callable[[str, bool], None]
 
-#: the owner id's prefix (``db.lifecycle.LANE_OWNER_PREFIX``)
-OWNER_PREFIX = "lane:"
-
 
 def new_owner_id() -> str:
     """``lane:<host>:<pid>:<random>``, at most 64 characters: unique per process and
     start, so a reused pid or a restarted container never inherits a dead lane's work."""
     host = socket.gethostname()[:32] or "host"
-    return f"{OWNER_PREFIX}{host}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{LANE_OWNER_PREFIX}{host}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 class DeliveryLane:

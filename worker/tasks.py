@@ -250,7 +250,7 @@ def classify_instance(self: Task, instance_id: int, force: bool = False) -> str:
             queued = False
             try:
                 queued = lane.submit(
-                    Job(iid, datasets, app), timeout=settings.task_soft_time_limit / 2
+                    Job(iid, datasets, app, owner), timeout=settings.task_soft_time_limit / 2
                 )
             finally:
                 handed_off.append(iid)
@@ -404,6 +404,16 @@ def _run_lane_job(job: Job) -> None:
     except TRANSIENT_ERRORS as exc:
         _deliver_via_broker(job.app, settings, job.instance_id, type(exc).__name__)
         return
+    finally:
+        if job.owner is not None:  # the attempt is over: a retry is not this lane's
+            try:
+                lifecycle.release_delivery_owner(settings.database_url, job.instance_id, job.owner)
+            except Exception as exc:  # the DB is down: at worst one duplicate re-send
+                log.warning(
+                    "instance %d: lane owner not released (%s)",
+                    job.instance_id,
+                    type(exc).__name__,
+                )
     log.info("instance %d: %s", job.instance_id, action)
 
 

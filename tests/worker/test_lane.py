@@ -339,3 +339,37 @@ def test_the_sweep_resends_a_dead_lanes_deliveries_at_once(db_url: str, tmp_path
     assert lifecycle.prune_lane_leases(db_url, older_than=30) == 1  # the lapsed one
     with session_scope(db_url) as ss:
         assert {r.name for r in ss.execute(select(Lease)).scalars()} == {alive}
+
+
+def test_a_finished_lane_attempt_gives_the_instance_up(
+    tmp_path: Path, sqlite_url: str, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the lane's attempt is over (here: a retry scheduled), the instance no longer
+    names the lane, so the death of that lane's process later does not make it an orphan
+    (the retry already owns it: a second send would restart its attempt count)."""
+    from db import lifecycle
+    from worker import tasks
+
+    s = _env_settings(monkeypatch, tmp_path, sqlite_url, tiny_model_dir)
+    owner, other = "lane:h:1:aaaa", "lane:h:2:bbbb"
+    mine = _classified(s, owner, 30)
+    theirs = _classified(s, other, 30)
+    seen: list[int] = []
+
+    def attempt(app, settings, instance_id, n, built=None):  # type: ignore[no-untyped-def]
+        seen.append(instance_id)
+        return "delivery_retry"
+
+    monkeypatch.setattr(tasks, "deliver_attempt", attempt)
+    tasks._run_lane_job(Job(mine, {}, None, owner))
+    tasks._run_lane_job(Job(theirs, {}, None, owner))  # not this lane's: left alone
+    assert seen == [mine, theirs]
+    assert _state(s.database_url, mine).claimed_by is None
+    assert _state(s.database_url, theirs).claimed_by == other
+    sent: list[int] = []
+    # neither lane holds a lease: only the instance still naming a lane is an orphan
+    assert (
+        lifecycle.requeue_undelivered(s.database_url, lambda i, a: sent.append(i), stale_after=3600)
+        == 1
+    )
+    assert sent == [theirs]
