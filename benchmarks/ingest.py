@@ -9,7 +9,10 @@ lossless) of 2-20 MB each, then pushes the SAME files, in one run, to
 
 over 1 and over N concurrent associations (one sender process per association). Each target
 runs in its own process, started fresh for each measurement. Prints instances/s, MB/s and the
-node/baseline ratio (target >= 0.8x); the last line is ``ratios: c1=... c4=...``.
+node/baseline ratio (target >= 0.8x), the CPU per instance of the receiver (from /proc) and of
+the senders, the node/baseline ratio that CPU alone allows on this machine, and the CPU of the
+node's per-instance steps measured alone (``--bookkeeping``); the last line is
+``ratios: c1=... c4=...``.
 
 ``--small`` sends small images instead (64-512 KB: 256x256 and 512x512, uncompressed and
 RLE), where the per-instance cost (audit commit, fsync) dominates. ``--node-env`` passes
@@ -148,8 +151,9 @@ def generate(
 
 
 # ----------------------------------------------------------------------------- sending
-def _send_chunk(address: tuple[str, int], paths: list[str]) -> tuple[int, int, int]:
-    """One association: C-STORE every path. Returns (ok, failed, bytes)."""
+def _send_chunk(address: tuple[str, int], paths: list[str]) -> tuple[int, int, int, float]:
+    """One association: C-STORE every path. Returns (ok, failed, bytes, the sender's CPU
+    seconds for the association and the C-STOREs)."""
     import pydicom
     from pynetdicom import AE
 
@@ -163,9 +167,10 @@ def _send_chunk(address: tuple[str, int], paths: list[str]) -> tuple[int, int, i
         cx.add((str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)))
     for sop, ts in sorted(cx):
         ae.add_requested_context(sop, ts)
+    cpu0 = time.process_time()
     assoc = ae.associate(*address, ae_title=AET)
     if not assoc.is_established:
-        return 0, len(paths), 0
+        return 0, len(paths), 0, time.process_time() - cpu0
     ok = failed = nbytes = 0
     for p in paths:
         st = assoc.send_c_store(p)
@@ -175,7 +180,7 @@ def _send_chunk(address: tuple[str, int], paths: list[str]) -> tuple[int, int, i
         else:
             failed += 1
     assoc.release()
-    return ok, failed, nbytes
+    return ok, failed, nbytes, time.process_time() - cpu0
 
 
 def _echo_ok(address: tuple[str, int]) -> bool:
@@ -202,6 +207,17 @@ class Result:
     failed: int
     nbytes: int
     seconds: float
+    target_cpu: float = 0.0  # CPU seconds of the receiving process (from /proc)
+    sender_cpu: float = 0.0  # CPU seconds of the sending processes
+
+    @property
+    def target_ms(self) -> float:
+        """The receiver's CPU per acknowledged instance (ms)."""
+        return self.target_cpu * 1000 / max(self.ok, 1)
+
+    @property
+    def sender_ms(self) -> float:
+        return self.sender_cpu * 1000 / max(self.ok, 1)
 
     @property
     def ips(self) -> float:
@@ -265,6 +281,16 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and of its threads (``/proc/<pid>/stat``); 0 where
+    /proc is not there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_target(target: str, files: list[Path], concurrency: int, work: Path) -> Result:
     port = free_port()
     proc = _start(target, port, work)
@@ -273,14 +299,26 @@ def run_target(target: str, files: list[Path], concurrency: int, work: Path) -> 
         with ProcessPoolExecutor(max_workers=concurrency) as pool:
             # warm the worker processes (imports) outside the timed region
             list(pool.map(_noop, range(concurrency)))
+            cpu0 = _cpu_seconds(proc.pid)
             t0 = time.perf_counter()
             futures = [pool.submit(_send_chunk, ("127.0.0.1", port), c) for c in chunks]
             parts = [f.result() for f in futures]
             dt = time.perf_counter() - t0
+            time.sleep(1.0)  # the node's hand-off to the broker runs after the Success
+            target_cpu = _cpu_seconds(proc.pid) - cpu0
     finally:
         _stop(proc)
     ok = sum(p[0] for p in parts)
-    res = Result(target, concurrency, ok, sum(p[1] for p in parts), sum(p[2] for p in parts), dt)
+    res = Result(
+        target,
+        concurrency,
+        ok,
+        sum(p[1] for p in parts),
+        sum(p[2] for p in parts),
+        dt,
+        target_cpu,
+        sum(p[3] for p in parts),
+    )
     if target == "node":
         _check_node(work, port, ok)
     return res
@@ -305,6 +343,66 @@ def _check_node(work: Path, port: int, ok: int) -> None:
     shutil.rmtree(work / f"spool-{port}", ignore_errors=True)
 
 
+def bookkeeping_cost(work: Path, n: int) -> dict[str, float]:
+    """CPU ms per instance of what the node does for every stored instance beside the
+    DICOM exchange, each step alone, in this process and with the node's defaults (SQLite
+    audit DB with synchronous=FULL, the embedded broker): the spool write (fsync'ed,
+    renamed), the ``received`` audit transaction, the broker publish and the ``queued``
+    transaction."""
+    import hashlib
+
+    from cxr.celery_app import make_celery
+    from cxr.contracts import send_classify
+    from cxr.settings import Settings
+    from cxr.storage import Spool
+    from db import lifecycle
+    from db.session import dispose_engines, init_db
+
+    root = work / "bookkeeping"
+    shutil.rmtree(root, ignore_errors=True)
+    settings = Settings(
+        spool_dir=root / "spool",
+        database_url=f"sqlite:///{root / 'audit.db'}",
+        broker_url="",
+        embedded_broker_path=root / "broker.sqlite",
+    )
+    root.mkdir(parents=True)
+    init_db(settings.database_url)
+    spool = Spool(settings.spool_dir)
+    app = make_celery(settings)
+    payload = os.urandom(300_000)
+    cpu = {"spool write": 0.0, "received txn": 0.0, "broker publish": 0.0, "queued txn": 0.0}
+
+    def step(name: str, fn):  # type: ignore[no-untyped-def]
+        t = time.process_time()
+        out = fn()
+        cpu[name] += time.process_time() - t
+        return out
+
+    send_classify(app, 0)  # connect the broker outside the measurement
+    for i in range(n):
+        body = payload + i.to_bytes(8, "little")
+        sha = hashlib.sha256(body).hexdigest()
+        path, _ = step("spool write", lambda: spool.store_incoming([body], sha))  # noqa: B023
+        receipt = lifecycle.Receipt(
+            sop_instance_uid=f"1.2.826.0.1.3680043.8.498.{i + 1}",
+            content_sha256=sha,
+            calling_ae="BENCH",
+            association_id=None,
+            sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+            modality="CR",
+            size_bytes=len(body),
+            spool_path=spool.relative(path),
+        )
+        done = step(
+            "received txn", lambda: lifecycle.record_receipt(settings.database_url, receipt)
+        )  # noqa: B023
+        step("broker publish", lambda: send_classify(app, done.instance_id))  # noqa: B023
+        step("queued txn", lambda: lifecycle.mark_queued(settings.database_url, [done.instance_id]))  # noqa: B023
+    dispose_engines()
+    return {k: v * 1000 / n for k, v in cpu.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--count", type=int, default=200, help="images per run (>= 200 for the record)")
@@ -320,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
         help="a setting for the node process (repeatable)",
     )
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument(
+        "--bookkeeping",
+        type=int,
+        default=200,
+        metavar="N",
+        help="also time the node's per-instance steps alone, N times (0: skip)",
+    )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     for item in args.node_env:
@@ -347,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             print("node settings: " + " ".join(f"{k}={v}" for k, v in NODE_ENV.items()))
         print(
             f"{'target':<10}{'assocs':>7}{'ok':>6}{'fail':>6}{'seconds':>9}{'inst/s':>9}{'MB/s':>9}"
-            f"{'ratio':>8}"
+            f"{'ratio':>8}{'rx CPU ms':>10}{'tx CPU ms':>10}"
         )
         ratios = []
         for conc in args.concurrency:
@@ -357,10 +462,31 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = f"{r.mbps / base.mbps:.2f}x" if r is node else "1.00x"
                 print(
                     f"{r.target:<10}{r.concurrency:>7}{r.ok:>6}{r.failed:>6}{r.seconds:>9.2f}"
-                    f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}",
+                    f"{r.ips:>9.2f}{r.mbps:>9.1f}{ratio:>8}{r.target_ms:>10.1f}{r.sender_ms:>10.1f}",
+                    flush=True,
+                )
+            # CPU per instance of receiver + senders: with every core busy, or with one
+            # association (receive and send take turns), throughput cannot beat the inverse
+            base_cpu, node_cpu = base.target_ms + base.sender_ms, node.target_ms + node.sender_ms
+            if node_cpu > 0:
+                print(
+                    f"    CPU per instance (receiver + sender): storescp {base_cpu:.1f} ms, "
+                    f"node {node_cpu:.1f} ms -> CPU-bound node/baseline "
+                    f"{base_cpu / node_cpu:.2f}; the node spends {node.target_ms:.1f} ms "
+                    f"where storescp spends {base.target_ms:.1f}; 0.8x would need "
+                    f"<= {max(base_cpu / 0.8 - node.sender_ms, 0):.1f} ms",
                     flush=True,
                 )
             ratios.append(f"c{conc}={node.mbps / base.mbps:.2f}")
+        if args.bookkeeping:
+            sys.path.insert(0, str(REPO))
+            costs = bookkeeping_cost(work, args.bookkeeping)
+            print(
+                "node's per-instance steps alone, CPU ms: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in costs.items())
+                + f"; sum {sum(costs.values()):.1f}",
+                flush=True,
+            )
         print(f"ratios: {' '.join(ratios)}")
     finally:
         if args.workdir is None:
