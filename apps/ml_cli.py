@@ -713,6 +713,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.cam_dir:
         args.cam_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
+    detector = getattr(clf, "ood_detector", None)
+    ood_threshold = None if detector is None else float(detector.threshold)
     if not args.json:
         print(f"model {clf.name} {clf.version} ({clf.engine}). {DISCLAIMER}")
     for i, path in enumerate(args.files):
@@ -739,6 +741,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 "probabilities": p.probabilities,
                 "ood_score": p.ood_score,
                 "ood": p.ood,
+                "ood_threshold": ood_threshold,
+                "model": clf.name,
+                "model_version": clf.version,
+                "disclaimer": DISCLAIMER,
             }
             if p.ood:
                 rec["warning"] = p.ood_message
@@ -749,7 +755,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
             probs = ", ".join(f"{c} {v:.3f}" for c, v in p.probabilities.items())
             ood = ""
             if p.ood_score is not None:
-                ood = f" ood_score={p.ood_score:.1f}" + (f" [{p.ood_message}]" if p.ood else "")
+                limit = f"/{ood_threshold:.1f}" if ood_threshold is not None else ""
+                ood = f" ood_score={p.ood_score:.1f}{limit}" + (
+                    f" [{p.ood_message}]" if p.ood else ""
+                )
             print(
                 f"{path}: {p.label} ({probs}){ood}" + (f" cam={cam_file}" if cam_file else ""),
                 flush=True,

@@ -50,7 +50,11 @@ def _fsync_dir(path: Path) -> None:
 
 class Spool:
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        # absolute once, here: every path the spool hands out (incoming_path, result_path)
+        # must resolve to the same file whatever the caller does with it (a relative root,
+        # the default ``var/spool``, made result_path() relative paths that resolve()
+        # prefixed with the root a second time)
+        self.root = Path(root).absolute()
         self.incoming = self.root / "incoming"
         self.results = self.root / "results"
         self.tmp = self.root / "tmp"

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError, NoResultFound, SQLAlchemyError
@@ -980,13 +980,22 @@ def release_claim(url: str, instance_id: int, detail: str) -> None:
 
 
 # ------------------------------------------------------------------ inference
-def source_of(url: str, instance_id: int) -> tuple[str | None, str] | None:
-    """``(spool_path, sop_instance_uid)`` of an instance, None when the row is gone."""
+class SourceRef(NamedTuple):
+    """Where an instance's received file is, and which content version of its SOP
+    Instance UID it is (1 + the number of other contents received under that UID before)."""
+
+    spool_path: str | None
+    sop_instance_uid: str
+    version: int
+
+
+def source_of(url: str, instance_id: int) -> SourceRef | None:
+    """The :class:`SourceRef` of an instance, None when the row is gone."""
     with session_scope(url) as s:
         inst = s.get(Instance, instance_id)
         if inst is None:
             return None
-        return inst.spool_path, inst.sop_instance_uid
+        return SourceRef(inst.spool_path, inst.sop_instance_uid, int(inst.version or 1))
 
 
 @dataclass

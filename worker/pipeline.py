@@ -305,7 +305,7 @@ def classify(
     src = lifecycle.source_of(settings.database_url, instance_id)
     if src is None:
         raise PermanentError("instance row vanished")
-    spool_path, sop_uid = src
+    spool_path, sop_uid, source_version = src
     if not spool_path:
         raise PermanentError("no spool file recorded for this instance")
     spool = Spool(settings.spool_dir)
@@ -335,7 +335,7 @@ def classify(
 
     t1 = time.perf_counter()
     model = model_info(clf)
-    uids = output_uids(sop_uid, clf.version)
+    uids = output_uids(sop_uid, clf.version, source_version)
     sc = build_secondary_capture(ds, display, pred, model, uids, settings)
     spool.store_result(uids.sc_sop, sc)
     built: dict[str, Dataset] = {uids.sc_sop: sc}

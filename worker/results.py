@@ -99,12 +99,19 @@ AIR_PURPOSE_OF_REFERENCE = codes.DCM.ProcessingEquipment  # (109102, DCM, "Proce
 HEATMAP_PROPERTY_CATEGORY = codes.SCT.Finding  # (404684003, SCT, "Finding"), CID 7150
 
 
-def series_description(kind: str, label: str) -> str:
+#: the headline of a flagged image (series description): its top class is not shown there
+OOD_HEADLINE = "OUT OF DISTRIBUTION"
+
+
+def series_description(kind: str, label: str, ood: bool = False) -> str:
     """SeriesDescription of the SC (``kind`` "SC") or the SR ("SR"): it begins with the
     verdict, e.g. ``AI TRIAGE: COVID-19 SUSPECTED (NOT FOR DIAGNOSTIC USE)``; the SR adds
-    ``REPORT``. Always within the 64 characters of LO, always starting with
-    :data:`cxr.contracts.OWN_SERIES_PREFIX` (the node's loop prevention)."""
-    verdict = VERDICT_TEXT[label].upper()
+    ``REPORT``. For an image outside the model's training distribution (``ood``) the
+    verdict is replaced by :data:`OOD_HEADLINE`: a PACS series list shows only this line,
+    and it must not read as a confident result. Always within the 64 characters of LO,
+    always starting with :data:`cxr.contracts.OWN_SERIES_PREFIX` (the node's loop
+    prevention)."""
+    verdict = OOD_HEADLINE if ood else VERDICT_TEXT[label].upper()
     middle = verdict if kind == "SC" else f"{verdict} REPORT"
     text = f"{OWN_SERIES_PREFIX}: {middle} {NOT_FOR_DIAGNOSTIC_USE}"
     if len(text) > 64:  # pragma: no cover - the texts above are fixed and short
@@ -186,15 +193,21 @@ def _fit_display(display: np.ndarray) -> np.ndarray:
 
 
 def annotation_lines(prediction: PredictionLike, model: ModelInfo) -> list[str]:
-    """The burned-in text (ASCII only: cv2's Hershey fonts)."""
+    """The burned-in text (ASCII only: cv2's Hershey fonts). Line 1 is the headline: the
+    verdict, or for an image outside the training distribution the warning, with the top
+    class only on line 3 and marked unreliable."""
     probs = _probabilities(prediction)
-    lines = [
-        f"{OWN_SERIES_PREFIX}: {VERDICT_TEXT[prediction.label].upper()}",
-        "  ".join(f"{c} {100 * probs[c]:.1f}%" for c in CLASSES),
-    ]
+    verdict = VERDICT_TEXT[prediction.label].upper()
+    scores = "  ".join(f"{c} {100 * probs[c]:.1f}%" for c in CLASSES)
     if getattr(prediction, "ood", None):
-        lines.append(OOD_MESSAGE.upper())
-    return lines + [
+        head = [
+            f"{OWN_SERIES_PREFIX}: {OOD_MESSAGE.upper()}",
+            scores,
+            f"TOP CLASS (UNRELIABLE): {verdict}",
+        ]
+    else:
+        head = [f"{OWN_SERIES_PREFIX}: {verdict}", scores]
+    return head + [
         f"Model {model.name} v{model.version}",
         "NOT FOR DIAGNOSTIC USE - RESEARCH USE ONLY",
     ]
@@ -272,6 +285,13 @@ def compose_result_image(
     widest = max(cv2.getTextSize(t, font, 1.0, 2)[0][0] for t in lines)
     scale = min(1.2, max(0.3, (w - 16) / widest))
     thick = max(1, round(scale * 2))
+    # glyph widths do not scale linearly (thickness is rounded, and OpenCV versions
+    # differ): shrink until the longest line really fits between the margins
+    while scale > 0.3 and (
+        max(cv2.getTextSize(t, font, scale, thick)[0][0] for t in lines) + 2 * thick > w - 16
+    ):
+        scale = max(0.3, scale * 0.96)
+        thick = max(1, round(scale * 2))
     line_h = cv2.getTextSize("Ag", font, scale, thick)[0][1]
     gap = max(4, line_h // 2)
     banner_h = len(lines) * (line_h + gap) + gap + 4
@@ -292,9 +312,10 @@ def compose_result_image(
         text_boxes.append((max(0, x - th), max(0, y - tht - th), x + tw + th, y + base + th))
 
     y = gap + line_h
-    colours = [(255, 255, 0), (255, 255, 255)]
-    if len(lines) == 5:
-        colours.append((255, 160, 0))  # the out-of-distribution warning
+    if getattr(prediction, "ood", None):  # the warning is the headline, in orange
+        colours = [(255, 160, 0), (255, 255, 255), (200, 200, 200)]
+    else:
+        colours = [(255, 255, 0), (255, 255, 255)]
     colours += [(200, 200, 200), (255, 80, 80)]
     for text, colour in zip(lines, colours, strict=True):
         put(text, 8, y, scale, thick, colour)
@@ -314,6 +335,7 @@ def compose_result_image(
             legend_box = (x, bar_y0, bar_x1, bar_y1)
         put("high", bar_x1 + gap, y_text, small, small_thick, (200, 200, 200))
     assert not any(_overlaps(b, image_box) for b in text_boxes), "text over the radiograph"
+    assert all(b[2] <= w for b in text_boxes[: len(lines)]), "banner text cut at the right edge"
     return ResultImage(canvas, image_box, tuple(text_boxes), legend_box)
 
 
@@ -389,6 +411,85 @@ def _no_phi_warnings(source: Dataset) -> Iterator[None]:
 # ----------------------------------------------------------------------- Secondary Capture
 
 
+#: transfer syntaxes whose pixel data went through lossy compression (PS3.5 section 8.2)
+_LOSSY_SYNTAXES = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
+        "1.2.840.10008.1.2.4.101",  # MPEG2 MP@ML and the video syntaxes below
+        "1.2.840.10008.1.2.4.102",
+        "1.2.840.10008.1.2.4.103",
+        "1.2.840.10008.1.2.4.100",
+        "1.2.840.10008.1.2.4.104",
+        "1.2.840.10008.1.2.4.105",
+        "1.2.840.10008.1.2.4.106",
+        "1.2.840.10008.1.2.4.107",
+        "1.2.840.10008.1.2.4.108",
+        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
+    }
+)
+
+
+def source_was_lossy(source: Dataset) -> bool:
+    """Whether the source's pixels went through lossy compression: its Lossy Image
+    Compression is 01, or its transfer syntax is a lossy one (JPEG Baseline, say) even
+    where the attribute is missing."""
+    if str(source.get("LossyImageCompression") or "").strip() == "01":
+        return True
+    meta = getattr(source, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+    return ts in _LOSSY_SYNTAXES
+
+
+_LOSSY_METHOD = {  # PS3.3 C.7.6.1.1.5.1, Defined Terms of Lossy Image Compression Method
+    "1.2.840.10008.1.2.4.50": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.51": "ISO_10918_1",
+    "1.2.840.10008.1.2.4.81": "ISO_14495_1",
+    "1.2.840.10008.1.2.4.91": "ISO_15444_1",
+    "1.2.840.10008.1.2.4.203": "ISO_15444_15",
+    "1.2.840.10008.1.2.4.100": "ISO_13818_2",
+    "1.2.840.10008.1.2.4.101": "ISO_13818_2",
+}
+
+
+def _carry_lossy_compression(source: Dataset, derived: Dataset) -> None:
+    """PS3.3 C.7.6.1.1.5: an image derived from a lossy-compressed one keeps Lossy Image
+    Compression 01 ("once set to 01, it shall not be reset"), with the source's ratio and
+    method; where the source lacks them (a JPEG Baseline file without the attribute) the
+    method is the transfer syntax's and the ratio that of its encoded pixel data. A
+    lossless source leaves the derived object as built (00 or absent)."""
+    if not source_was_lossy(source):
+        return
+    derived.LossyImageCompression = "01"
+    meta = getattr(source, "file_meta", None)
+    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+    ratio = source.get("LossyImageCompressionRatio")
+    method = source.get("LossyImageCompressionMethod")
+    if not ratio and ts in _LOSSY_SYNTAXES and "PixelData" in source:
+        encoded = len(source.PixelData or b"")
+        raw = (
+            int(source.get("Rows", 0) or 0)
+            * int(source.get("Columns", 0) or 0)
+            * int(source.get("SamplesPerPixel", 1) or 1)
+            * int(source.get("NumberOfFrames", 1) or 1)
+            * ((int(source.get("BitsAllocated", 8) or 8) + 7) // 8)
+        )
+        if encoded and raw:
+            ratio = [f"{raw / encoded:.4g}"[:16]]
+    if not method and ts in _LOSSY_METHOD:
+        method = [_LOSSY_METHOD[ts]]
+    for kw, value in (
+        ("LossyImageCompressionRatio", ratio),
+        ("LossyImageCompressionMethod", method),
+    ):
+        if value:
+            setattr(derived, kw, copy.deepcopy(value))
+        elif kw in derived:
+            del derived[kw]
+
+
 def build_secondary_capture(
     source: Dataset,
     display: np.ndarray,
@@ -424,7 +525,10 @@ def build_secondary_capture(
         )
     sc.PatientOrientation = list(orientation) if orientation else ""  # type: ignore[assignment]
     _set_provenance(sc, model, settings)
-    sc.SeriesDescription = series_description("SC", prediction.label)
+    sc.SeriesDescription = series_description(
+        "SC", prediction.label, bool(getattr(prediction, "ood", None))
+    )
+    _carry_lossy_compression(source, sc)
     sc.BurnedInAnnotation = "YES"
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.DerivationDescription = _lo(
@@ -589,7 +693,7 @@ def build_heatmap(
             fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
             max_fractional_value=255,
             content_label="GRADCAM",
-            content_description=_lo(f"AI heat map (Grad-CAM, relative 0-1), {DISCLAIMER}", 64),
+            content_description=_lo(f"Grad-CAM heat map. {DISCLAIMER}", 64),
             omit_empty_frames=False,
             transfer_syntax_uid=ExplicitVRLittleEndian,
             contributing_equipment=[contributing_equipment(model, "AI triage: Grad-CAM heat map")],
@@ -601,6 +705,7 @@ def build_heatmap(
     doc.PatientOrientation = list(orientation) if orientation else ""
     _set_provenance(doc, model, settings)
     doc.SeriesDescription = HM_SERIES_DESCRIPTION
+    _carry_lossy_compression(source, doc)
     body_part = str(source.get("BodyPartExamined") or "").strip().upper()
     if body_part in _CHEST_TERMS:
         doc.BodyPartExamined = "CHEST"
@@ -779,7 +884,9 @@ def build_structured_report(
     doc.preamble = sr.preamble
     doc.ContentSequence = root.ContentSequence
     _set_provenance(doc, model, settings)
-    doc.SeriesDescription = series_description("SR", prediction.label)
+    doc.SeriesDescription = series_description(
+        "SR", prediction.label, bool(getattr(prediction, "ood", None))
+    )
     return doc
 
 

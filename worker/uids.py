@@ -1,7 +1,8 @@
 """Deterministic UIDs of the results (Secondary Capture, Structured Report, heat map).
 
-Every output UID is derived from the *input* SOP Instance UID and the model version, so a
-re-run of the same instance with the same model (a redelivered task, a worker killed
+Every output UID is derived from the *input* SOP Instance UID and the model version (and,
+for a second or later content received under one SOP Instance UID, that content's version),
+so a re-run of the same instance with the same model (a redelivered task, a worker killed
 mid-task, an admin retry) builds objects with the *same* UIDs: the PACS replaces them
 instead of holding a second result series. A new model version gives new UIDs, i.e. a new
 result series next to the old one, which is the wanted behaviour for a new algorithm.
@@ -54,23 +55,38 @@ class OutputUIDs:
         }
 
 
-def derive_uid(source_uid: str, model_version: str, role: str) -> str:
-    """One deterministic ``2.25.`` UID for (source UID, model version, role)."""
+def derive_uid(source_uid: str, model_version: str, role: str, *extra: str) -> str:
+    """One deterministic ``2.25.`` UID for (source UID, model version, role[, extra])."""
     if not source_uid:
         raise ValueError("source SOP Instance UID is empty")
-    return uid_from(source_uid, model_version, role)
+    return uid_from(source_uid, model_version, role, *extra)
 
 
-def output_uids(source_sop_instance_uid: str, model_version: str) -> OutputUIDs:
-    """The result UIDs of one input instance for one model version (deterministic)."""
+def output_uids(
+    source_sop_instance_uid: str, model_version: str, source_version: int = 1
+) -> OutputUIDs:
+    """The result UIDs of one input instance for one model version (deterministic).
+
+    ``source_version``: which content received under that SOP Instance UID this is (the
+    audit row's ``version``). A sender that re-uses a UID for other pixels (a re-processed
+    image, a modality that re-sends with the same UID) gets results under new UIDs, so the
+    PACS never holds two different objects under one UID and never keeps the first
+    verdict where the new content got another; version 1 keys as before."""
     src = str(source_sop_instance_uid).strip()
+    if source_version < 1:
+        raise ValueError(f"source version must be >= 1, not {source_version}")
+    extra = () if source_version == 1 else (f"source-version-{source_version}",)
+
+    def uid(role: str) -> str:
+        return derive_uid(src, model_version, role, *extra)
+
     return OutputUIDs(
-        sc_series=derive_uid(src, model_version, "SC-series"),
-        sc_sop=derive_uid(src, model_version, "SC-instance"),
-        sr_series=derive_uid(src, model_version, "SR-series"),
-        sr_sop=derive_uid(src, model_version, "SR-instance"),
-        hm_series=derive_uid(src, model_version, "HM-series"),
-        hm_sop=derive_uid(src, model_version, "HM-instance"),
+        sc_series=uid("SC-series"),
+        sc_sop=uid("SC-instance"),
+        sr_series=uid("SR-series"),
+        sr_sop=uid("SR-instance"),
+        hm_series=uid("HM-series"),
+        hm_sop=uid("HM-instance"),
     )
 
 

@@ -120,6 +120,11 @@ def test_predict_json_carries_the_ood_flag(tmp_path, dicom_samples, capsys, work
     )
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert len(lines) == 2
+    card = load_card(SHIPPED)
     for rec in lines:
         assert isinstance(rec["ood_score"], float) and isinstance(rec["ood"], bool)
+        # every line stands alone: which model said it, and that it is not a diagnosis
+        assert rec["model"] == card["name"] and rec["model_version"] == card["version"]
+        assert rec["disclaimer"] == "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE"
+        assert rec["ood"] == (rec["ood_score"] > rec["ood_threshold"])
     assert lines[0]["ood"] is True and lines[0]["warning"] == OOD_MESSAGE

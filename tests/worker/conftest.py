@@ -51,7 +51,7 @@ def orthanc_dicomweb(tmp_path: Path) -> Iterator[Orthanc]:
         o.stop()
 
 
-def insert_instance(settings, data: bytes | Path, state: str = "queued") -> int:  # type: ignore[no-untyped-def]
+def insert_instance(settings, data: bytes | Path, state: str = "queued", version: int = 1) -> int:  # type: ignore[no-untyped-def]
     """Do what the node does on a durable receipt: spool the file and write the
     ``instances`` row (for pipeline tests that run without the node)."""
     import pydicom
@@ -79,6 +79,7 @@ def insert_instance(settings, data: bytes | Path, state: str = "queued") -> int:
             size_bytes=len(data),
             spool_path=str(path),
             state=state,
+            version=version,
         )
         s.add(inst)
         s.flush()

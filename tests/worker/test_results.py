@@ -55,6 +55,22 @@ def test_output_uids_are_valid(src: str, version: str) -> None:
         assert len(uid) <= 64 and uid.startswith("2.25.")
 
 
+def test_output_uids_change_with_the_source_content_version() -> None:
+    """Other pixels under a known SOP Instance UID (audit version 2) get results under new
+    UIDs, so the PACS never holds two different objects under one UID; version 1 keys as
+    before (results already in PACSs keep their UIDs)."""
+    v1 = output_uids("1.2.3.4.5", "1.0.0")
+    assert output_uids("1.2.3.4.5", "1.0.0", 1) == v1
+    v2 = output_uids("1.2.3.4.5", "1.0.0", 2)
+    v3 = output_uids("1.2.3.4.5", "1.0.0", 3)
+    assert set(v2.as_dict().values()).isdisjoint(v1.as_dict().values())
+    assert set(v3.as_dict().values()).isdisjoint(v2.as_dict().values())
+    assert output_uids("1.2.3.4.5", "1.0.0", 2) == v2  # still deterministic
+    assert all(is_valid_uid(u) for u in v2.as_dict().values())
+    with pytest.raises(ValueError):
+        output_uids("1.2.3.4.5", "1.0.0", 0)
+
+
 def test_output_uids_reject_empty_source() -> None:
     with pytest.raises(ValueError):
         output_uids("", "1")
@@ -648,3 +664,95 @@ def test_device_uid_is_stable_per_model_version(model_info) -> None:  # type: ig
     assert device_uid(model_info) == device_uid(replace(model_info))
     assert is_valid_uid(device_uid(model_info))
     assert device_uid(replace(model_info, version="9.9.9")) != device_uid(model_info)
+
+
+# ------------------------------------------------- out of distribution: the headline
+def _ood_prediction() -> FakePrediction:
+    pred = FakePrediction(label="Normal", probs=(0.001, 0.998, 0.001))
+    pred.ood = True  # type: ignore[attr-defined]
+    pred.ood_score = 40.2  # type: ignore[attr-defined]
+    return pred
+
+
+def test_out_of_distribution_is_the_headline_not_the_verdict(model_info) -> None:  # type: ignore[no-untyped-def]
+    """A flagged image keeps its three probabilities, but what a PACS series list and the
+    top of the SC show is the warning, never a confident "NORMAL" (a dental panoramic once
+    read "AI TRIAGE: NORMAL" at 99.8%)."""
+    from cxr.contracts import OWN_SERIES_PREFIX
+    from dicom_node.filters import Header, PixelInfo, is_own_output
+    from ml.ood import OOD_MESSAGE
+    from worker.results import annotation_lines
+
+    pred = _ood_prediction()
+    lines = annotation_lines(pred, model_info)
+    assert lines[0] == f"{OWN_SERIES_PREFIX}: {OOD_MESSAGE.upper()}"
+    assert "TOP CLASS (UNRELIABLE): NORMAL" in lines
+    assert "Normal 99.8%" in lines[1] and "COVID 0.1%" in lines[1]
+    assert lines[-1] == "NOT FOR DIAGNOSTIC USE - RESEARCH USE ONLY"
+    _, sc, sr, hm = _build_all(make_chest_dataset(), model_info, pred)
+    sc, sr = _roundtrip(sc), _roundtrip(sr)
+    assert sc.SeriesDescription == "AI TRIAGE: OUT OF DISTRIBUTION (NOT FOR DIAGNOSTIC USE)"
+    assert sr.SeriesDescription == "AI TRIAGE: OUT OF DISTRIBUTION REPORT (NOT FOR DIAGNOSTIC USE)"
+    for ds in (sc, sr):  # still recognised as our own output (loop prevention)
+        assert is_own_output(Header(ds=ds, pixels=PixelInfo(present=True, length=1)))
+    texts = [str(i.TextValue) for i in _items(sr.ContentSequence) if "TextValue" in i]
+    assert any(OOD_MESSAGE[1:] in t and "40.2" in t for t in texts), texts
+    # in distribution: the verdict is the headline and no warning appears anywhere
+    plain = FakePrediction(label="Normal", probs=(0.001, 0.998, 0.001))
+    plain_lines = annotation_lines(plain, model_info)
+    assert plain_lines[0] == f"{OWN_SERIES_PREFIX}: NORMAL"
+    assert not any("DISTRIBUTION" in t or "UNRELIABLE" in t for t in plain_lines)
+    _, sc2, sr2, _ = _build_all(make_chest_dataset(), model_info, plain)
+    assert sc2.SeriesDescription == "AI TRIAGE: NORMAL (NOT FOR DIAGNOSTIC USE)"
+    texts2 = [str(i.TextValue) for i in _items(sr2.ContentSequence) if "TextValue" in i]
+    assert not any("distribution" in t for t in texts2)
+
+
+@pytest.mark.parametrize("width", [512, 560, 640, 700, 768, 830, 900, 960, 1000, 1024])
+def test_sc_banner_text_fits_the_width(width: int, model_info) -> None:  # type: ignore[no-untyped-def]
+    """The longest banner line (the out-of-distribution headline) ends inside the image at
+    every width (it once ran 8 px past the right edge of a 1,024 px SC)."""
+    result = compose_result_image(_gradient(width, width), _ood_prediction(), model_info)
+    w = result.pixels.shape[1]
+    assert w == width
+    for box in result.text_boxes:
+        assert box[0] >= 0 and box[2] <= w, f"text box {box} outside 0..{w}"
+
+
+# --------------------------------------------------------- lossy sources (PS3.3 C.7.6.1.1.5)
+def test_results_of_a_lossy_source_say_lossy(model_info) -> None:  # type: ignore[no-untyped-def]
+    """Lossy Image Compression 01 is never reset: the SC and the heat map of a JPEG Baseline
+    source say 01 with the source's ratio and method; without those attributes the method
+    comes from the transfer syntax and the ratio from the encoded size. A lossless source
+    gives an SC without the attribute and a heat map with 00."""
+    src = read_sample(DICOM_SAMPLES / "chest" / "cr_chest_sc_jpeg_baseline.dcm")
+    assert str(src.file_meta.TransferSyntaxUID) == "1.2.840.10008.1.2.4.50"
+    src.LossyImageCompressionRatio = "12.5"  # the sample has a method only
+    _, sc, _, hm = _build_all(src, model_info)
+    for ds in (_roundtrip(sc), _roundtrip(hm)):
+        assert ds.LossyImageCompression == "01"
+        assert ds.LossyImageCompressionMethod == src.LossyImageCompressionMethod
+        assert float(ds.LossyImageCompressionRatio) == 12.5
+    bare = read_sample(DICOM_SAMPLES / "chest" / "cr_chest_sc_jpeg_baseline.dcm")
+    for kw in (
+        "LossyImageCompression",
+        "LossyImageCompressionRatio",
+        "LossyImageCompressionMethod",
+    ):
+        if kw in bare:
+            del bare[kw]
+    _, sc, _, hm = _build_all(bare, model_info)
+    for ds in (_roundtrip(sc), _roundtrip(hm)):
+        assert ds.LossyImageCompression == "01"
+        assert ds.LossyImageCompressionMethod == "ISO_10918_1"
+        assert float(ds.LossyImageCompressionRatio) > 1.5
+    _, sc, _, hm = _build_all(make_chest_dataset(), model_info)
+    assert "LossyImageCompression" not in sc and hm.LossyImageCompression == "00"
+
+
+def test_heatmap_content_description_carries_the_whole_disclaimer(model_info) -> None:  # type: ignore[no-untyped-def]
+    from cxr import DISCLAIMER
+
+    _, _, _, hm = _build_all(make_chest_dataset(), model_info)
+    desc = _roundtrip(hm).ContentDescription
+    assert len(desc) <= 64 and desc.endswith(DISCLAIMER), desc

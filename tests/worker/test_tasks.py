@@ -24,9 +24,9 @@ pytestmark = pytest.mark.orthanc
 
 
 def _settings(tmp_path: Path, db_url: str, model_dir: Path, dest: str = "", **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("spool_dir", tmp_path / "spool")
     s = load_settings(
         database_url=db_url,
-        spool_dir=tmp_path / "spool",
         model_dir=model_dir,
         model_cache_dir=tmp_path / "model-cache",
         destinations=dest,
@@ -228,6 +228,63 @@ def test_unreachable_destination_then_delivery_failed_then_resend(
     s2 = _settings(tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc))
     assert pipeline.deliver(s2, iid, final_attempt=True).action == "delivered"
     assert _state(s2, iid).state == State.DELIVERED.value
+
+
+def test_a_retry_reads_the_results_from_a_relative_spool_dir(
+    tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples, monkeypatch
+):  # type: ignore[no-untyped-def]
+    """The default CXR_SPOOL_DIR is relative (``var/spool``). A later attempt (retry, or an
+    admin's ``cxr audit retry``) reads the results back from the spool: it once looked in
+    ``var/spool/var/spool/results/`` and closed the instance with FileNotFoundError."""
+    monkeypatch.chdir(tmp_path)
+    dead = f"DEAD@127.0.0.1:{free_port()}"
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, dead, spool_dir=Path("var/spool"))
+    iid = insert_instance(s, _sample(dicom_samples))
+    with pytest.raises(pipeline.DeliveryIncomplete):
+        pipeline.process_instance(s, iid)
+    assert (tmp_path / "var" / "spool" / "results").is_dir()
+    # the PACS is fixed: the next attempt has no datasets in memory, only the spool
+    s2 = _settings(
+        tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc), spool_dir=Path("var/spool")
+    )
+    out = pipeline.deliver(s2, iid, final_attempt=True)
+    assert out.action == "delivered", out
+    assert _state(s2, iid).state == State.DELIVERED.value
+    assert len(orthanc.instances()) == 3  # SC, SR, heat map
+
+
+def test_new_content_under_a_known_uid_gets_new_result_uids(
+    tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples
+):  # type: ignore[no-untyped-def]
+    """A sender re-uses a SOP Instance UID for other pixels (the node records version 2):
+    its results must not reuse version 1's UIDs, or the PACS (Orthanc keeps the first
+    object under a UID) would go on showing the first verdict."""
+    s = _settings(tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc))
+    first = pydicom.dcmread(_sample(dicom_samples))
+    iid1 = insert_instance(s, _sample(dicom_samples))
+    assert pipeline.process_instance(s, iid1).action == "delivered"
+    other = make_chest_dataset(rows=256, cols=256)
+    other.SOPInstanceUID = first.SOPInstanceUID
+    other.StudyInstanceUID = first.StudyInstanceUID
+    iid2 = insert_instance(s, dataset_bytes(other), version=2)
+    assert pipeline.process_instance(s, iid2).action == "delivered"
+    with session_scope(s.database_url) as ss:
+        inf = {
+            i.instance_id: i
+            for i in ss.query(Inference).filter(Inference.instance_id.in_([iid1, iid2]))
+        }
+        uids1 = {
+            inf[iid1].sc_sop_instance_uid,
+            inf[iid1].sr_sop_instance_uid,
+            inf[iid1].hm_sop_instance_uid,
+        }
+        uids2 = {
+            inf[iid2].sc_sop_instance_uid,
+            inf[iid2].sr_sop_instance_uid,
+            inf[iid2].hm_sop_instance_uid,
+        }
+    assert len(uids1) == len(uids2) == 3 and uids1.isdisjoint(uids2)
+    assert len(orthanc.instances()) == 6  # both results are in the PACS, none replaced
 
 
 def test_celery_task_eager_runs_pipeline(
