@@ -989,6 +989,22 @@ class SourceRef(NamedTuple):
     version: int
 
 
+def earlier_contents(url: str, sop_instance_uid: str, version: int) -> list[tuple[int, str]]:
+    """``(version, spool_path)`` of the contents received before ``version`` under the same
+    SOP Instance UID whose file is still in the spool, oldest first."""
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(Instance.version, Instance.spool_path)
+            .where(
+                Instance.sop_instance_uid == sop_instance_uid,
+                Instance.version < version,
+                Instance.spool_path.is_not(None),
+            )
+            .order_by(Instance.version)
+        ).all()
+    return [(int(v), str(p)) for v, p in rows]
+
+
 def source_of(url: str, instance_id: int) -> SourceRef | None:
     """The :class:`SourceRef` of an instance, None when the row is gone."""
     with session_scope(url) as s:

@@ -42,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from cxr import metrics
 from cxr.logconfig import register_dataset_phi, scrub
 from cxr.settings import AnyDestination, Hl7Destination, Settings
@@ -282,6 +284,32 @@ class _Built:
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
 
+def _uid_version(
+    settings: Settings, spool: Spool, sop_uid: str, version: int, display: np.ndarray
+) -> int:
+    """Which content version keys this instance's result UIDs (:func:`worker.uids.output_uids`).
+
+    A later content under a known SOP Instance UID (``version`` > 1) that shows the same
+    image as an earlier one (the same study re-sent by the PACS in another encoding, with
+    other header bytes) keys as that earlier version: its results replace the earlier ones
+    in the PACS instead of adding a second result series. Other pixels key as their own
+    version, so the PACS never holds two different results under one UID. An earlier file
+    that is gone or unreadable counts as different. The oldest match wins, so that every
+    content showing one image keys alike."""
+    from ml.preprocess import dicom_to_display
+
+    if version <= 1:
+        return 1
+    for earlier, path in lifecycle.earlier_contents(settings.database_url, sop_uid, version):
+        try:
+            before = dicom_to_display(spool.read_dataset(path), max_pixels=settings.max_pixels)
+        except Exception:  # purged or unreadable: cannot be the same image
+            continue
+        if before.shape == display.shape and np.array_equal(before, display):
+            return earlier
+    return version
+
+
 def classify(
     settings: Settings,
     instance_id: int,
@@ -335,7 +363,9 @@ def classify(
 
     t1 = time.perf_counter()
     model = model_info(clf)
-    uids = output_uids(sop_uid, clf.version, source_version)
+    uids = output_uids(
+        sop_uid, clf.version, _uid_version(settings, spool, sop_uid, source_version, display)
+    )
     sc = build_secondary_capture(ds, display, pred, model, uids, settings)
     spool.store_result(uids.sc_sop, sc)
     built: dict[str, Dataset] = {uids.sc_sop: sc}

@@ -256,35 +256,35 @@ def test_a_retry_reads_the_results_from_a_relative_spool_dir(
 def test_new_content_under_a_known_uid_gets_new_result_uids(
     tmp_path, sqlite_url, tiny_model_dir, orthanc, dicom_samples
 ):  # type: ignore[no-untyped-def]
-    """A sender re-uses a SOP Instance UID for other pixels (the node records version 2):
-    its results must not reuse version 1's UIDs, or the PACS (Orthanc keeps the first
-    object under a UID) would go on showing the first verdict."""
+    """Contents received under one SOP Instance UID (the node records versions 1, 2, 3):
+    the same image in other header bytes (the PACS re-sending the study) keys its results
+    as the first one, so they replace them instead of adding a second result series; other
+    pixels under the same UID get results under new UIDs, or the PACS (Orthanc keeps the
+    first object under a UID) would go on showing the first verdict."""
     s = _settings(tmp_path, sqlite_url, tiny_model_dir, _dest(orthanc))
     first = pydicom.dcmread(_sample(dicom_samples))
     iid1 = insert_instance(s, _sample(dicom_samples))
     assert pipeline.process_instance(s, iid1).action == "delivered"
+    resent = pydicom.dcmread(_sample(dicom_samples))
+    resent.InstitutionName = "FORWARDED BY THE PACS"  # other bytes, the same image
+    iid2 = insert_instance(s, dataset_bytes(resent), version=2)
+    assert pipeline.process_instance(s, iid2).action == "delivered"
     other = make_chest_dataset(rows=256, cols=256)
     other.SOPInstanceUID = first.SOPInstanceUID
     other.StudyInstanceUID = first.StudyInstanceUID
-    iid2 = insert_instance(s, dataset_bytes(other), version=2)
-    assert pipeline.process_instance(s, iid2).action == "delivered"
-    with session_scope(s.database_url) as ss:
-        inf = {
-            i.instance_id: i
-            for i in ss.query(Inference).filter(Inference.instance_id.in_([iid1, iid2]))
-        }
-        uids1 = {
-            inf[iid1].sc_sop_instance_uid,
-            inf[iid1].sr_sop_instance_uid,
-            inf[iid1].hm_sop_instance_uid,
-        }
-        uids2 = {
-            inf[iid2].sc_sop_instance_uid,
-            inf[iid2].sr_sop_instance_uid,
-            inf[iid2].hm_sop_instance_uid,
-        }
-    assert len(uids1) == len(uids2) == 3 and uids1.isdisjoint(uids2)
-    assert len(orthanc.instances()) == 6  # both results are in the PACS, none replaced
+    iid3 = insert_instance(s, dataset_bytes(other), version=3)
+    assert pipeline.process_instance(s, iid3).action == "delivered"
+
+    def result_uids(iid: int) -> set[str]:
+        with session_scope(s.database_url) as ss:
+            inf = ss.query(Inference).filter_by(instance_id=iid).one()
+            return {inf.sc_sop_instance_uid, inf.sr_sop_instance_uid, inf.hm_sop_instance_uid}
+
+    uids1, uids2, uids3 = result_uids(iid1), result_uids(iid2), result_uids(iid3)
+    assert len(uids1) == len(uids3) == 3
+    assert uids2 == uids1  # the same image: the same results, replaced in the PACS
+    assert uids3.isdisjoint(uids1)  # other pixels: new results beside the first ones
+    assert len(orthanc.instances()) == 6
 
 
 def test_celery_task_eager_runs_pipeline(
