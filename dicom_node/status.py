@@ -142,6 +142,33 @@ def status_for_exception(exc: BaseException) -> int:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_UID_CHARS = frozenset("0123456789.")
+_AE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _-.")
+
+
+def _request_context(event: Any) -> str:
+    """``; from AE@host:port, SOP Instance UID ...`` for a refusal's log line, so that an
+    admin can find the sender and the instance; only what is well-formed is written (a
+    crafted request must not put arbitrary text in the log), never a patient attribute."""
+    parts: list[str] = []
+    try:
+        req = event.assoc.requestor
+        ae = str(req.ae_title).strip()
+        where = f"{req.address}:{req.port}"
+        if ae and len(ae) <= 16 and set(ae) <= _AE_CHARS:
+            where = f"{ae}@{where}"
+        parts.append(f"from {where}")
+    except Exception:
+        pass
+    try:
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        if uid and len(uid) <= 64 and set(uid) <= _UID_CHARS:
+            parts.append(f"SOP Instance UID {uid}")
+    except Exception:
+        pass
+    return f"; {', '.join(parts)}" if parts else ""
+
+
 def dimse_status(fn: F) -> F:
     """Decorate a DIMSE handler method ``(self, event) -> int``: exceptions become a status
     here and nowhere else. If ``self`` has ``on_refused(event, refusal)`` it is called to
@@ -156,9 +183,10 @@ def dimse_status(fn: F) -> F:
             unexpected = refusal is not exc
             log.log(
                 logging.WARNING if unexpected else logging.INFO,
-                "C-STORE refused: %s (%s)",
+                "C-STORE refused: %s (%s)%s",
                 refusal.detail,
                 status_hex(refusal.status),
+                _request_context(args[-1] if args else None),
                 exc_info=unexpected and refusal.reason == "processing_failure",
             )
             recorder = getattr(args[0], "on_refused", None) if args else None

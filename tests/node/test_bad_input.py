@@ -80,6 +80,9 @@ def test_unparseable_value_is_cannot_understand(node_factory, sqlite_url, tmp_pa
     assert "Traceback" not in text
     refused = [r for r in caplog.records if "C-STORE refused" in r.getMessage()]
     assert len(refused) == 1 and refused[0].levelno == logging.INFO
+    # the line names the sender and the instance, for the admin to find them
+    line = refused[0].getMessage()
+    assert "from " in line and f"SOP Instance UID {ds.SOPInstanceUID}" in line, line
 
 
 def test_damaged_header_puts_no_phi_in_the_audit(node_factory, sqlite_url, tmp_path: Path):
