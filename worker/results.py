@@ -88,6 +88,9 @@ CLASS_CODES: dict[str, hd.sr.CodedConcept] = {
     "Normal": hd.sr.CodedConcept("17621005", "SCT", "Normal"),
     "Other": hd.sr.CodedConcept("19829001", "SCT", "Disorder of lung"),
 }
+#: the coded verdict of an image outside the model's training distribution: its top class
+#: is not asserted as the finding (the three probabilities stay in the report)
+INDETERMINATE_CODE = hd.sr.CodedConcept("82334004", "SCT", "Indeterminate")
 PROCEDURE_CODE = hd.sr.CodedConcept("399208008", "SCT", "Plain chest X-ray")
 UNIT_ONE = hd.sr.CodedConcept("1", "UCUM", "no units")
 _CHEST_TERMS = frozenset({"", "CHEST", "THORAX", "LUNG"})
@@ -768,8 +771,12 @@ def build_structured_report(
     verdict_tracking = hd.sr.TrackingIdentifier(
         uid=uid_from(uids.sr_sop, "verdict"), identifier=VERDICT_TRACKING_ID
     )
+    flagged = bool(getattr(prediction, "ood", None))
     verdict_evaluation = [
-        hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=CLASS_CODES[prediction.label])
+        hd.sr.QualitativeEvaluation(
+            name=codes.DCM.Finding,
+            value=INDETERMINATE_CODE if flagged else CLASS_CODES[prediction.label],
+        )
     ]
     groups: list[
         hd.sr.MeasurementsAndQualitativeEvaluations

@@ -697,6 +697,9 @@ def test_out_of_distribution_is_the_headline_not_the_verdict(model_info) -> None
         assert is_own_output(Header(ds=ds, pixels=PixelInfo(present=True, length=1)))
     texts = [str(i.TextValue) for i in _items(sr.ContentSequence) if "TextValue" in i]
     assert any(OOD_MESSAGE[1:] in t and "40.2" in t for t in texts), texts
+    # software reading the codes: the verdict group's finding is "Indeterminate", not the
+    # top class (whose probability stays in its own group)
+    assert _verdict_codes(sr) == ["82334004"]
     # in distribution: the verdict is the headline and no warning appears anywhere
     plain = FakePrediction(label="Normal", probs=(0.001, 0.998, 0.001))
     plain_lines = annotation_lines(plain, model_info)
@@ -706,6 +709,26 @@ def test_out_of_distribution_is_the_headline_not_the_verdict(model_info) -> None
     assert sc2.SeriesDescription == "AI TRIAGE: NORMAL (NOT FOR DIAGNOSTIC USE)"
     texts2 = [str(i.TextValue) for i in _items(sr2.ContentSequence) if "TextValue" in i]
     assert not any("distribution" in t for t in texts2)
+    assert _verdict_codes(_roundtrip(sr2)) == ["17621005"]  # SCT "Normal"
+
+
+def _verdict_codes(sr: pydicom.Dataset) -> list[str]:
+    """The Finding code(s) of the measurement group tracked as the verdict."""
+    out = []
+    for group in _items(sr.ContentSequence):
+        if group.ValueType != "CONTAINER" or "ContentSequence" not in group:
+            continue
+        children = list(group.ContentSequence)
+        if not any(
+            c.ValueType == "TEXT" and str(c.TextValue) == VERDICT_TRACKING_ID for c in children
+        ):
+            continue
+        out += [
+            c.ConceptCodeSequence[0].CodeValue
+            for c in children
+            if c.ValueType == "CODE" and c.ConceptNameCodeSequence[0].CodeValue == "121071"
+        ]
+    return out
 
 
 @pytest.mark.parametrize("width", [512, 560, 640, 700, 768, 830, 900, 960, 1000, 1024])
