@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from collections import Counter, defaultdict
@@ -715,6 +716,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = 0
     detector = getattr(clf, "ood_detector", None)
     ood_threshold = None if detector is None else float(detector.threshold)
+    if ood_threshold is not None and not math.isfinite(ood_threshold):
+        ood_threshold = None  # no threshold fitted: JSON has no Infinity
     if not args.json:
         print(f"model {clf.name} {clf.version} ({clf.engine}). {DISCLAIMER}")
     for i, path in enumerate(args.files):

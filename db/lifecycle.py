@@ -784,6 +784,29 @@ def cleanup_spool(
                 for uid in row
                 if uid
             ]
+            if result_uids:  # results shared with a retained instance (the same image
+                # re-sent under its UID keys its results alike) stay for that one
+                shared: set[str] = set()
+                for m in range(0, len(result_uids), 300):
+                    part = result_uids[m : m + 300]
+                    for row in s.execute(
+                        select(
+                            Inference.instance_id,
+                            Inference.sc_sop_instance_uid,
+                            Inference.sr_sop_instance_uid,
+                            Inference.hm_sop_instance_uid,
+                        )
+                        .join(Instance, Instance.id == Inference.instance_id)
+                        .where(Instance.spool_path.is_not(None))
+                        .where(
+                            Inference.sc_sop_instance_uid.in_(part)
+                            | Inference.sr_sop_instance_uid.in_(part)
+                            | Inference.hm_sop_instance_uid.in_(part)
+                        )
+                    ).all():
+                        if row[0] not in old_ids:
+                            shared.update(u for u in row[1:] if u)
+                result_uids = [u for u in result_uids if u not in shared]
             chunk_set = set(chunk)
             paths: list[Path] = [
                 spool.resolve(p)
@@ -989,20 +1012,49 @@ class SourceRef(NamedTuple):
     version: int
 
 
-def earlier_contents(url: str, sop_instance_uid: str, version: int) -> list[tuple[int, str]]:
-    """``(version, spool_path)`` of the contents received before ``version`` under the same
-    SOP Instance UID whose file is still in the spool, oldest first."""
+def earlier_contents(url: str, instance_id: int) -> list[tuple[int, int, str]]:
+    """``(instance id, version, spool_path)`` of the contents received before this
+    instance under the same SOP Instance UID, in the same study and for the same (hashed)
+    patient, whose file is still in the spool; oldest first."""
     with session_scope(url) as s:
+        me = s.get(Instance, instance_id)
+        if me is None:
+            return []
         rows = s.execute(
-            select(Instance.version, Instance.spool_path)
+            select(Instance.id, Instance.version, Instance.spool_path)
             .where(
-                Instance.sop_instance_uid == sop_instance_uid,
-                Instance.version < version,
+                Instance.sop_instance_uid == me.sop_instance_uid,
+                Instance.version < me.version,
                 Instance.spool_path.is_not(None),
+                Instance.study_instance_uid.is_not_distinct_from(me.study_instance_uid),
+                Instance.patient_id_hash.is_not_distinct_from(me.patient_id_hash),
             )
             .order_by(Instance.version)
         ).all()
-    return [(int(v), str(p)) for v, p in rows]
+    return [(int(i), int(v), str(p)) for i, v, p in rows]
+
+
+def recorded_result_uids(url: str, instance_id: int, model_version: str) -> dict[str, str] | None:
+    """The result UIDs an instance's inference by this model version was built with
+    (``sc_series``, ``sc_sop``, ``sr_series``, ``sr_sop``, ``hm_series``, ``hm_sop``; an
+    object not built has no key), or None when it has no such inference."""
+    with session_scope(url) as s:
+        inf = s.execute(
+            select(Inference).where(
+                Inference.instance_id == instance_id, Inference.model_version == model_version
+            )
+        ).scalar_one_or_none()
+        if inf is None or not inf.sc_sop_instance_uid:
+            return None
+        cols = {
+            "sc_series": inf.sc_series_uid,
+            "sc_sop": inf.sc_sop_instance_uid,
+            "sr_series": inf.sr_series_uid,
+            "sr_sop": inf.sr_sop_instance_uid,
+            "hm_series": inf.hm_series_uid,
+            "hm_sop": inf.hm_sop_instance_uid,
+        }
+        return {k: str(v) for k, v in cols.items() if v}
 
 
 def source_of(url: str, instance_id: int) -> SourceRef | None:

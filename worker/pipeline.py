@@ -58,6 +58,8 @@ DELIVERY_QUEUED = "delivery_queued"
 if TYPE_CHECKING:  # pragma: no cover
     from pydicom import Dataset
 
+    from worker.uids import OutputUIDs
+
 log = logging.getLogger(__name__)
 
 TEST_DELAY_ENV = "CXR_TEST_STAGE_DELAY"
@@ -284,30 +286,55 @@ class _Built:
     datasets: dict[str, Dataset] = field(default_factory=dict)
 
 
-def _uid_version(
-    settings: Settings, spool: Spool, sop_uid: str, version: int, display: np.ndarray
-) -> int:
-    """Which content version keys this instance's result UIDs (:func:`worker.uids.output_uids`).
+def _result_uids(
+    settings: Settings,
+    spool: Spool,
+    instance_id: int,
+    sop_uid: str,
+    version: int,
+    display: np.ndarray,
+    model_version: str,
+) -> OutputUIDs:
+    """The UIDs of this instance's results (:func:`worker.uids.output_uids`).
 
-    A later content under a known SOP Instance UID (``version`` > 1) that shows the same
-    image as an earlier one (the same study re-sent by the PACS in another encoding, with
-    other header bytes) keys as that earlier version: its results replace the earlier ones
-    in the PACS instead of adding a second result series. Other pixels key as their own
-    version, so the PACS never holds two different results under one UID. An earlier file
-    that is gone or unreadable counts as different. The oldest match wins, so that every
-    content showing one image keys alike."""
+    * A re-run of an instance already classified by this model version (a redelivered
+      task, a forced re-run, an admin retry) reuses the UIDs recorded with it: its results
+      replace themselves in the PACS, whatever happened in the spool since.
+    * A later content under a known SOP Instance UID (``version`` > 1) that shows the same
+      image, in the same study and for the same patient, as an earlier one (the PACS
+      re-sending it in other bytes) takes that earlier one's results' UIDs (oldest match
+      first): they replace the earlier results instead of adding a second result series.
+    * Other pixels key as their own version: new UIDs, so that the PACS never holds two
+      different results under one UID. An earlier file that is gone or unreadable counts
+      as different."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
     from ml.preprocess import dicom_to_display
+    from worker.uids import OutputUIDs, output_uids
 
-    if version <= 1:
-        return 1
-    for earlier, path in lifecycle.earlier_contents(settings.database_url, sop_uid, version):
-        try:
-            before = dicom_to_display(spool.read_dataset(path), max_pixels=settings.max_pixels)
-        except Exception:  # purged or unreadable: cannot be the same image
-            continue
-        if before.shape == display.shape and np.array_equal(before, display):
-            return earlier
-    return version
+    url = settings.database_url
+
+    def recorded(iid: int, key: int) -> OutputUIDs | None:
+        rec = lifecycle.recorded_result_uids(url, iid, model_version)
+        if rec is None:
+            return None
+        derived = output_uids(sop_uid, model_version, key).as_dict()
+        return OutputUIDs(**{k: rec.get(k, v) for k, v in derived.items()})
+
+    own = recorded(instance_id, version)
+    if own is not None:
+        return own
+    if version > 1:
+        for earlier_id, earlier, path in lifecycle.earlier_contents(url, instance_id):
+            try:
+                before = dicom_to_display(spool.read_dataset(path), max_pixels=settings.max_pixels)
+            except SoftTimeLimitExceeded:
+                raise
+            except Exception:  # purged or unreadable: cannot be the same image
+                continue
+            if before.shape == display.shape and np.array_equal(before, display):
+                return recorded(earlier_id, earlier) or output_uids(sop_uid, model_version, earlier)
+    return output_uids(sop_uid, model_version, version)
 
 
 def classify(
@@ -322,7 +349,6 @@ def classify(
     from ml.ood import OOD_MESSAGE
     from ml.preprocess import PreprocessError, dicom_to_display
     from worker.results import build_heatmap, build_secondary_capture, build_structured_report
-    from worker.uids import output_uids
 
     timings: dict[str, float] = {}
     delay = _test_delay()
@@ -363,9 +389,7 @@ def classify(
 
     t1 = time.perf_counter()
     model = model_info(clf)
-    uids = output_uids(
-        sop_uid, clf.version, _uid_version(settings, spool, sop_uid, source_version, display)
-    )
+    uids = _result_uids(settings, spool, instance_id, sop_uid, source_version, display, clf.version)
     sc = build_secondary_capture(ds, display, pred, model, uids, settings)
     spool.store_result(uids.sc_sop, sc)
     built: dict[str, Dataset] = {uids.sc_sop: sc}

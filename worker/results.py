@@ -46,6 +46,7 @@ import cv2
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import (
     ComprehensiveSRStorage,
@@ -303,9 +304,14 @@ def compose_result_image(
     small_thick = max(1, round(small * 2))
     small_h = cv2.getTextSize("Ag", font, small, small_thick)[0][1]
     legend_h = (small_h + 2 * gap + 4) if cam is not None else 0
-    canvas = np.zeros((banner_h + h + legend_h, w, 3), np.uint8)
-    canvas[banner_h : banner_h + h] = image
-    image_box: Box = (0, banner_h, w, banner_h + h)
+    # a narrow radiograph (a long strip) whose text does not fit even at the smallest
+    # scale: the canvas is widened and the radiograph centred on it, never text cut off
+    text_w = max(cv2.getTextSize(t, font, scale, thick)[0][0] for t in lines) + 2 * thick + 16
+    cw = max(w, text_w)
+    x_off = (cw - w) // 2
+    canvas = np.zeros((banner_h + h + legend_h, cw, 3), np.uint8)
+    canvas[banner_h : banner_h + h, x_off : x_off + w] = image
+    image_box: Box = (x_off, banner_h, x_off + w, banner_h + h)
     text_boxes: list[Box] = []
 
     def put(text: str, x: int, y: int, sc: float, th: int, colour: tuple[int, int, int]) -> None:
@@ -331,14 +337,13 @@ def compose_result_image(
             put(label, x, y_text, small, small_thick, (200, 200, 200))
             x = text_boxes[-1][2] + gap
         high_w = cv2.getTextSize("high", font, small, small_thick)[0][0]
-        bar_x1 = max(x + 8, w - high_w - 8 - gap)
+        bar_x1 = max(x + 8, cw - high_w - 8 - gap)
         bar_y0, bar_y1 = banner_h + h + gap + 2, banner_h + h + gap + 2 + small_h
         if bar_x1 > x:
             canvas[bar_y0:bar_y1, x:bar_x1] = gradcam.colour_bar(bar_y1 - bar_y0, bar_x1 - x)
             legend_box = (x, bar_y0, bar_x1, bar_y1)
         put("high", bar_x1 + gap, y_text, small, small_thick, (200, 200, 200))
     assert not any(_overlaps(b, image_box) for b in text_boxes), "text over the radiograph"
-    assert all(b[2] <= w for b in text_boxes[: len(lines)]), "banner text cut at the right edge"
     return ResultImage(canvas, image_box, tuple(text_boxes), legend_box)
 
 
@@ -435,15 +440,62 @@ _LOSSY_SYNTAXES = frozenset(
 )
 
 
+#: lossy whatever the data set says (the others may also code losslessly: JPEG 2000,
+#: HTJ2K, JPEG-LS with NEAR 0)
+_ALWAYS_LOSSY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",
+        "1.2.840.10008.1.2.4.51",
+        "1.2.840.10008.1.2.4.100",
+        "1.2.840.10008.1.2.4.101",
+        "1.2.840.10008.1.2.4.102",
+        "1.2.840.10008.1.2.4.103",
+        "1.2.840.10008.1.2.4.104",
+        "1.2.840.10008.1.2.4.105",
+        "1.2.840.10008.1.2.4.106",
+        "1.2.840.10008.1.2.4.107",
+        "1.2.840.10008.1.2.4.108",
+    }
+)
+
+
+def _transfer_syntax(source: Dataset) -> str:
+    meta = getattr(source, "file_meta", None)
+    return str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+
+
+def _raw_text(source: Dataset, keyword: str) -> list[str]:
+    """An element's values as strings, without pydicom's conversion (a malformed DS must
+    not raise here); [] when absent or unreadable."""
+    try:
+        elem = source.get(keyword)
+        if elem is None:
+            return []
+        values = list(elem) if isinstance(elem, MultiValue | list | tuple) else [elem]
+        return [str(v).strip() for v in values if str(v).strip()]
+    except Exception:
+        return []
+
+
 def source_was_lossy(source: Dataset) -> bool:
     """Whether the source's pixels went through lossy compression: its Lossy Image
-    Compression is 01, or its transfer syntax is a lossy one (JPEG Baseline, say) even
-    where the attribute is missing."""
-    if str(source.get("LossyImageCompression") or "").strip() == "01":
+    Compression is 01, or its transfer syntax is one that is always lossy (JPEG Baseline,
+    say) whatever the attribute says; for a syntax that may be lossless (JPEG 2000) an
+    explicit 00 is trusted, and without the attribute it counts as lossy."""
+    flag = _raw_text(source, "LossyImageCompression")
+    ts = _transfer_syntax(source)
+    if flag == ["01"] or ts in _ALWAYS_LOSSY:
         return True
-    meta = getattr(source, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
+    if flag == ["00"]:
+        return False
     return ts in _LOSSY_SYNTAXES
+
+
+def _valid_ds(values: list[str]) -> bool:
+    try:
+        return bool(values) and all(len(v) <= 16 and float(v) > 0 for v in values)
+    except ValueError:
+        return False
 
 
 _LOSSY_METHOD = {  # PS3.3 C.7.6.1.1.5.1, Defined Terms of Lossy Image Compression Method
@@ -460,37 +512,44 @@ _LOSSY_METHOD = {  # PS3.3 C.7.6.1.1.5.1, Defined Terms of Lossy Image Compressi
 def _carry_lossy_compression(source: Dataset, derived: Dataset) -> None:
     """PS3.3 C.7.6.1.1.5: an image derived from a lossy-compressed one keeps Lossy Image
     Compression 01 ("once set to 01, it shall not be reset"), with the source's ratio and
-    method; where the source lacks them (a JPEG Baseline file without the attribute) the
-    method is the transfer syntax's and the ratio that of its encoded pixel data. A
-    lossless source leaves the derived object as built (00 or absent)."""
+    method when they are well-formed and pair up (one ratio per method); where the source
+    lacks them (a JPEG Baseline file without the attribute) the method is the transfer
+    syntax's and the ratio that of its encoded pixel data. A lossless source leaves the
+    derived object as built (00 or absent)."""
     if not source_was_lossy(source):
         return
     derived.LossyImageCompression = "01"
-    meta = getattr(source, "file_meta", None)
-    ts = str(meta.get("TransferSyntaxUID") or "") if meta is not None else ""
-    ratio = source.get("LossyImageCompressionRatio")
-    method = source.get("LossyImageCompressionMethod")
-    if not ratio and ts in _LOSSY_SYNTAXES and "PixelData" in source:
-        encoded = len(source.PixelData or b"")
-        raw = (
-            int(source.get("Rows", 0) or 0)
-            * int(source.get("Columns", 0) or 0)
-            * int(source.get("SamplesPerPixel", 1) or 1)
-            * int(source.get("NumberOfFrames", 1) or 1)
-            * ((int(source.get("BitsAllocated", 8) or 8) + 7) // 8)
-        )
-        if encoded and raw:
-            ratio = [f"{raw / encoded:.4g}"[:16]]
+    ts = _transfer_syntax(source)
+    ratio = _raw_text(source, "LossyImageCompressionRatio")
+    method = [m for m in _raw_text(source, "LossyImageCompressionMethod") if len(m) <= 16]
+    if ratio and not _valid_ds(ratio):
+        ratio = []
     if not method and ts in _LOSSY_METHOD:
         method = [_LOSSY_METHOD[ts]]
+    if not ratio and len(method) <= 1 and ts in _LOSSY_SYNTAXES:
+        try:
+            encoded = len(source.PixelData or b"") if "PixelData" in source else 0
+            raw = (
+                int(source.get("Rows", 0) or 0)
+                * int(source.get("Columns", 0) or 0)
+                * int(source.get("SamplesPerPixel", 1) or 1)
+                * int(source.get("NumberOfFrames", 1) or 1)
+                * ((int(source.get("BitsAllocated", 8) or 8) + 7) // 8)
+            )
+        except Exception:
+            encoded = raw = 0
+        if encoded and raw:
+            ratio = [f"{raw / encoded:.4g}"]
+    if ratio and method and len(ratio) != len(method):
+        ratio, method = [], []  # they would not pair up: 01 alone is still true
     for kw, value in (
         ("LossyImageCompressionRatio", ratio),
         ("LossyImageCompressionMethod", method),
     ):
-        if value:
-            setattr(derived, kw, copy.deepcopy(value))
-        elif kw in derived:
+        if kw in derived:
             del derived[kw]
+        if value:
+            setattr(derived, kw, value if len(value) > 1 else value[0])
 
 
 def build_secondary_capture(

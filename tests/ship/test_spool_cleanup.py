@@ -118,3 +118,45 @@ def test_cli_cleanup_spool(tmp_path: Path) -> None:
     res = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "deleted 1 file(s)" in res.stdout
     assert not path.exists()
+
+
+def test_cleanup_keeps_results_a_retained_instance_shares(db_url: str, tmp_path: Path) -> None:
+    """The same image re-sent under its SOP Instance UID (a newer row) keys its results
+    like the first one: purging the old row must not delete result files the retained
+    row's inference still names (its retries read them from the spool)."""
+    settings = load_settings(
+        database_url=db_url, spool_dir=tmp_path / "spool", spool_retention_days=30
+    )
+    init_db(db_url)
+    spool = Spool(settings.spool_dir)
+
+    def inference(instance_id: int, sc: str, sr: str, hm: str) -> Inference:
+        return Inference(
+            instance_id=instance_id,
+            model_version="v",
+            model_sha256="x",
+            p_covid=0.1,
+            p_normal=0.8,
+            p_other=0.1,
+            verdict="Normal",
+            sc_sop_instance_uid=sc,
+            sr_sop_instance_uid=sr,
+            hm_sop_instance_uid=hm,
+        )
+
+    with session_scope(db_url) as s:
+        old_id, old_path = _add(s, spool, "2.1", State.DELIVERED, 40, b"first bytes")
+        new_id, new_path = _add(s, spool, "2.1", State.DELIVERY_FAILED, 1, b"other bytes")
+        s.add(inference(old_id, "8.1", "8.2", "8.3"))
+        s.add(inference(new_id, "8.1", "8.2", "8.3"))
+        only_id, _ = _add(s, spool, "2.2", State.DELIVERED, 40, b"alone")
+        s.add(inference(only_id, "8.4", "8.5", "8.6"))
+    shared = [spool.results / f"8.{k}.dcm" for k in (1, 2, 3)]
+    alone = [spool.results / f"8.{k}.dcm" for k in (4, 5, 6)]
+    for r in shared + alone:
+        r.write_bytes(b"result")
+    res = cleanup_spool(settings)
+    assert res.instances == 2
+    assert not old_path.exists() and new_path.exists()
+    assert all(r.exists() for r in shared)  # the retained row still needs them
+    assert not any(r.exists() for r in alone)

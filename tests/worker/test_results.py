@@ -779,3 +779,61 @@ def test_heatmap_content_description_carries_the_whole_disclaimer(model_info) ->
     _, _, _, hm = _build_all(make_chest_dataset(), model_info)
     desc = _roundtrip(hm).ContentDescription
     assert len(desc) <= 64 and desc.endswith(DISCLAIMER), desc
+
+
+@pytest.mark.parametrize("shape", [(1000, 100), (1000, 200), (2000, 500), (1024, 300)])
+def test_sc_of_a_narrow_strip_keeps_all_its_text(shape: tuple[int, int], model_info) -> None:  # type: ignore[no-untyped-def]
+    """A long strip (a stitched spine, say) is narrower than the text even at the smallest
+    font: the canvas is widened around the radiograph; nothing raises, nothing is cut."""
+    from worker.results import _fit_display
+
+    result = compose_result_image(_gradient(*shape), _ood_prediction(), model_info)
+    w = result.pixels.shape[1]
+    x0, y0, x1, y1 = result.image_box
+    assert x1 - x0 == _fit_display(_gradient(*shape)).shape[1] and 0 <= x0 and x1 <= w
+    for box in result.text_boxes:
+        assert box[0] >= 0 and box[2] <= w, f"text box {box} outside 0..{w}"
+        assert box[3] <= y0 or box[1] >= y1
+
+
+def test_lossy_flag_from_damaged_or_ambiguous_attributes() -> None:
+    """A malformed ratio is dropped (01 and the method stay; nothing raises); JPEG 2000 with
+    an explicit 00 was coded reversibly and stays lossless; JPEG Baseline is lossy whatever
+    the attribute says; ratios and methods that do not pair up are not copied."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.tag import Tag
+
+    from worker.results import _carry_lossy_compression, source_was_lossy
+
+    def src(ts: str, **kw: object) -> pydicom.Dataset:
+        d = pydicom.Dataset()
+        d.file_meta = FileMetaDataset()
+        d.file_meta.TransferSyntaxUID = ts
+        for k, v in kw.items():
+            setattr(d, k, v)
+        return d
+
+    bad = src(
+        "1.2.840.10008.1.2.1", LossyImageCompression="01", LossyImageCompressionMethod="ISO_10918_1"
+    )
+    tag = Tag(0x0028, 0x2112)
+    bad[tag] = RawDataElement(tag, "DS", 4, b"abc ", 0, False, True)  # type: ignore[assignment]
+    out = pydicom.Dataset()
+    _carry_lossy_compression(bad, out)
+    assert out.LossyImageCompression == "01" and out.LossyImageCompressionMethod == "ISO_10918_1"
+    assert "LossyImageCompressionRatio" not in out
+    assert not source_was_lossy(src("1.2.840.10008.1.2.4.91", LossyImageCompression="00"))
+    assert source_was_lossy(src("1.2.840.10008.1.2.4.91"))  # unknown: may be lossy
+    assert source_was_lossy(src("1.2.840.10008.1.2.4.50", LossyImageCompression="00"))
+    assert not source_was_lossy(src("1.2.840.10008.1.2.1"))
+    odd = src(
+        "1.2.840.10008.1.2.1",
+        LossyImageCompression="01",
+        LossyImageCompressionRatio="10",
+        LossyImageCompressionMethod=["ISO_10918_1", "ISO_14495_1"],
+    )
+    out = pydicom.Dataset()
+    _carry_lossy_compression(odd, out)
+    assert out.LossyImageCompression == "01"
+    assert "LossyImageCompressionRatio" not in out and "LossyImageCompressionMethod" not in out

@@ -285,6 +285,19 @@ def test_new_content_under_a_known_uid_gets_new_result_uids(
     assert uids2 == uids1  # the same image: the same results, replaced in the PACS
     assert uids3.isdisjoint(uids1)  # other pixels: new results beside the first ones
     assert len(orthanc.instances()) == 6
+    # version 1's file is purged by retention: a forced re-run of version 2 keeps its
+    # recorded UIDs, and a 4th copy of the same image matches version 2 and takes them too
+    with session_scope(s.database_url) as ss:
+        ss.execute(update(Instance).where(Instance.id == iid1).values(spool_path=None))
+        ss.execute(update(Delivery).where(Delivery.instance_id == iid2).values(state="failed"))
+    assert pipeline.process_instance(s, iid2, force=True).action == "delivered"
+    assert result_uids(iid2) == uids1
+    again = pydicom.dcmread(_sample(dicom_samples))
+    again.InstitutionName = "FORWARDED AGAIN"
+    iid4 = insert_instance(s, dataset_bytes(again), version=4)
+    assert pipeline.process_instance(s, iid4).action == "delivered"
+    assert result_uids(iid4) == uids1
+    assert len(orthanc.instances()) == 6
 
 
 def test_celery_task_eager_runs_pipeline(
