@@ -419,44 +419,21 @@ def _no_phi_warnings(source: Dataset) -> Iterator[None]:
 # ----------------------------------------------------------------------- Secondary Capture
 
 
-#: transfer syntaxes whose pixel data went through lossy compression (PS3.5 section 8.2)
-_LOSSY_SYNTAXES = frozenset(
-    {
-        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
-        "1.2.840.10008.1.2.4.51",  # JPEG Extended
-        "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
-        "1.2.840.10008.1.2.4.101",  # MPEG2 MP@ML and the video syntaxes below
-        "1.2.840.10008.1.2.4.102",
-        "1.2.840.10008.1.2.4.103",
-        "1.2.840.10008.1.2.4.100",
-        "1.2.840.10008.1.2.4.104",
-        "1.2.840.10008.1.2.4.105",
-        "1.2.840.10008.1.2.4.106",
-        "1.2.840.10008.1.2.4.107",
-        "1.2.840.10008.1.2.4.108",
-        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
-    }
-)
-
-
-#: lossy whatever the data set says (the others may also code losslessly: JPEG 2000,
-#: HTJ2K, JPEG-LS with NEAR 0)
+#: transfer syntaxes that are lossy whatever the data set says (PS3.5 section 8.2): JPEG
+#: Baseline/Extended and the MPEG/video syntaxes
 _ALWAYS_LOSSY = frozenset(
     {
         "1.2.840.10008.1.2.4.50",
         "1.2.840.10008.1.2.4.51",
-        "1.2.840.10008.1.2.4.100",
-        "1.2.840.10008.1.2.4.101",
-        "1.2.840.10008.1.2.4.102",
-        "1.2.840.10008.1.2.4.103",
-        "1.2.840.10008.1.2.4.104",
-        "1.2.840.10008.1.2.4.105",
-        "1.2.840.10008.1.2.4.106",
-        "1.2.840.10008.1.2.4.107",
-        "1.2.840.10008.1.2.4.108",
+        *(f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)),
     }
 )
+#: syntaxes that may be lossy or lossless (JPEG-LS near-lossless with NEAR 0, JPEG 2000,
+#: HTJ2K): an explicit Lossy Image Compression 00 is trusted there
+_MAYBE_LOSSY = frozenset(
+    {"1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.203"}
+)
+_LOSSY_SYNTAXES = _ALWAYS_LOSSY | _MAYBE_LOSSY
 
 
 def _transfer_syntax(source: Dataset) -> str:

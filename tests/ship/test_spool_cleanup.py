@@ -36,6 +36,22 @@ def _add(
     return row.id, path
 
 
+def _inference(instance_id: int, sc: str, sr: str, hm: str) -> Inference:
+    """An inference row naming its SC, SR and heat-map results."""
+    return Inference(
+        instance_id=instance_id,
+        model_version="v",
+        model_sha256="x",
+        p_covid=0.1,
+        p_normal=0.8,
+        p_other=0.1,
+        verdict="Normal",
+        sc_sop_instance_uid=sc,
+        sr_sop_instance_uid=sr,
+        hm_sop_instance_uid=hm,
+    )
+
+
 def test_cleanup_deletes_only_old_finished_files(db_url: str, tmp_path: Path) -> None:
     settings = load_settings(
         database_url=db_url, spool_dir=tmp_path / "spool", spool_retention_days=30
@@ -44,20 +60,7 @@ def test_cleanup_deletes_only_old_finished_files(db_url: str, tmp_path: Path) ->
     spool = Spool(settings.spool_dir)
     with session_scope(db_url) as s:
         old_id, old_path = _add(s, spool, "1.1", State.DELIVERED, 40, b"old delivered")
-        s.add(
-            Inference(
-                instance_id=old_id,
-                model_version="v",
-                model_sha256="x",
-                p_covid=0.1,
-                p_normal=0.8,
-                p_other=0.1,
-                verdict="Normal",
-                sc_sop_instance_uid="9.1",
-                sr_sop_instance_uid="9.2",
-                hm_sop_instance_uid="9.3",
-            )
-        )
+        s.add(_inference(old_id, "9.1", "9.2", "9.3"))
         ign_id, ign_path = _add(s, spool, "1.2", State.IGNORED, 31, b"old ignored")
         _, new_path = _add(s, spool, "1.3", State.DELIVERED, 5, b"recent")
         _, busy_path = _add(s, spool, "1.4", State.QUEUED, 90, b"old but queued", False)
@@ -130,27 +133,13 @@ def test_cleanup_keeps_results_a_retained_instance_shares(db_url: str, tmp_path:
     init_db(db_url)
     spool = Spool(settings.spool_dir)
 
-    def inference(instance_id: int, sc: str, sr: str, hm: str) -> Inference:
-        return Inference(
-            instance_id=instance_id,
-            model_version="v",
-            model_sha256="x",
-            p_covid=0.1,
-            p_normal=0.8,
-            p_other=0.1,
-            verdict="Normal",
-            sc_sop_instance_uid=sc,
-            sr_sop_instance_uid=sr,
-            hm_sop_instance_uid=hm,
-        )
-
     with session_scope(db_url) as s:
         old_id, old_path = _add(s, spool, "2.1", State.DELIVERED, 40, b"first bytes")
         new_id, new_path = _add(s, spool, "2.1", State.DELIVERY_FAILED, 1, b"other bytes")
-        s.add(inference(old_id, "8.1", "8.2", "8.3"))
-        s.add(inference(new_id, "8.1", "8.2", "8.3"))
+        s.add(_inference(old_id, "8.1", "8.2", "8.3"))
+        s.add(_inference(new_id, "8.1", "8.2", "8.3"))
         only_id, _ = _add(s, spool, "2.2", State.DELIVERED, 40, b"alone")
-        s.add(inference(only_id, "8.4", "8.5", "8.6"))
+        s.add(_inference(only_id, "8.4", "8.5", "8.6"))
     shared = [spool.results / f"8.{k}.dcm" for k in (1, 2, 3)]
     alone = [spool.results / f"8.{k}.dcm" for k in (4, 5, 6)]
     for r in shared + alone:
