@@ -145,6 +145,14 @@ def _register_train(sub: argparse._SubParsersAction, name: str) -> None:  # type
         help="--trainable conv5: draw every source of a class equally often (default on)",
     )
     p.add_argument(
+        "--source-adversary",
+        type=float,
+        default=None,
+        metavar="LAMBDA",
+        help="--trainable conv5: weight of a class-conditional source adversary (gradient "
+        "reversal on the pooled features, ml/adversary.py); 0 = off (default)",
+    )
+    p.add_argument(
         "--leave-out",
         default=None,
         metavar="SOURCE[:CLASS]",
@@ -221,6 +229,8 @@ def _train_config(args: argparse.Namespace) -> Any:
         if getattr(args, "source_balanced", None) is not None:
             cfg.extra["source_balanced"] = bool(args.source_balanced)
         cfg.extra.setdefault("source_balanced", True)
+        if getattr(args, "source_adversary", None) is not None:
+            cfg.extra["source_adversary"] = float(args.source_adversary)
     return cfg
 
 

@@ -296,6 +296,15 @@ def train_head(
         for i, v in enumerate(opt.variables):
             v.assign(saved[f"v{i}"])
         log_fn(f"resumed after epoch {epoch} (best val loss {best:.4f})")
+    lam = float(cfg.extra.get("source_adversary", 0.0) or 0.0)
+    adv = None
+    if lam > 0:
+        from ml.adversary import SourceAdversary, ramp, source_targets
+
+        src_ids, src_mask, src_names = source_targets(train.labels, train.sources)
+        adv = SourceAdversary(model, len(src_names), len(CLASSES), cfg.learning_rate, loss_fn)
+        if epoch and adv.load(ckpt):
+            log_fn(f"source adversary resumed ({len(src_names)} sources)")
     balanced = bool(cfg.extra.get("source_balanced", True))
     copies = len(feats)
     yv = one_hot(val.labels)
@@ -317,11 +326,28 @@ def train_head(
         if class_weight:
             sw = np.asarray([class_weight[int(c)] for c in train.labels[pick]], np.float32)
         t0 = time.monotonic()
-        h = head.fit(
-            x, y, sample_weight=sw, batch_size=cfg.batch_size, epochs=1, shuffle=False, verbose=0
-        )
-        train_loss = float(h.history["loss"][-1])
-        train_acc = float(h.history["accuracy"][-1])
+        adv_note = ""
+        if adv is not None:
+            r = adv.fit_epoch(
+                x, y, sw, src_ids[pick], src_mask[pick], ramp(lam, epoch), cfg.batch_size
+            )
+            train_loss, train_acc = r["loss"], r["accuracy"]
+            adv_note = (
+                f" adversary loss {r['adv_loss']:.3f} source acc "
+                f"{r['adv_source_accuracy']:.3f} (lambda {ramp(lam, epoch):.2f})"
+            )
+        else:
+            h = head.fit(
+                x,
+                y,
+                sample_weight=sw,
+                batch_size=cfg.batch_size,
+                epochs=1,
+                shuffle=False,
+                verbose=0,
+            )
+            train_loss = float(h.history["loss"][-1])
+            train_acc = float(h.history["accuracy"][-1])
         lv = head_logits(head, xv, np.arange(len(xv)))
         val_loss = float(np.mean(np.asarray(loss_fn(yv, lv))))
         val_acc = float(np.mean(np.argmax(lv, 1) == val.labels))
@@ -337,6 +363,8 @@ def train_head(
             since_best += 1
         model.save_weights(ckpt / "last.tmp.weights.h5")
         (ckpt / "last.tmp.weights.h5").replace(ckpt / "last.weights.h5")
+        if adv is not None:
+            adv.save(ckpt)
         with open(ckpt / "optimizer.tmp.npz", "wb") as fh:
             arrays: dict[str, Any] = {f"v{i}": np.asarray(v) for i, v in enumerate(opt.variables)}
             np.savez(fh, **arrays)
@@ -355,6 +383,7 @@ def train_head(
         log_fn(
             f"epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.3f} ({time.monotonic() - t0:.0f}s){' *' if improved else ''}"
+            + adv_note
         )
         if cfg.max_minutes and (time.monotonic() - t_start) > cfg.max_minutes * 60:
             state["stopped_by_time_limit"] = True
