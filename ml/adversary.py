@@ -57,19 +57,19 @@ class SourceAdversary:
     n_classes: int
     learning_rate: float
     loss_fn: Any
+    cut: str  # name of the trunk layer the (trainable) head starts at
     hidden: int = 128
     _step: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         import keras
 
-        from ml.frozen import cut_layer
         from ml.model import LOGITS_LAYER
 
         names = {layer.name for layer in self.model.layers}
         if "gap" not in names:
             raise ValueError("--source-adversary needs the gap head (pooled features)")
-        cut = self.model.get_layer(cut_layer(self.model)).output
+        cut = self.model.get_layer(self.cut).output
         self.head = keras.Model(
             cut,
             [self.model.get_layer("gap").output, self.model.get_layer(LOGITS_LAYER).output],

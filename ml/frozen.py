@@ -302,7 +302,9 @@ def train_head(
         from ml.adversary import SourceAdversary, ramp, source_targets
 
         src_ids, src_mask, src_names = source_targets(train.labels, train.sources)
-        adv = SourceAdversary(model, len(src_names), len(CLASSES), cfg.learning_rate, loss_fn)
+        adv = SourceAdversary(
+            model, len(src_names), len(CLASSES), cfg.learning_rate, loss_fn, cut_layer(model)
+        )
         if epoch and adv.load(ckpt):
             log_fn(f"source adversary resumed ({len(src_names)} sources)")
     balanced = bool(cfg.extra.get("source_balanced", True))

@@ -51,7 +51,7 @@ def test_reversal_moves_the_features_against_the_adversary(lam: float, tmp_path:
     (unchanged) adversary worse at naming the source than steps without reversal."""
     import keras
 
-    from ml.frozen import split_model
+    from ml.frozen import cut_layer, split_model
     from ml.model import build_model
     from ml.train import TrainConfig, make_loss
 
@@ -66,7 +66,9 @@ def test_reversal_moves_the_features_against_the_adversary(lam: float, tmp_path:
         img[src == 1] += 0.5  # source 1 is brighter: a source signal in the features
         x = np.asarray(trunk(img, training=False))
         y = np.eye(len(CLASSES), dtype=np.float32)[np.zeros(32, np.int64)]
-        adv = SourceAdversary(model, 2, len(CLASSES), 1e-2, make_loss(TrainConfig()))
+        adv = SourceAdversary(
+            model, 2, len(CLASSES), 1e-2, make_loss(TrainConfig()), cut_layer(model)
+        )
         # teach the adversary first (no reversal), then freeze it for the comparison
         for _ in range(15):
             adv.fit_epoch(x, y, None, src, np.ones(32, np.float32), 0.0, 32)
