@@ -153,6 +153,23 @@ def _register_train(sub: argparse._SubParsersAction, name: str) -> None:  # type
         "reversal on the pooled features, ml/adversary.py); 0 = off (default)",
     )
     p.add_argument(
+        "--weight-average",
+        type=int,
+        default=None,
+        metavar="START",
+        help="--trainable conv5: from epoch START on, keep the running mean of the weights "
+        "and select on it (stochastic weight averaging, ml/swa.py); 0 = off (default)",
+    )
+    p.add_argument(
+        "--feature-mixstyle",
+        type=float,
+        default=None,
+        metavar="P",
+        help="--trainable conv5: with probability P mix each training sample's channel "
+        "statistics with those of another source's sample (MixStyle on the cached "
+        "features, ml/frozen.py); 0 = off (default)",
+    )
+    p.add_argument(
         "--leave-out",
         default=None,
         metavar="SOURCE[:CLASS]",
@@ -231,6 +248,10 @@ def _train_config(args: argparse.Namespace) -> Any:
         cfg.extra.setdefault("source_balanced", True)
         if getattr(args, "source_adversary", None) is not None:
             cfg.extra["source_adversary"] = float(args.source_adversary)
+        if getattr(args, "weight_average", None) is not None:
+            cfg.extra["weight_average"] = int(args.weight_average)
+        if getattr(args, "feature_mixstyle", None) is not None:
+            cfg.extra["feature_mixstyle"] = float(args.feature_mixstyle)
     return cfg
 
 

@@ -204,6 +204,45 @@ def source_balanced_indices(
     return res
 
 
+# --------------------------------------------------------------------------- feature style mixing
+
+
+def mix_feature_style(
+    x: np.ndarray,
+    sources: Sequence[str],
+    rng: np.random.Generator,
+    p: float = 0.5,
+    alpha: float = 0.1,
+    eps: float = 1e-6,
+) -> np.ndarray:
+    """MixStyle (Zhou et al. 2021) on cached trunk features ``x`` (N, h, w, C).
+
+    Instance-level channel statistics (mean and standard deviation over h x w) carry much
+    of an image's *style*: its scanner, contrast and processing, i.e. its source. With
+    probability ``p`` a sample's statistics are replaced by a Beta(alpha, alpha) mix of its
+    own and those of a partner **from another source** (any class), while its normalised
+    content stays; samples whose batch has no other source are left alone. Returns a new
+    array; ``x`` is not changed."""
+    out = np.array(x, dtype=np.float32, copy=True)
+    n = len(out)
+    src = np.asarray([s or "unknown" for s in sources])
+    chosen = np.flatnonzero(rng.random(n) < p)
+    if not len(chosen):
+        return out
+    mu = out.mean(axis=(1, 2), keepdims=True)
+    sig = np.sqrt(out.var(axis=(1, 2), keepdims=True) + eps)
+    for i in chosen:
+        others = np.flatnonzero(src != src[i])
+        if not len(others):
+            continue
+        j = int(rng.choice(others))
+        lam = float(rng.beta(alpha, alpha))
+        mu_mix = lam * mu[i] + (1 - lam) * mu[j]
+        sig_mix = lam * sig[i] + (1 - lam) * sig[j]
+        out[i] = (out[i] - mu[i]) / sig[i] * sig_mix + mu_mix
+    return out
+
+
 # --------------------------------------------------------------------------- training
 
 
@@ -263,7 +302,9 @@ def train_head(
 
     ``cfg`` is the :class:`ml.train.TrainConfig` (epochs, batch size, learning rate,
     patience, focal loss, seed, ``extra.source_balanced``). Best weights (lowest val loss)
-    of the whole model go to ``out_dir/model.weights.h5``."""
+    of the whole model go to ``out_dir/model.weights.h5``. With ``extra.weight_average``
+    = START (:mod:`ml.swa`) the candidates are the running means of the weights from epoch
+    START on, and early stopping watches the mean's val loss."""
     import keras
 
     from ml.train import HISTORY_FILE, STATE_FILE, WEIGHTS_FILE, make_loss, one_hot
@@ -307,6 +348,15 @@ def train_head(
         )
         if epoch and adv.load(ckpt):
             log_fn(f"source adversary resumed ({len(src_names)} sources)")
+    wa = None
+    swa_start = int(cfg.extra.get("weight_average", 0) or 0)
+    if swa_start:
+        from ml.swa import WeightAverage
+
+        wa = WeightAverage(head, swa_start)
+        if epoch and wa.load(ckpt):
+            log_fn(f"weight average resumed ({wa.count} epochs averaged)")
+    mix_p = float(cfg.extra.get("feature_mixstyle", 0.0) or 0.0)
     balanced = bool(cfg.extra.get("source_balanced", True))
     copies = len(feats)
     yv = one_hot(val.labels)
@@ -323,6 +373,8 @@ def train_head(
         )
         copy = rng.integers(0, copies, size=len(pick))
         x = _gather(feats, train.index[pick], copy)
+        if mix_p:
+            x = mix_feature_style(x, [train.sources[i] for i in pick], rng, p=mix_p)
         y = one_hot(train.labels[pick])
         sw = None
         if class_weight:
@@ -354,15 +406,31 @@ def train_head(
         val_loss = float(np.mean(np.asarray(loss_fn(yv, lv))))
         val_acc = float(np.mean(np.argmax(lv, 1) == val.labels))
         epoch += 1
-        improved = val_loss < best
+        raw: list[np.ndarray] | None = None
+        if wa is not None and wa.update(epoch):
+            # select on the averaged weights (BN statistics recomputed on this epoch's
+            # draws); the raw weights go on training and into the checkpoint
+            raw = wa.snapshot()
+            wa.apply(x[i : i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size))
+            adv_note += f" (raw val_loss {val_loss:.4f} val_acc {val_acc:.3f}; mean of {wa.count})"
+            lv = head_logits(head, xv, np.arange(len(xv)))
+            val_loss = float(np.mean(np.asarray(loss_fn(yv, lv))))
+            val_acc = float(np.mean(np.argmax(lv, 1) == val.labels))
+        selecting = wa is None or raw is not None  # before the average starts: no selection
+        improved = selecting and val_loss < best
         if improved:
             best, since_best = val_loss, 0
             tmp = out_dir / "model.tmp.weights.h5"
             model.save_weights(tmp)
             tmp.replace(out_dir / WEIGHTS_FILE)
             state.update(best_val_loss=best, best_epoch=epoch, best_val_accuracy=val_acc)
-        else:
+            if wa is not None:
+                state.update(averaged_epochs=wa.count, average_from_epoch=wa.start)
+        elif selecting:
             since_best += 1
+        if raw is not None and wa is not None:
+            wa.restore(raw)
+            wa.save(ckpt)
         model.save_weights(ckpt / "last.tmp.weights.h5")
         (ckpt / "last.tmp.weights.h5").replace(ckpt / "last.weights.h5")
         if adv is not None:
@@ -390,6 +458,9 @@ def train_head(
         if cfg.max_minutes and (time.monotonic() - t_start) > cfg.max_minutes * 60:
             state["stopped_by_time_limit"] = True
             break
+    if not (out_dir / WEIGHTS_FILE).is_file():  # stopped before the average started
+        log_fn(f"stopped before epoch {swa_start}: the last raw weights are kept")
+        model.save_weights(out_dir / WEIGHTS_FILE)
     model.load_weights(out_dir / WEIGHTS_FILE)
     state["completed"] = True
     _write_json(state_path, state)

@@ -12,12 +12,15 @@ import pytest
 
 from apps.cli import main
 from ml.adversary import ADVERSARY_WEIGHTS, SourceAdversary, ramp, source_targets
-from ml.artifact import load_card, make_tiny_artifact
+from ml.artifact import load_card
 from ml.labels import CLASSES
 from ml.runtime import Classifier
 
 from .conftest import TINY_SIZE
-from .test_frozen import three_source_folder  # noqa: F401  # the module fixture
+from .test_frozen import (
+    three_source_folder,  # noqa: F401  # the module fixture
+    tiny_frozen_train_args,
+)
 
 
 def test_source_targets_only_classes_with_two_sources_take_part() -> None:
@@ -97,15 +100,12 @@ def test_frozen_training_with_the_adversary_resumes_and_ships_the_plain_model(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(onnx_cache))
-    init = make_tiny_artifact(workdir / "init", image_size=TINY_SIZE)
     out = workdir / "model"
-    args = [
-        "train", "--data", str(three_source_folder), "--out", str(out),
-        "--backbone", "tiny", "--image-size", str(TINY_SIZE), "--trainable", "conv5",
-        "--init-from", str(init / "model.weights.h5"), "--aug-copies", "1",
-        "--cache-dir", str(workdir / "features"), "--batch-size", "8", "--bootstrap", "20",
+    args = tiny_frozen_train_args(
+        three_source_folder,
+        workdir,
         "--source-adversary", "0.5", "--patience", "5",
-    ]  # fmt: skip
+    )  # fmt: skip
     assert main([*args, "--epochs", "1", "--no-finalise"]) == 0
     text = capsys.readouterr().out
     assert "adversary loss" in text and "lambda 0.17" in text

@@ -13,7 +13,7 @@ import pytest
 
 from apps.cli import main
 from ml.artifact import load_card, make_tiny_artifact
-from ml.frozen import LeaveOut, apply_leave_out, source_balanced_indices
+from ml.frozen import LeaveOut, apply_leave_out, mix_feature_style, source_balanced_indices
 from ml.ood import OOD_FILE
 from ml.runtime import Classifier
 
@@ -35,6 +35,19 @@ def three_source_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def tiny_frozen_train_args(data: Path, workdir: Path, *extra: str) -> list[str]:
+    """``cxr train`` arguments of a frozen-trunk run on the tiny backbone: the init
+    artifact in WORKDIR/init, the model in WORKDIR/model, the cache in WORKDIR/features."""
+    init = make_tiny_artifact(workdir / "init", image_size=TINY_SIZE)
+    return [
+        "train", "--data", str(data), "--out", str(workdir / "model"),
+        "--backbone", "tiny", "--image-size", str(TINY_SIZE), "--trainable", "conv5",
+        "--init-from", str(init / "model.weights.h5"), "--aug-copies", "1",
+        "--cache-dir", str(workdir / "features"), "--batch-size", "8", "--bootstrap", "20",
+        *extra,
+    ]  # fmt: skip
+
+
 def test_source_balanced_draws_equalise_sources_within_a_class() -> None:
     labels = [0] * 90 + [0] * 10 + [1] * 50
     sources = ["big"] * 90 + ["small"] * 10 + ["x"] * 50
@@ -44,6 +57,31 @@ def test_source_balanced_draws_equalise_sources_within_a_class() -> None:
     # the class shares stay (100:50), the two COVID sources are drawn alike
     assert drawn["x"] == 1000
     assert drawn["big"] == drawn["small"] == 1000
+
+
+def test_feature_style_mixing_swaps_statistics_across_sources_only() -> None:
+    rng = np.random.default_rng(0)
+    n = 40
+    sources = ["a"] * 20 + ["b"] * 20
+    # source a: channel means 0, std 1; source b: means 5, std 3 (its "style")
+    x = rng.normal(0, 1, (n, 7, 7, 4)).astype(np.float32)
+    x[20:] = x[20:] * 3 + 5
+    content = (x - x.mean(axis=(1, 2), keepdims=True)) / x.std(axis=(1, 2), keepdims=True)
+    before = x.copy()
+    y = mix_feature_style(x, sources, np.random.default_rng(1), p=1.0, alpha=0.5)
+    np.testing.assert_array_equal(x, before)  # the input is not changed
+    mu = y.mean(axis=(1, 2))
+    # with p = 1 every sample moved towards the other source's statistics
+    assert (mu[:20] > 0.2).mean() > 0.7 and (mu[20:] < 4.8).mean() > 0.7
+    # a mix of two samples' statistics stays within the range of the samples' own
+    mu0 = x.mean(axis=(1, 2))
+    assert (mu >= mu0.min(axis=0) - 1e-3).all() and (mu <= mu0.max(axis=0) + 1e-3).all()
+    # what an image shows (its normalised content) is kept
+    yc = (y - y.mean(axis=(1, 2), keepdims=True)) / y.std(axis=(1, 2), keepdims=True)
+    np.testing.assert_allclose(yc, content, atol=1e-3)
+    # p = 0, or a single source, leaves the features alone
+    np.testing.assert_array_equal(mix_feature_style(x, sources, rng, p=0.0), x)
+    np.testing.assert_array_equal(mix_feature_style(x, ["a"] * n, rng, p=1.0), x)
 
 
 def test_leave_out_removes_the_source_and_its_groups() -> None:
@@ -66,33 +104,8 @@ def test_frozen_training_arms_ood_and_resume(
     workdir: Path, onnx_cache: Path, three_source_folder: Path, monkeypatch, capsys
 ) -> None:
     monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(onnx_cache))
-    init = make_tiny_artifact(workdir / "init", image_size=TINY_SIZE)
     out, cache = workdir / "model", workdir / "features"
-    args = [
-        "train",
-        "--data",
-        str(three_source_folder),
-        "--out",
-        str(out),
-        "--backbone",
-        "tiny",
-        "--image-size",
-        str(TINY_SIZE),
-        "--trainable",
-        "conv5",
-        "--init-from",
-        str(init / "model.weights.h5"),
-        "--aug-copies",
-        "1",
-        "--cache-dir",
-        str(cache),
-        "--batch-size",
-        "8",
-        "--bootstrap",
-        "20",
-        "--model-version",
-        "2.0.0",
-    ]
+    args = tiny_frozen_train_args(three_source_folder, workdir, "--model-version", "2.0.0")
     # a first run of 1 epoch, "interrupted" there (train only) ...
     assert main([*args, "--epochs", "1", "--no-finalise"]) == 0
     state = json.loads((out / "train_state.json").read_text())
