@@ -380,13 +380,13 @@ def train_head(
         if class_weight:
             sw = np.asarray([class_weight[int(c)] for c in train.labels[pick]], np.float32)
         t0 = time.monotonic()
-        adv_note = ""
+        epoch_note = ""
         if adv is not None:
             r = adv.fit_epoch(
                 x, y, sw, src_ids[pick], src_mask[pick], ramp(lam, epoch), cfg.batch_size
             )
             train_loss, train_acc = r["loss"], r["accuracy"]
-            adv_note = (
+            epoch_note = (
                 f" adversary loss {r['adv_loss']:.3f} source acc "
                 f"{r['adv_source_accuracy']:.3f} (lambda {ramp(lam, epoch):.2f})"
             )
@@ -412,7 +412,9 @@ def train_head(
             # draws); the raw weights go on training and into the checkpoint
             raw = wa.snapshot()
             wa.apply(x[i : i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size))
-            adv_note += f" (raw val_loss {val_loss:.4f} val_acc {val_acc:.3f}; mean of {wa.count})"
+            epoch_note += (
+                f" (raw val_loss {val_loss:.4f} val_acc {val_acc:.3f}; mean of {wa.count})"
+            )
             lv = head_logits(head, xv, np.arange(len(xv)))
             val_loss = float(np.mean(np.asarray(loss_fn(yv, lv))))
             val_acc = float(np.mean(np.argmax(lv, 1) == val.labels))
@@ -453,7 +455,7 @@ def train_head(
         log_fn(
             f"epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.3f} ({time.monotonic() - t0:.0f}s){' *' if improved else ''}"
-            + adv_note
+            + epoch_note
         )
         if cfg.max_minutes and (time.monotonic() - t_start) > cfg.max_minutes * 60:
             state["stopped_by_time_limit"] = True

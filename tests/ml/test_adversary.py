@@ -5,6 +5,7 @@ frozen-trunk run with it trains, resumes and ships the plain classifier."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,7 @@ from ml.labels import CLASSES
 from ml.runtime import Classifier
 
 from .conftest import TINY_SIZE
-from .test_frozen import (
-    three_source_folder,  # noqa: F401  # the module fixture
-    tiny_frozen_train_args,
-)
+from .test_frozen import three_source_folder, tiny_frozen_args  # noqa: F401  # fixtures
 
 
 def test_source_targets_only_classes_with_two_sources_take_part() -> None:
@@ -94,16 +92,11 @@ def test_reversal_moves_the_features_against_the_adversary(lam: float, tmp_path:
 
 def test_frozen_training_with_the_adversary_resumes_and_ships_the_plain_model(
     workdir: Path,
-    onnx_cache: Path,
-    three_source_folder: Path,  # noqa: F811  # the imported fixture
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_frozen_args: Callable[..., list[str]],  # noqa: F811  # the imported fixture
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(onnx_cache))
     out = workdir / "model"
-    args = tiny_frozen_train_args(
-        three_source_folder,
-        workdir,
+    args = tiny_frozen_args(
         "--source-adversary", "0.5", "--patience", "5",
     )  # fmt: skip
     assert main([*args, "--epochs", "1", "--no-finalise"]) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,17 +36,26 @@ def three_source_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def tiny_frozen_train_args(data: Path, workdir: Path, *extra: str) -> list[str]:
-    """``cxr train`` arguments of a frozen-trunk run on the tiny backbone: the init
-    artifact in WORKDIR/init, the model in WORKDIR/model, the cache in WORKDIR/features."""
+@pytest.fixture
+def tiny_frozen_args(
+    workdir: Path, onnx_cache: Path, three_source_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., list[str]]:
+    """``cxr train`` arguments of a frozen-trunk run on the tiny backbone and the tiny
+    three-source data: the init artifact in WORKDIR/init, the model in WORKDIR/model, the
+    feature cache in WORKDIR/features; extra arguments are appended."""
+    monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(onnx_cache))
     init = make_tiny_artifact(workdir / "init", image_size=TINY_SIZE)
-    return [
-        "train", "--data", str(data), "--out", str(workdir / "model"),
-        "--backbone", "tiny", "--image-size", str(TINY_SIZE), "--trainable", "conv5",
-        "--init-from", str(init / "model.weights.h5"), "--aug-copies", "1",
-        "--cache-dir", str(workdir / "features"), "--batch-size", "8", "--bootstrap", "20",
-        *extra,
-    ]  # fmt: skip
+
+    def args(*extra: str) -> list[str]:
+        return [
+            "train", "--data", str(three_source_folder), "--out", str(workdir / "model"),
+            "--backbone", "tiny", "--image-size", str(TINY_SIZE), "--trainable", "conv5",
+            "--init-from", str(init / "model.weights.h5"), "--aug-copies", "1",
+            "--cache-dir", str(workdir / "features"), "--batch-size", "8", "--bootstrap", "20",
+            *extra,
+        ]  # fmt: skip
+
+    return args
 
 
 def test_source_balanced_draws_equalise_sources_within_a_class() -> None:
@@ -101,11 +111,10 @@ def test_leave_out_removes_the_source_and_its_groups() -> None:
 
 
 def test_frozen_training_arms_ood_and_resume(
-    workdir: Path, onnx_cache: Path, three_source_folder: Path, monkeypatch, capsys
+    workdir: Path, tiny_frozen_args: Callable[..., list[str]], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(onnx_cache))
     out, cache = workdir / "model", workdir / "features"
-    args = tiny_frozen_train_args(three_source_folder, workdir, "--model-version", "2.0.0")
+    args = tiny_frozen_args("--model-version", "2.0.0")
     # a first run of 1 epoch, "interrupted" there (train only) ...
     assert main([*args, "--epochs", "1", "--no-finalise"]) == 0
     state = json.loads((out / "train_state.json").read_text())

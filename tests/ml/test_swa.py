@@ -4,6 +4,7 @@ running mean, the recomputed batch-norm statistics, checkpoint and resume."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,7 @@ from apps.cli import main
 from ml.artifact import load_card
 from ml.swa import AVERAGE_FILE, WeightAverage, recompute_batchnorm
 
-from .test_frozen import (
-    three_source_folder,  # noqa: F401  # the module fixture
-    tiny_frozen_train_args,
-)
+from .test_frozen import three_source_folder, tiny_frozen_args  # noqa: F401  # fixtures
 
 
 def _bn_model(channels: int = 3) -> object:
@@ -81,18 +79,13 @@ def test_running_mean_of_the_weights_from_the_start_epoch(tmp_path: Path) -> Non
 
 def test_frozen_training_with_weight_averaging_and_style_mixing_resumes_and_records_it(
     workdir: Path,
-    onnx_cache: Path,
-    three_source_folder: Path,  # noqa: F811  # the imported fixture
-    monkeypatch: pytest.MonkeyPatch,
+    tiny_frozen_args: Callable[..., list[str]],  # noqa: F811  # the imported fixture
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     from ml.runtime import Classifier
 
-    monkeypatch.setenv("CXR_MODEL_CACHE_DIR", str(onnx_cache))
     out = workdir / "model"
-    args = tiny_frozen_train_args(
-        three_source_folder,
-        workdir,
+    args = tiny_frozen_args(
         "--weight-average", "2", "--patience", "10", "--learning-rate", "0.01",
         "--feature-mixstyle", "0.5",
     )  # fmt: skip
