@@ -170,6 +170,22 @@ def _register_train(sub: argparse._SubParsersAction, name: str) -> None:  # type
         "features, ml/frozen.py); 0 = off (default)",
     )
     p.add_argument(
+        "--draw-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="--trainable conv5: seed of the epochs' draws (order and augmented copy); "
+        "default the recipe's seed. Runs that differ only here share one feature cache",
+    )
+    p.add_argument(
+        "--soup-of",
+        default=None,
+        metavar="DIR,DIR",
+        help="--trainable conv5: instead of training, average the weights of these finished "
+        "runs of this recipe (a greedy model soup on validation loss, ml/soup.py); with "
+        "--leave-out, runs made with the same source left out",
+    )
+    p.add_argument(
         "--leave-out",
         default=None,
         metavar="SOURCE[:CLASS]",
@@ -252,6 +268,8 @@ def _train_config(args: argparse.Namespace) -> Any:
             cfg.extra["weight_average"] = int(args.weight_average)
         if getattr(args, "feature_mixstyle", None) is not None:
             cfg.extra["feature_mixstyle"] = float(args.feature_mixstyle)
+        if getattr(args, "draw_seed", None) is not None:
+            cfg.extra["draw_seed"] = int(args.draw_seed)
     return cfg
 
 
@@ -280,15 +298,28 @@ def _train_frozen(
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    state, (model, feats, idx, _) = run_training(
-        cfg, out, samples, splits, cache, leave=leave, class_weight=cw, log_fn=say
-    )
+    arms = [LeaveOut.parse(a) for a in (args.cross_source or "").split(",") if a.strip()]
+    if args.soup_of:
+        from ml.soup import run_soup
+
+        if arms:
+            raise ValueError(
+                "--soup-of with --cross-source: a soup's arms are soups too; make each with "
+                "--leave-out SOURCE --soup-of (runs made with SOURCE left out)"
+            )
+        folders = [Path(f) for f in args.soup_of.split(",") if f.strip()]
+        state, (model, feats, idx, _) = run_soup(
+            cfg, out, samples, splits, cache, folders, leave=leave, log_fn=say
+        )
+    else:
+        state, (model, feats, idx, _) = run_training(
+            cfg, out, samples, splits, cache, leave=leave, class_weight=cw, log_fn=say
+        )
     if leave is not None:
         _, held = apply_leave_out(splits, samples, leave)
         cell = arm_cell(model, feats, idx, held, leave)
         (out / "cross_source_cell.json").write_text(json.dumps(cell, indent=2) + "\n")
         say(f"left out {leave.name}: {cell['metric']} {cell['value']:.3f} (n={cell['n']})")
-    arms = [LeaveOut.parse(a) for a in (args.cross_source or "").split(",") if a.strip()]
     if arms:
         import keras
 

@@ -288,6 +288,25 @@ def head_pooled(head_feat: Any, feats: np.ndarray, rows: np.ndarray, batch: int 
     return np.concatenate(out)
 
 
+def epoch_draw(
+    train: HeadData, copies: int, draw_seed: int, epoch: int, balanced: bool = True
+) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """Epoch ``epoch``'s (0-based) draw: (its generator, the training rows drawn, the cached
+    copy of each). A function of (``draw_seed``, ``epoch``) alone, so a resumed run draws
+    what the interrupted one would have, and runs that differ only in ``draw_seed`` (``cxr
+    train --draw-seed``) see other orders and copies from the same feature cache (whose
+    augmented copies are fixed by the recipe's ``seed``)."""
+    rng = np.random.default_rng([draw_seed, epoch])
+    n = len(train.index)
+    pick = (
+        source_balanced_indices(train.labels, train.sources, n, rng)
+        if balanced
+        else rng.permutation(n)
+    )
+    copy = rng.integers(0, copies, size=len(pick))
+    return rng, pick, copy
+
+
 def train_head(
     model: Any,
     feats: list[np.ndarray],
@@ -363,15 +382,9 @@ def train_head(
     xv = _gather(feats, val.index, np.zeros(len(val.index), np.int64))
     t_start = time.monotonic()
     hist = out_dir / HISTORY_FILE
+    draw_seed = int(cfg.extra.get("draw_seed", cfg.seed))
     while epoch < cfg.epochs and since_best < cfg.patience:
-        rng = np.random.default_rng([cfg.seed, epoch])
-        n = len(train.index)
-        pick = (
-            source_balanced_indices(train.labels, train.sources, n, rng)
-            if balanced
-            else rng.permutation(n)
-        )
-        copy = rng.integers(0, copies, size=len(pick))
+        rng, pick, copy = epoch_draw(train, copies, draw_seed, epoch, balanced)
         x = _gather(feats, train.index[pick], copy)
         if mix_p:
             x = mix_feature_style(x, [train.sources[i] for i in pick], rng, p=mix_p)
@@ -518,17 +531,11 @@ def trunk_id(init_from: str | Path) -> str:
     return sha256_file(init_from)
 
 
-def run_training(
-    cfg: Any,
-    out: Path,
-    samples: Sequence[Any],
-    splits: dict[str, list[Any]],
-    cache_dir: Path,
-    leave: LeaveOut | None = None,
-    class_weight: dict[int, float] | None = None,
-    log_fn: Callable[[str], None] = log.info,
-) -> tuple[dict[str, Any], Any]:
-    """Feature cache (shared) + conv5/head training (+ the OOD detector) into ``out``."""
+def prepare_features(
+    cfg: Any, samples: Sequence[Any], cache_dir: Path, log_fn: Callable[[str], None] = log.info
+) -> tuple[Any, list[np.ndarray], dict[str, int]]:
+    """(the model of ``cfg`` with its ``--init-from`` weights, the cached trunk features of
+    ``samples`` (built or finished here), the cache's row of each file)."""
     from ml.model import build_model
     from ml.train import TrainConfig
 
@@ -547,7 +554,7 @@ def run_training(
         backbone=cfg.backbone,
     )
     model.load_weights(cfg.init_from)
-    trunk, _, head_feat = split_model(model)
+    trunk, _, _ = split_model(model)
     cache = build_feature_cache(
         cache_dir,
         samples,
@@ -558,8 +565,41 @@ def run_training(
         seed=cfg.seed,
         progress=log_fn,
     )
-    feats = cache.load()
-    idx = cache.index()
+    return model, cache.load(), cache.index()
+
+
+def fit_ood(
+    out: Path,
+    model: Any,
+    feats: list[np.ndarray],
+    idx: dict[str, int],
+    train_samples: Sequence[Any],
+    log_fn: Callable[[str], None] = log.info,
+) -> None:
+    """Fit the OOD detector on the training images through the weights now in ``model``
+    (always refitted: a detector left from an earlier, interrupted run would describe other
+    weights)."""
+    from ml.ood import OOD_FILE, MahalanobisOOD
+
+    _, _, head_feat = split_model(model)
+    tr = split_data(idx, train_samples)
+    pooled = head_pooled(head_feat, feats[0], tr.index)
+    MahalanobisOOD.fit(pooled, tr.labels).save(out / OOD_FILE)
+    log_fn(f"OOD detector fitted on {len(pooled)} training images -> {OOD_FILE}")
+
+
+def run_training(
+    cfg: Any,
+    out: Path,
+    samples: Sequence[Any],
+    splits: dict[str, list[Any]],
+    cache_dir: Path,
+    leave: LeaveOut | None = None,
+    class_weight: dict[int, float] | None = None,
+    log_fn: Callable[[str], None] = log.info,
+) -> tuple[dict[str, Any], Any]:
+    """Feature cache (shared) + conv5/head training (+ the OOD detector) into ``out``."""
+    model, feats, idx = prepare_features(cfg, samples, cache_dir, log_fn)
     kept, _ = apply_leave_out(splits, samples, leave)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
@@ -573,16 +613,8 @@ def run_training(
         class_weight=class_weight,
         log_fn=log_fn,
     )
-    from ml.ood import OOD_FILE, MahalanobisOOD
-
-    # always (re)fitted on the weights just trained or loaded: a detector left from an
-    # earlier, interrupted run would describe other weights
-    ood_path = out / OOD_FILE
-    tr = split_data(idx, kept["train"])
-    pooled = head_pooled(head_feat, feats[0], tr.index)
-    MahalanobisOOD.fit(pooled, tr.labels).save(ood_path)
-    log_fn(f"OOD detector fitted on {len(pooled)} training images -> {ood_path.name}")
-    return state, (model, feats, idx, head_feat)
+    fit_ood(out, model, feats, idx, kept["train"], log_fn)
+    return state, (model, feats, idx, split_model(model)[2])
 
 
 def arm_cell(
