@@ -356,17 +356,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         flush=True,
     )
     cfg = _train_config(args)
+    frozen = cfg.trainable == "conv5" and bool(cfg.init_from)
+    for opt, given in (("--soup-of", args.soup_of), ("--draw-seed", args.draw_seed is not None)):
+        if given and not frozen:
+            raise ValueError(f"{opt} is for --trainable conv5 --init-from WEIGHTS runs")
     state = read_state(out)
-    if state.get("completed"):
+    if state.get("completed") and not args.soup_of:
         print(
             f"training in {out} already completed (epochs {state.get('epochs_run')}): finalising",
             flush=True,
         )
-    if (
-        cfg.trainable == "conv5"
-        and cfg.init_from
-        and (not state.get("completed") or args.cross_source or args.leave_out)
-    ):  # a completed run still gets the arms it is asked for
+    if frozen and (
+        not state.get("completed") or args.cross_source or args.leave_out or args.soup_of
+    ):  # a completed run still gets the arms it is asked for; a soup checks its ingredients
         state = _train_frozen(args, cfg, samples, splits)
         print(f"training done: {json.dumps(state)}", flush=True)
         if args.leave_out:

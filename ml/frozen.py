@@ -21,6 +21,7 @@ written after every epoch, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -162,7 +163,7 @@ def build_feature_cache(
             done[c] = hi
             meta["done"] = done
             meta["seconds"] = seconds + time.monotonic() - t0
-            _write_json(meta_path, meta)
+            write_json(meta_path, meta)
             if progress and (hi // batch_size) % 10 == 0:
                 rate = (sum(done) - 0) / max(1e-9, time.monotonic() - t0)
                 progress(f"features copy {c}: {hi}/{n} ({rate:.1f} img/s this run)")
@@ -170,7 +171,7 @@ def build_feature_cache(
     return FeatureCache(root=root, files=files, copies=copies, shape=out_shape)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj))
     tmp.replace(path)
@@ -464,7 +465,7 @@ def train_head(
             epochs_since_best=since_best,
             train_seconds=float(state.get("train_seconds", 0.0)) + time.monotonic() - t0,
         )
-        _write_json(state_path, state)
+        write_json(state_path, state)
         log_fn(
             f"epoch {epoch}/{cfg.epochs}: loss {train_loss:.4f} val_loss {val_loss:.4f} "
             f"val_acc {val_acc:.3f} ({time.monotonic() - t0:.0f}s){' *' if improved else ''}"
@@ -478,7 +479,7 @@ def train_head(
         model.save_weights(out_dir / WEIGHTS_FILE)
     model.load_weights(out_dir / WEIGHTS_FILE)
     state["completed"] = True
-    _write_json(state_path, state)
+    write_json(state_path, state)
     return state
 
 
@@ -588,6 +589,37 @@ def fit_ood(
     log_fn(f"OOD detector fitted on {len(pooled)} training images -> {OOD_FILE}")
 
 
+def trained_left_out(out: Path) -> str | None:
+    """The source a run in ``out`` was trained without (``extra.leave_out`` of its
+    config.json; runs made before that key read their ``cross_source_cell.json``)."""
+    saved = out / "config.json"
+    extra = (json.loads(saved.read_text()).get("extra") or {}) if saved.is_file() else {}
+    if "leave_out" in extra:
+        return str(extra["leave_out"]) if extra["leave_out"] else None
+    cell = out / "cross_source_cell.json"
+    return json.loads(cell.read_text()).get("left_out") if cell.is_file() else None
+
+
+def run_config(cfg: Any, out: Path, leave: LeaveOut | None) -> Any:
+    """``cfg`` as the run in ``out`` records it: with the source it leaves out. Refused when
+    ``out`` already holds a run trained with another source left out (its weights would be
+    measured on images they were trained on, or the other way round)."""
+    from ml.train import STATE_FILE
+
+    want = leave.name if leave is not None else None
+    if (out / STATE_FILE).is_file():
+        had = trained_left_out(out)
+        if had != want:
+            raise ValueError(
+                f"{out} holds a run trained with {had or 'nothing'} left out; this run leaves "
+                f"{want or 'nothing'} out: give it another --out"
+            )
+    extra = {k: v for k, v in cfg.extra.items() if k != "leave_out"}
+    if want is not None:
+        extra["leave_out"] = want
+    return dataclasses.replace(cfg, extra=extra)
+
+
 def run_training(
     cfg: Any,
     out: Path,
@@ -599,10 +631,11 @@ def run_training(
     log_fn: Callable[[str], None] = log.info,
 ) -> tuple[dict[str, Any], Any]:
     """Feature cache (shared) + conv5/head training (+ the OOD detector) into ``out``."""
+    run_cfg = run_config(cfg, out, leave)  # before the cache: a refusal costs nothing
     model, feats, idx = prepare_features(cfg, samples, cache_dir, log_fn)
     kept, _ = apply_leave_out(splits, samples, leave)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.to_json())
+    (out / "config.json").write_text(run_cfg.to_json())
     state = train_head(
         model,
         feats,

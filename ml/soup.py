@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ml.artifact import sha256_file
 from ml.swa import recompute_batchnorm
 
 
@@ -81,22 +83,30 @@ class Soup:
         }
 
 
-def load_ingredients(model: Any, head: Any, paths: Sequence[tuple[str, Path]]) -> list[Ingredient]:
-    """Each weights file into ``model`` in turn; refused when the frozen trunks differ."""
+def trunk_digest(model: Any, head: Any) -> str:
+    """A digest of the frozen trunk's weights now in ``model``."""
+    return _digest(soup_variables(model, head)[1])
+
+
+def load_ingredients(
+    model: Any, head: Any, paths: Sequence[tuple[str, Path]], reference: str | None = None
+) -> list[Ingredient]:
+    """Each weights file into ``model`` in turn; refused when a frozen trunk differs from
+    ``reference`` (the trunk the cached features come from; default: the first file's)."""
     if len(paths) < 2:
         raise ValueError("a soup needs at least two ingredients")
     averaged, trunk = soup_variables(model, head)
     out: list[Ingredient] = []
-    first_trunk: str | None = None
     for name, path in paths:
         model.load_weights(path)
         digest = _digest(trunk)
-        if first_trunk is None:
-            first_trunk = digest
-        elif digest != first_trunk:
+        if reference is None:
+            reference = digest
+        elif digest != reference:
             raise ValueError(
-                f"ingredient {name} has another frozen trunk than {out[0].name}: a soup "
-                "averages runs over one trunk (the same --init-from)"
+                f"ingredient {name} has another frozen trunk than "
+                f"{'--init-from' if not out else out[0].name}: a soup averages runs over the "
+                "trunk its features come from (the same --init-from)"
             )
         out.append(
             Ingredient(
@@ -148,17 +158,24 @@ def greedy_soup(
         apply_mean(model, head, [ing], batches)
         ing.val_loss = val_loss()
         log_fn(f"soup ingredient {ing.name}: val loss {ing.val_loss:.4f}")
-    ranked = sorted(ingredients, key=lambda i: i.val_loss)
+    finite = [i for i in ingredients if math.isfinite(i.val_loss)]
+    for ing in ingredients:
+        if ing not in finite:
+            log_fn(f"soup ingredient {ing.name} left out: its validation loss is not finite")
+    if not finite:
+        raise ValueError("no soup ingredient has a finite validation loss")
+    ranked = sorted(finite, key=lambda i: i.val_loss)
     soup = Soup(
         order=[i.name for i in ranked],
         kept=[ranked[0].name],
         val_loss={i.name: i.val_loss for i in ingredients},
     )
-    apply_mean(model, head, ingredients, batches)
+    apply_mean(model, head, finite, batches)
     soup.uniform_val_loss = val_loss()
-    log_fn(f"uniform soup of {len(ingredients)}: val loss {soup.uniform_val_loss:.4f}")
+    log_fn(f"uniform soup of {len(finite)}: val loss {soup.uniform_val_loss:.4f}")
     kept = [ranked[0]]
     best = ranked[0].val_loss
+    best_state = ranked[0].state
     for ing in ranked[1:]:
         apply_mean(model, head, [*kept, ing], batches)
         loss = val_loss()
@@ -168,30 +185,51 @@ def greedy_soup(
         if take:
             kept.append(ing)
             best = loss
+            best_state = [np.asarray(v) for v in model.weights]
     soup.kept = [i.name for i in kept]
-    apply_mean(model, head, kept, batches)
-    soup.soup_val_loss = val_loss()
+    for v, w in zip(model.weights, best_state, strict=True):
+        v.assign(w)
+    soup.soup_val_loss = best
     return soup
 
 
-def ingredient_path(folder: Path) -> Path:
-    """The best weights of a finished run (``cxr train`` OUT) or a weights file itself."""
-    if folder.is_file():
-        return folder
+# what makes two runs one model over the same inputs (the rest may differ: epochs, rate...)
+RECIPE_FIELDS = ("backbone", "image_size", "equalization", "head", "dropout", "trainable")
+RECIPE_EXTRA = ("square_policy", "aug_copies", "stage")
+
+
+def ingredient_path(folder: Path, cfg: Any, leave_out: str | None) -> Path:
+    """The best weights of a finished ``cxr train`` run in ``folder``; refused unless it
+    has completed, is of ``cfg``'s recipe and was trained with ``leave_out`` left out."""
+    from ml.frozen import trained_left_out
     from ml.train import STATE_FILE, WEIGHTS_FILE
 
-    path = folder / WEIGHTS_FILE
-    state = folder / STATE_FILE
-    if not path.is_file():
-        raise ValueError(f"soup ingredient {folder}: no {WEIGHTS_FILE} (not a training run)")
-    if state.is_file() and not json.loads(state.read_text()).get("completed"):
+    path, state, config = folder / WEIGHTS_FILE, folder / STATE_FILE, folder / "config.json"
+    if not folder.is_dir() or not path.is_file() or not config.is_file():
+        raise ValueError(
+            f"soup ingredient {folder}: not a training run (a cxr train --out folder with "
+            f"{WEIGHTS_FILE} and config.json)"
+        )
+    if not state.is_file() or not json.loads(state.read_text()).get("completed"):
         raise ValueError(f"soup ingredient {folder}: its training has not completed")
+    had = trained_left_out(folder)
+    if had != leave_out:
+        raise ValueError(
+            f"soup ingredient {folder} was trained with {had or 'nothing'} left out, "
+            f"this soup with {leave_out or 'nothing'}"
+        )
+    theirs = json.loads(config.read_text())
+    mine = json.loads(cfg.to_json())
+    for key in RECIPE_FIELDS:
+        if theirs.get(key) != mine.get(key):
+            raise ValueError(
+                f"soup ingredient {folder}: {key} {theirs.get(key)!r}, this soup {mine.get(key)!r}"
+            )
+    for key in RECIPE_EXTRA:
+        a, b = (theirs.get("extra") or {}).get(key), (mine.get("extra") or {}).get(key)
+        if a != b:
+            raise ValueError(f"soup ingredient {folder}: {key} {a!r}, this soup {b!r}")
     return path
-
-
-def _left_out(folder: Path) -> str | None:
-    cell = folder / "cross_source_cell.json"
-    return json.loads(cell.read_text()).get("left_out") if cell.is_file() else None
 
 
 def run_soup(
@@ -213,32 +251,46 @@ def run_soup(
         fit_ood,
         head_logits,
         prepare_features,
+        run_config,
         split_data,
         split_model,
+        write_json,
     )
     from ml.train import STATE_FILE, WEIGHTS_FILE, make_loss, one_hot
 
     want = leave.name if leave is not None else None
-    for f in folders:
-        if f.is_dir() and _left_out(f) != want:
-            raise ValueError(
-                f"soup ingredient {f} was trained with {_left_out(f) or 'nothing'} left out, "
-                f"this soup with {want or 'nothing'}"
-            )
-    model, feats, idx = prepare_features(cfg, samples, cache_dir, log_fn)
-    kept_splits, _ = apply_leave_out(splits, samples, leave)
-    out.mkdir(parents=True, exist_ok=True)
+    resolved = [str(f.resolve()) for f in folders]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError("--soup-of names an ingredient twice")
+    if str(out.resolve()) in resolved:
+        raise ValueError(f"--out {out} is one of the soup's ingredients")
+    if len(folders) < 2:
+        raise ValueError("a soup needs at least two ingredients")
     state_path = out / STATE_FILE
     state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    if state.get("completed"):
+    if state:
+        made = [r.get("path") for r in (state.get("soup") or {}).get("ingredients", [])]
+        if sorted(map(str, made)) != sorted(resolved) or not state.get("completed"):
+            raise ValueError(
+                f"{out} holds another run than this soup (of {', '.join(resolved)}): "
+                "give the soup another --out"
+            )
+    # the checks first: the feature cache may take long to build
+    paths = [ingredient_path(f, cfg, want) for f in folders]
+    run_cfg = run_config(cfg, out, leave)
+    model, feats, idx = prepare_features(cfg, samples, cache_dir, log_fn)
+    kept_splits, _ = apply_leave_out(splits, samples, leave)
+    if state:
         model.load_weights(out / WEIGHTS_FILE)
         log_fn(f"soup in {out} already made: loaded")
         return state, (model, feats, idx, split_model(model)[2])
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     _, head, _ = split_model(model)
-    names = [f.name if f.is_dir() else str(f) for f in folders]
+    reference = trunk_digest(model, head)  # the trunk of --init-from: the features' own
+    names = [f.name for f in folders]
     ingredients = load_ingredients(
-        model, head, [(n, ingredient_path(f)) for n, f in zip(names, folders, strict=True)]
+        model, head, list(zip(names, paths, strict=True)), reference=reference
     )
     train = split_data(idx, kept_splits["train"])
     val = split_data(idx, kept_splits["val"])
@@ -263,24 +315,34 @@ def run_soup(
         return float(np.mean(np.asarray(loss_fn(yv, head_logits(head, xv, np.arange(len(xv)))))))
 
     soup = greedy_soup(model, head, ingredients, val_loss, batches, log_fn)
-    tmp = out / "model.tmp.weights.h5"
-    model.save_weights(tmp)
-    tmp.replace(out / WEIGHTS_FILE)
-    cfg.extra["soup_of"] = names
-    (out / "config.json").write_text(cfg.to_json())
     runs = []
-    for n, f in zip(names, folders, strict=True):
-        st = json.loads((f / STATE_FILE).read_text()) if (f / STATE_FILE).is_file() else {}
-        c = json.loads((f / "config.json").read_text()) if (f / "config.json").is_file() else {}
+    for n, f, r, w in zip(names, folders, resolved, paths, strict=True):
+        st = json.loads((f / STATE_FILE).read_text())
+        c = json.loads((f / "config.json").read_text())
+        own = st.get("best_val_loss")
+        if own is not None and abs(float(own) - soup.val_loss[n]) > 1e-3:
+            log_fn(
+                f"soup ingredient {n}: val loss {soup.val_loss[n]:.4f} here, {float(own):.4f} "
+                "when it was trained (another feature cache?)"
+            )
         runs.append(
             {
                 "name": n,
+                "path": r,
+                "weights_sha256": sha256_file(w),
                 "draw_seed": (c.get("extra") or {}).get("draw_seed", c.get("seed")),
                 "best_epoch": st.get("best_epoch"),
                 "epochs_run": st.get("epochs_run"),
                 "train_seconds": st.get("train_seconds"),
+                "best_val_loss": own,
             }
         )
+    tmp = out / "model.tmp.weights.h5"
+    model.save_weights(tmp)
+    tmp.replace(out / WEIGHTS_FILE)
+    cfg.extra["soup_of"] = run_cfg.extra["soup_of"] = names  # the card is made from cfg
+    (out / "config.json").write_text(run_cfg.to_json())
+    fit_ood(out, model, feats, idx, kept_splits["train"], log_fn)
     state = {
         "completed": True,
         "soup": {**soup.to_dict(), "ingredients": runs},
@@ -289,6 +351,5 @@ def run_soup(
         "train_seconds": sum(float(r["train_seconds"] or 0.0) for r in runs),
         "soup_seconds": time.monotonic() - t0,
     }
-    state_path.write_text(json.dumps(state, indent=2))
-    fit_ood(out, model, feats, idx, kept_splits["train"], log_fn)
+    write_json(state_path, state)  # last: a soup killed before this is made again
     return state, (model, feats, idx, split_model(model)[2])

@@ -14,7 +14,14 @@ import pytest
 from apps.cli import main
 from ml.artifact import load_card
 from ml.frozen import HeadData, epoch_draw
-from ml.soup import Ingredient, apply_mean, greedy_soup, load_ingredients, mean_weights
+from ml.soup import (
+    Ingredient,
+    apply_mean,
+    greedy_soup,
+    load_ingredients,
+    mean_weights,
+    trunk_digest,
+)
 
 from .test_frozen import three_source_folder, tiny_frozen_args  # noqa: F401  # fixtures
 
@@ -82,14 +89,24 @@ def test_greedy_soup_keeps_what_lowers_the_validation_loss_and_recomputes_bn() -
             [np.asarray(v) for v in model.weights],  # type: ignore[attr-defined]
         )
 
-    ings = [ingredient(n) for n in paths]
-    np.testing.assert_allclose(mean_weights(ings[:2])[0], np.full((3, 2), 1.0))
-
-    def val_loss() -> float:  # distance of the fc weights to the best point (1.0)
-        fc = head.get_layer("fc")  # type: ignore[attr-defined]
-        return float(np.mean((np.asarray(fc.kernel) - target) ** 2))
-
+    ings = [ingredient(n) for n in reversed(paths)]  # not in validation-loss order
+    np.testing.assert_allclose(mean_weights(ings[1:])[0], np.full((3, 2), 1.0))
+    kernels = [np.full((3, 2), v, np.float32) for v in (0.5, 1.5, 9.0)]  # the ingredients
     x = np.random.default_rng(0).normal(2.0, 1.0, (64, 3)).astype(np.float32)
+
+    def val_loss() -> float:
+        """Distance of the fc weights to the best point (1.0); a mean whose BN statistics
+        are not its own (recomputed before it is measured) loses by 100."""
+        fc = head.get_layer("fc")  # type: ignore[attr-defined]
+        k, b = np.asarray(fc.kernel), np.asarray(fc.bias)
+        loss = float(np.mean((k - target) ** 2))
+        if not any(np.allclose(k, kk) for kk in kernels):
+            out = x @ k + b
+            own = np.mean([out[:32].mean(0), out[32:].mean(0)], axis=0)
+            if not np.allclose(np.asarray(bn.moving_mean), own, rtol=1e-4):
+                loss += 100.0
+        return loss
+
     calls = []
 
     def batches() -> list[np.ndarray]:
@@ -100,7 +117,7 @@ def test_greedy_soup_keeps_what_lowers_the_validation_loss_and_recomputes_bn() -
     soup = greedy_soup(model, head, ings, val_loss, batches, log_fn=lines.append)
     assert soup.val_loss == {"good-": 0.25, "good+": 0.25, "far": 64.0}
     assert soup.order[2] == "far"
-    assert soup.kept == ["good-", "good+"]  # the far one would raise the loss
+    assert sorted(soup.kept) == ["good+", "good-"]  # the far one would raise the loss
     assert [s["kept"] for s in soup.greedy_steps] == [True, False]
     assert soup.soup_val_loss == pytest.approx(0.0) and soup.uniform_val_loss > 0.0
     np.testing.assert_allclose(np.asarray(head.get_layer("fc").kernel), 1.0)  # type: ignore[attr-defined]
@@ -110,9 +127,19 @@ def test_greedy_soup_keeps_what_lowers_the_validation_loss_and_recomputes_bn() -
     np.testing.assert_allclose(np.asarray(bn.moving_mean), want, rtol=1e-4)
     assert calls  # the means were recomputed
     # a single ingredient is restored exactly as trained, its statistics included
-    apply_mean(model, head, [ings[2]], batches)
+    apply_mean(model, head, [ings[0]], batches)
     np.testing.assert_allclose(np.asarray(bn.moving_mean), 3.0)
     assert any("left out" in ln for ln in lines)
+    # an ingredient whose validation loss is not finite takes no part
+    lines.clear()
+    fc = head.get_layer("fc")  # type: ignore[attr-defined]
+
+    def nan_for_far() -> float:
+        return float("nan") if np.allclose(np.asarray(fc.kernel), 9.0) else val_loss()
+
+    soup = greedy_soup(model, head, ings, nan_for_far, batches, lines.append)
+    assert "far" not in soup.order and sorted(soup.kept) == ["good+", "good-"]
+    assert any("far left out: its validation loss is not finite" in ln for ln in lines)
 
 
 def test_ingredients_with_another_frozen_trunk_are_refused(tmp_path: Path) -> None:
@@ -128,6 +155,11 @@ def test_ingredients_with_another_frozen_trunk_are_refused(tmp_path: Path) -> No
         load_ingredients(model, head, files)
     with pytest.raises(ValueError, match="at least two"):
         load_ingredients(model, head, files[:1])
+    # both alike, but not the trunk the features come from (--init-from's)
+    trunk.kernel.assign(np.full((3, 3), 5.0, np.float32))  # type: ignore[attr-defined]
+    ref = trunk_digest(model, head)
+    with pytest.raises(ValueError, match="another frozen trunk than --init-from"):
+        load_ingredients(model, head, [files[0], ("r0b", files[0])], reference=ref)
 
 
 def test_a_soup_of_two_draw_seeds_is_made_finalised_and_recorded(
@@ -150,6 +182,10 @@ def test_a_soup_of_two_draw_seeds_is_made_finalised_and_recorded(
         metas.append(json.loads((workdir / "features" / "meta.json").read_text()))
     # one feature cache serves both runs: the second run made no trunk pass
     assert metas[0] == metas[1]
+    # the draw seed changed what the runs learnt, nothing else
+    assert (runs[0] / "model.weights.h5").read_bytes() != (
+        runs[1] / "model.weights.h5"
+    ).read_bytes()
     assert metas[0]["key"]["seed"] == 42  # the cache keeps the recipe's seed
     capsys.readouterr()
     soup_dir = workdir / "model"
@@ -170,10 +206,66 @@ def test_a_soup_of_two_draw_seeds_is_made_finalised_and_recorded(
         sum(s["train_seconds"] for s in st), abs=0.1
     )
     assert Classifier.load(soup_dir, engine="keras") is not None
-    # made once: a second call finalises the same weights again
+    # made once: a second call loads the soup and finalises the same weights again
     before = (soup_dir / "model.weights.h5").read_bytes()
+    capsys.readouterr()
     assert main(soup_args) == 0
+    assert "already made: loaded" in capsys.readouterr().out
     assert (soup_dir / "model.weights.h5").read_bytes() == before
+
+
+def _refused(capsys: pytest.CaptureFixture[str], args: list[str], why: str) -> None:
+    capsys.readouterr()
+    assert main(args) == 2
+    assert why in capsys.readouterr().err
+
+
+def test_soups_refuse_ingredients_that_would_leak_or_do_not_fit(
+    workdir: Path,
+    tiny_frozen_args: Callable[..., list[str]],  # noqa: F811  # the imported fixture
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import shutil
+
+    runs = []
+    for seed in (1, 2):
+        out = workdir / f"run{seed}"
+        assert main(tiny_frozen_args("--out", str(out), "--epochs", "1", "--draw-seed",
+                                     str(seed), "--no-finalise")) == 0  # fmt: skip
+        runs.append(out)
+    joined = ",".join(map(str, runs))
+    # runs that saw srcC cannot make a srcC cell, and a finished run cannot become one
+    _refused(capsys, tiny_frozen_args("--soup-of", joined, "--leave-out", "srcC"),
+             "trained with nothing left out, this soup with srcC")  # fmt: skip
+    before = (runs[0] / "model.weights.h5").read_bytes()
+    _refused(capsys, tiny_frozen_args("--out", str(runs[0]), "--leave-out", "srcC"),
+             "holds a run trained with nothing left out; this run leaves srcC out")  # fmt: skip
+    assert (runs[0] / "model.weights.h5").read_bytes() == before
+    assert not (runs[0] / "cross_source_cell.json").exists()
+    # only finished runs of the same recipe, each once, and not into one of them
+    _refused(capsys, tiny_frozen_args("--soup-of", f"{runs[0]},{runs[0] / 'model.weights.h5'}"),
+             "not a training run")  # fmt: skip
+    _refused(capsys, tiny_frozen_args("--soup-of", f"{runs[0]},{runs[0]}"), "twice")
+    _refused(capsys, tiny_frozen_args("--out", str(runs[0]), "--soup-of", joined),
+             "is one of the soup's ingredients")  # fmt: skip
+    other = workdir / "run2-dropout"
+    shutil.copytree(runs[1], other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["dropout"] = 0.9
+    (other / "config.json").write_text(json.dumps(cfg))
+    _refused(capsys, tiny_frozen_args("--soup-of", f"{runs[0]},{other}"), "dropout 0.9")
+    # an --out that holds a training run, or another soup, is not overwritten
+    _refused(capsys, tiny_frozen_args("--out", str(other), "--soup-of",
+                                      f"{runs[0]},{workdir / 'nothing'}"),
+             "holds another run than this soup")  # fmt: skip
+    assert main(tiny_frozen_args("--soup-of", joined, "--no-finalise")) == 0
+    copy = workdir / "run2-copy"
+    shutil.copytree(runs[1], copy)
+    _refused(capsys, tiny_frozen_args("--soup-of", f"{runs[0]},{copy}"),
+             "holds another run than this soup")  # fmt: skip
+    # the soup and the draw seed are options of the frozen-trunk stage only
+    _refused(capsys, tiny_frozen_args("--out", str(workdir / "full"), "--soup-of", joined, "--trainable", "all"),
+             "--soup-of is for --trainable conv5")  # fmt: skip
 
 
 def test_a_soup_of_left_out_runs_measures_its_cell_and_refuses_mismatches(
@@ -188,6 +280,7 @@ def test_a_soup_of_left_out_runs_measures_its_cell_and_refuses_mismatches(
             "--out", str(out), "--epochs", "1", "--draw-seed", str(seed), "--leave-out", "srcC"
         )
         assert main(args) == 0
+        assert json.loads((out / "config.json").read_text())["extra"]["leave_out"] == "srcC"
         runs.append(str(out))
     capsys.readouterr()
     joined = ",".join(runs)
