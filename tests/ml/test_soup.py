@@ -214,6 +214,16 @@ def test_a_soup_of_two_draw_seeds_is_made_finalised_and_recorded(
     assert (soup_dir / "model.weights.h5").read_bytes() == before
 
 
+def _two_draw_seed_runs(args: Callable[..., list[str]], workdir: Path, *extra: str) -> list[Path]:
+    """Two one-epoch runs of the tiny recipe, draw seeds 1 and 2, in WORKDIR/run1, run2."""
+    runs = []
+    for seed in (1, 2):
+        out = workdir / f"run{seed}"
+        assert main(args("--out", str(out), "--epochs", "1", "--draw-seed", str(seed), *extra)) == 0
+        runs.append(out)
+    return runs
+
+
 def _refused(capsys: pytest.CaptureFixture[str], args: list[str], why: str) -> None:
     capsys.readouterr()
     assert main(args) == 2
@@ -227,12 +237,7 @@ def test_soups_refuse_ingredients_that_would_leak_or_do_not_fit(
 ) -> None:
     import shutil
 
-    runs = []
-    for seed in (1, 2):
-        out = workdir / f"run{seed}"
-        assert main(tiny_frozen_args("--out", str(out), "--epochs", "1", "--draw-seed",
-                                     str(seed), "--no-finalise")) == 0  # fmt: skip
-        runs.append(out)
+    runs = _two_draw_seed_runs(tiny_frozen_args, workdir, "--no-finalise")
     joined = ",".join(map(str, runs))
     # runs that saw srcC cannot make a srcC cell, and a finished run cannot become one
     _refused(capsys, tiny_frozen_args("--soup-of", joined, "--leave-out", "srcC"),
@@ -264,8 +269,10 @@ def test_soups_refuse_ingredients_that_would_leak_or_do_not_fit(
     _refused(capsys, tiny_frozen_args("--soup-of", f"{runs[0]},{copy}"),
              "holds another run than this soup")  # fmt: skip
     # the soup and the draw seed are options of the frozen-trunk stage only
-    _refused(capsys, tiny_frozen_args("--out", str(workdir / "full"), "--soup-of", joined, "--trainable", "all"),
-             "--soup-of is for --trainable conv5")  # fmt: skip
+    full = tiny_frozen_args(
+        "--out", str(workdir / "full"), "--soup-of", joined, "--trainable", "all"
+    )
+    _refused(capsys, full, "--soup-of is for --trainable conv5")
 
 
 def test_a_soup_of_left_out_runs_measures_its_cell_and_refuses_mismatches(
@@ -273,15 +280,9 @@ def test_a_soup_of_left_out_runs_measures_its_cell_and_refuses_mismatches(
     tiny_frozen_args: Callable[..., list[str]],  # noqa: F811  # the imported fixture
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    runs = []
-    for seed in (1, 2):
-        out = workdir / f"run{seed}"
-        args = tiny_frozen_args(
-            "--out", str(out), "--epochs", "1", "--draw-seed", str(seed), "--leave-out", "srcC"
-        )
-        assert main(args) == 0
-        assert json.loads((out / "config.json").read_text())["extra"]["leave_out"] == "srcC"
-        runs.append(str(out))
+    runs = [str(r) for r in _two_draw_seed_runs(tiny_frozen_args, workdir, "--leave-out", "srcC")]
+    for r in runs:  # each run records the source it was trained without
+        assert json.loads((Path(r) / "config.json").read_text())["extra"]["leave_out"] == "srcC"
     capsys.readouterr()
     joined = ",".join(runs)
     assert main(tiny_frozen_args("--soup-of", joined)) == 2
