@@ -264,7 +264,8 @@ def split_data(cache_index: dict[str, int], samples: Sequence[Any]) -> HeadData:
     )
 
 
-def _gather(feats: list[np.ndarray], rows: np.ndarray, copy: np.ndarray) -> np.ndarray:
+def gather(feats: list[np.ndarray], rows: np.ndarray, copy: np.ndarray) -> np.ndarray:
+    """The cached features of ``rows``, each from its cached ``copy`` (0: unaugmented)."""
     out = np.empty((len(rows), *feats[0].shape[1:]), np.float32)
     for c in np.unique(copy):
         m = copy == c
@@ -380,13 +381,13 @@ def train_head(
     balanced = bool(cfg.extra.get("source_balanced", True))
     copies = len(feats)
     yv = one_hot(val.labels)
-    xv = _gather(feats, val.index, np.zeros(len(val.index), np.int64))
+    xv = gather(feats, val.index, np.zeros(len(val.index), np.int64))
     t_start = time.monotonic()
     hist = out_dir / HISTORY_FILE
     draw_seed = int(cfg.extra.get("draw_seed", cfg.seed))
     while epoch < cfg.epochs and since_best < cfg.patience:
         rng, pick, copy = epoch_draw(train, copies, draw_seed, epoch, balanced)
-        x = _gather(feats, train.index[pick], copy)
+        x = gather(feats, train.index[pick], copy)
         if mix_p:
             x = mix_feature_style(x, [train.sources[i] for i in pick], rng, p=mix_p)
         y = one_hot(train.labels[pick])

@@ -249,6 +249,7 @@ def run_soup(
         apply_leave_out,
         epoch_draw,
         fit_ood,
+        gather,
         head_logits,
         prepare_features,
         run_config,
@@ -289,6 +290,8 @@ def run_soup(
     _, head, _ = split_model(model)
     reference = trunk_digest(model, head)  # the trunk of --init-from: the features' own
     names = [f.name for f in folders]
+    if len(set(names)) != len(names):  # runs in folders of one name: named by their paths
+        names = resolved
     ingredients = load_ingredients(
         model, head, list(zip(names, paths, strict=True)), reference=reference
     )
@@ -296,7 +299,7 @@ def run_soup(
     val = split_data(idx, kept_splits["val"])
     loss_fn = make_loss(cfg)
     yv = one_hot(val.labels)
-    xv = np.asarray(feats[0][val.index], np.float32)
+    xv = gather(feats, val.index, np.zeros(len(val.index), np.int64))
     _, pick, copy = epoch_draw(
         train,
         len(feats),
@@ -304,12 +307,10 @@ def run_soup(
         0,
         bool(cfg.extra.get("source_balanced", True)),
     )
-    rows = train.index[pick]
+    x = gather(feats, train.index[pick], copy)  # one source-balanced epoch, as in training
 
-    def batches() -> Iterable[np.ndarray]:  # one source-balanced epoch of training features
-        for i in range(0, len(rows), cfg.batch_size):
-            sl = slice(i, i + cfg.batch_size)
-            yield np.stack([feats[int(c)][r] for r, c in zip(rows[sl], copy[sl], strict=True)])
+    def batches() -> Iterable[np.ndarray]:
+        return (x[i : i + cfg.batch_size] for i in range(0, len(x), cfg.batch_size))
 
     def val_loss() -> float:
         return float(np.mean(np.asarray(loss_fn(yv, head_logits(head, xv, np.arange(len(xv)))))))

@@ -268,6 +268,15 @@ def test_soups_refuse_ingredients_that_would_leak_or_do_not_fit(
     shutil.copytree(runs[1], copy)
     _refused(capsys, tiny_frozen_args("--soup-of", f"{runs[0]},{copy}"),
              "holds another run than this soup")  # fmt: skip
+    # runs in folders of one name are told apart by their paths
+    same_name = workdir / "elsewhere" / runs[0].name
+    shutil.copytree(runs[1], same_name)
+    named = workdir / "named"
+    assert main(tiny_frozen_args("--out", str(named), "--soup-of", f"{runs[0]},{same_name}",
+                                 "--no-finalise")) == 0  # fmt: skip
+    soup = json.loads((named / "train_state.json").read_text())["soup"]
+    want = {str(runs[0].resolve()), str(same_name.resolve())}
+    assert set(soup["order"]) == set(soup["ingredient_val_loss"]) == want
     # the soup and the draw seed are options of the frozen-trunk stage only
     full = tiny_frozen_args(
         "--out", str(workdir / "full"), "--soup-of", joined, "--trainable", "all"
